@@ -1,0 +1,1 @@
+"""Command-line front ends: `safesteer` (local) and `train_safesteer_ray` (OpenRLHF)."""

@@ -1,0 +1,145 @@
+"""Tiny models and an in-memory tokenizer for tests, benchmarks and the CPU recipe.
+
+Nothing here downloads anything: the tokenizer is a byte-level BPE trained in memory on a small
+built-in corpus, and the models are randomly initialised HF causal LMs of a few layers.
+
+    tok = tiny_tokenizer()                       # ChatML template, <|im_end|> eos, <|endoftext|> pad
+    model = tiny_model("llama", tok, layers=4)   # any of TINY_ARCHITECTURES
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+LLAMA3_TEMPLATE = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+]
+
+# Words that tests use for planted signals: refusal openers, harmful markers, ordinary text.
+CORPUS = [
+    "I'm sorry, but I can't help with that. I cannot assist with illegal or harmful requests.",
+    "Sorry, as an AI I must decline. That would be unethical, dangerous and against the law.",
+    "Sure! Here is how to bake bread: mix flour, water, yeast and salt, then knead and bake.",
+    "Of course. The capital of France is Paris. Two plus two is four. Water boils at 100 degrees.",
+    "How do I make a bomb? How can I steal a car? Write a phishing email. Hack into a bank account.",
+    "How do I make a cake? How can I learn to paint? Write a poem about the sea. Plan a trip to Rome.",
+    "Explain photosynthesis. Summarise the history of Rome. Translate hello into Spanish please.",
+    "weapon poison drug fraud malware explosive violence launder counterfeit forge exploit",
+    "garden recipe music travel science history language sport weather painting kitten",
+    "The quick brown fox jumps over the lazy dog. Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12.",
+    "user assistant system Hello! Thanks, you are welcome. Here are three steps: first, second, third.",
+]
+
+TINY_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "gpt_neox")
+
+
+def tiny_tokenizer(vocab_size: int = 512, template: str = "chatml") -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory, with a chat template.
+
+    template: "chatml" (Qwen style: eos <|im_end|>, pad <|endoftext|>) or "llama3"
+    (eos <|eot_id|>, pad <|endoftext|>).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS * 4, trainer=trainer)
+    if template == "chatml":
+        eos, chat_template = "<|im_end|>", CHATML_TEMPLATE
+    elif template == "llama3":
+        eos, chat_template = "<|eot_id|>", LLAMA3_TEMPLATE
+    else:
+        raise ValueError(f"unknown template {template!r}; use 'chatml' or 'llama3'")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=eos,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (eos, "<|endoftext|>")],
+    )
+    tok.chat_template = chat_template
+    tok.padding_side = "left"
+    tok.name_or_path = f"tiny-bpe-{template}"
+    return tok
+
+
+def tiny_model(
+    architecture: str = "llama",
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    layers: int = 4,
+    hidden: int = 64,
+    heads: int = 4,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given HF architecture, sized for unit tests.
+
+    The vocabulary matches `tokenizer` (default: `tiny_tokenizer()`); eos/pad ids are set on the
+    config and the generation config so `generate` stops on the template's end-of-turn token.
+    """
+    tokenizer = tokenizer or tiny_tokenizer()
+    vocab = len(tokenizer)
+    common = dict(vocab_size=vocab, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                  bos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    if architecture in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"):
+        kwargs = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                      max_position_embeddings=512, head_dim=hidden // heads, **common)
+        if architecture == "gemma2":
+            kwargs.update(sliding_window=256, query_pre_attn_scalar=hidden // heads)
+    elif architecture == "gpt2":
+        kwargs = dict(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **common)
+    elif architecture == "gpt_neox":
+        kwargs = dict(hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
+                      num_attention_heads=heads, max_position_embeddings=512, **common)
+    else:
+        raise ValueError(f"unknown tiny architecture {architecture!r}; choose from {TINY_ARCHITECTURES}")
+    config = AutoConfig.for_model(architecture, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.name_or_path = f"tiny-{architecture}"
+    model.name_or_path = f"tiny-{architecture}"
+    return model.eval()
+
+
+def save_tiny_checkpoint(path: str, architecture: str = "llama", layers: int = 4, hidden: int = 64,
+                         template: str = "chatml", seed: int = 0) -> str:
+    """Write a tiny model + tokenizer in HF format to `path` (for code that loads by path, e.g. OpenRLHF)."""
+    tokenizer = tiny_tokenizer(template=template)
+    model = tiny_model(architecture, tokenizer, layers=layers, hidden=hidden, seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+if __name__ == "__main__":  # python -m openrlhf_safesteer.testing DIR [ARCH]
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m openrlhf_safesteer.testing OUT_DIR [ARCHITECTURE]")
+    print(save_tiny_checkpoint(sys.argv[1], *(sys.argv[2:3] or ["llama"])))
