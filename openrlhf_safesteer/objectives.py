@@ -34,6 +34,11 @@ def _check_bt(name: str, tensor: Tensor, batch_shape: torch.Size) -> None:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected leading (B, T) = {tuple(batch_shape)}")
 
 
+def upcast(tensor: Tensor) -> Tensor:
+    """bf16/fp16 -> fp32 for log-softmax and KL arithmetic; fp32/fp64 stay as they are."""
+    return tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+
+
 def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Token mean within each sequence, then mean over sequences with >= 1 valid token.
 
@@ -55,7 +60,9 @@ def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Te
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    scaled = logits.float() / temperature if temperature != 1.0 else logits.float()
+    scaled = upcast(logits)
+    if temperature != 1.0:
+        scaled = scaled / temperature
     log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, T, 1)
     if ids.dim() == 1:
         check_safety_ids(ids, logits.shape[-1])
@@ -125,8 +132,8 @@ def full_vocab_reverse_kl(
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} logits differ")
     _check_bt("mask", mask, student_logits.shape[:2])
-    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().detach() / temperature, dim=-1)
+    student = F.log_softmax(upcast(student_logits) / temperature, dim=-1)
+    teacher = F.log_softmax(upcast(teacher_logits).detach() / temperature, dim=-1)
     per_token = (student.exp() * (student - teacher)).sum(-1) * mask.to(student.dtype)
     return sequence_mean(per_token, mask), per_token
 
@@ -165,9 +172,10 @@ def safety_metrics(student_logprobs_on_s: Tensor, teacher_logprobs_on_s: Tensor,
     Inputs (B, T, K) log-probs gathered on S and mask (B, T); each metric is reduced like the loss.
     An un-renormalised subset reverse KL can push mass off S, so a falling student mass is a warning.
     """
-    student_mass = student_logprobs_on_s.float().exp().sum(-1)
-    teacher_mass = teacher_logprobs_on_s.float().exp().sum(-1)
-    kl = (student_logprobs_on_s.float().exp() * (student_logprobs_on_s.float() - teacher_logprobs_on_s.float())).sum(-1)
+    student, teacher = upcast(student_logprobs_on_s), upcast(teacher_logprobs_on_s)
+    student_mass = student.exp().sum(-1)
+    teacher_mass = teacher.exp().sum(-1)
+    kl = (student.exp() * (student - teacher)).sum(-1)
     return {
         "student_mass_on_S": float(sequence_mean(student_mass, mask)),
         "teacher_mass_on_S": float(sequence_mean(teacher_mass, mask)),
