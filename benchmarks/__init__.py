@@ -1,0 +1,1 @@
+"""Performance measurements that print ratios (`python -m benchmarks.run`); not timed tests."""
