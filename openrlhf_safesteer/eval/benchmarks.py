@@ -1,0 +1,334 @@
+"""Safety benchmarks: a registry by name, loaders from the Hugging Face hub or local files.
+
+    items = load_benchmark("advbench", limit=100)                  # hub (walledai/AdvBench)
+    items = load_benchmark("advbench", path="harmful_behaviors.csv")  # upstream goal,target CSV
+    items = load_benchmark("data.jsonl")                            # any file with a prompt column
+    items = load_benchmark("safesteer_harmful")                     # slice shipped with the package
+
+Every loader returns a list of `EvalItem` (one user prompt plus what the judges need). Local files
+may be CSV, JSON (a list, or {"items": [...]}) or JSONL in the benchmark's upstream column layout;
+the prompt column is found by name (`goal`, `Behavior`, `forbidden_prompt`, `turns`, ...).
+
+No network here is a normal condition: when the hub cannot be reached the loader fails at once
+with an error that names the benchmark and says how to pass a local file, instead of retrying.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR = Path(__file__).with_name("data")
+
+
+class BenchmarkUnavailableError(RuntimeError):
+    """A benchmark could not be loaded (hub unreachable, file missing, no prompt column)."""
+
+
+@dataclass
+class EvalItem:
+    """One prompt of a benchmark.
+
+    label: "harmful" for prompts a safe model refuses; XSTest uses "safe"/"unsafe".
+    behavior/context: what HarmBench's classifier is shown (behavior defaults to the prompt).
+    """
+
+    id: str
+    prompt: str
+    category: str = ""
+    label: str = "harmful"
+    behavior: str = ""
+    context: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "prompt": self.prompt, "category": self.category, "label": self.label,
+                "behavior": self.behavior, "context": self.context, "meta": self.meta}
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """Where a benchmark lives and how to read it.
+
+    kind: "harmful" (attack success rate + refusal rate), "overrefusal" (XSTest: refusal rate on
+    safe prompts) or "instructions" (AlpacaEval: outputs only, no judge).
+    """
+
+    name: str
+    title: str
+    kind: str
+    hub_id: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    prompt_fields: tuple[str, ...] = ("prompt",)
+    category_fields: tuple[str, ...] = ("category",)
+    filters: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, allowed values): keep matching rows
+    dedupe: bool = False
+    builtin: str | None = None  # file under eval/data
+    note: str = ""
+
+
+# Common prompt columns across upstream layouts, in the order they are tried for local files.
+PROMPT_COLUMNS = ("prompt", "goal", "Goal", "Behavior", "behavior", "forbidden_prompt", "question",
+                  "instruction", "turns", "text", "query", "input")
+CATEGORY_COLUMNS = ("category", "Category", "SemanticCategory", "semantic_category", "type", "topic", "focus")
+
+BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (
+    # The paper's seven safety benchmarks.
+    BenchmarkSpec("advbench", "AdvBench", "harmful", "walledai/AdvBench", None, "train",
+                  ("prompt", "goal"), note="upstream: llm-attacks harmful_behaviors.csv (goal,target)"),
+    BenchmarkSpec("pku_saferlhf", "PKU-SafeRLHF (test)", "harmful", "PKU-Alignment/PKU-SafeRLHF", "default",
+                  "test", ("prompt",), ("category",), dedupe=True,
+                  note="test-split prompts, deduplicated (each appears with several response pairs)"),
+    BenchmarkSpec("harmbench", "HarmBench", "harmful", "walledai/HarmBench", "standard", "train",
+                  ("prompt", "Behavior"), ("category", "SemanticCategory"),
+                  filters=(("FunctionalCategory", ("standard", "contextual")),),
+                  note="upstream: harmbench_behaviors_text_all.csv; copyright behaviours need HarmBench's "
+                       "hash judge and are left out"),
+    BenchmarkSpec("jailbreakbench", "JailbreakBench", "harmful", "JailbreakBench/JBB-Behaviors", "behaviors",
+                  "harmful", ("Goal", "goal", "prompt"), ("Category", "category")),
+    BenchmarkSpec("sorry_bench", "SORRY-Bench", "harmful", "sorry-bench/sorry-bench-202406", None, "train",
+                  ("turns", "prompt"), ("category",), filters=(("prompt_style", ("base",)),),
+                  note="gated on the hub: accept its terms and log in, or pass the local question.jsonl"),
+    BenchmarkSpec("harmfulqa", "HarmfulQA", "harmful", "declare-lab/HarmfulQA", None, "train",
+                  ("question", "prompt"), ("topic", "subtopic")),
+    BenchmarkSpec("alert", "ALERT", "harmful", "Babelscape/ALERT", "alert", "test", ("prompt",), ("category",),
+                  note="ALERT wraps prompts in '### Instruction: ... ### Response:'; the wrapper is removed"),
+    # Over-refusal and StrongREJECT.
+    BenchmarkSpec("xstest", "XSTest", "overrefusal", "walledai/XSTest", None, "test", ("prompt",),
+                  ("type", "focus"), note="upstream: xstest_prompts.csv (id,prompt,type,label,focus,note)"),
+    BenchmarkSpec("strongreject", "StrongREJECT", "harmful", "walledai/StrongREJECT", None, "train",
+                  ("prompt", "forbidden_prompt"), ("category",),
+                  note="upstream: strongreject_dataset.csv (category,source,forbidden_prompt)"),
+    # Instruction following (outputs for AlpacaEval's own judge).
+    BenchmarkSpec("alpaca_eval", "AlpacaEval", "instructions", "tatsu-lab/alpaca_eval", "alpaca_eval", "eval",
+                  ("instruction",), ("dataset",)),
+    # Slices written by this project (tests, demo, smoke runs).
+    BenchmarkSpec("safesteer_harmful", "SafeSteer harmful slice", "harmful", builtin="harmful_slice.json"),
+    BenchmarkSpec("safesteer_xstest", "SafeSteer over-refusal slice", "overrefusal", builtin="xstest_slice.json",
+                  category_fields=("type",)),
+    BenchmarkSpec("safesteer_alpaca", "SafeSteer instruction slice", "instructions", builtin="alpaca_slice.json",
+                  prompt_fields=("instruction",), category_fields=("dataset",)),
+)}
+
+PAPER_SAFETY_BENCHMARKS = ("advbench", "pku_saferlhf", "harmbench", "jailbreakbench", "sorry_bench",
+                           "harmfulqa", "alert")
+
+
+def resolve_spec(name: str) -> BenchmarkSpec:
+    key = name.lower().replace("-", "_")
+    if key not in BENCHMARKS:
+        raise BenchmarkUnavailableError(
+            f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHMARKS))}, or pass a local "
+            "CSV/JSON/JSONL file (NAME=PATH or a bare path)")
+    return BENCHMARKS[key]
+
+
+def parse_benchmark_arg(arg: str) -> tuple[str, str | None]:
+    """'advbench' -> ('advbench', None); 'advbench=f.csv' -> ('advbench', 'f.csv'); 'f.jsonl' -> ('f', 'f.jsonl')."""
+    if "=" in arg:
+        name, path = arg.split("=", 1)
+        return name.strip(), path.strip()
+    if os.path.sep in arg or Path(arg).suffix.lower() in (".csv", ".json", ".jsonl"):
+        return Path(arg).stem, arg
+    return arg, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a CSV (header row), JSON (list or {"items"/"data"/"rows": list}) or JSONL file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return [dict(row) for row in csv.DictReader(f)]
+    if suffix == ".jsonl":
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+        return rows
+    if suffix == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):
+            for key in ("items", "data", "rows", "examples"):
+                if isinstance(data.get(key), list):
+                    return data[key]
+            raise ValueError(f"{path}: JSON object without an 'items' list")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of rows")
+        return data
+    raise ValueError(f"{path}: unsupported file type {suffix!r}; use .csv, .json or .jsonl")
+
+
+def _first(row: dict[str, Any], fields: tuple[str, ...]) -> tuple[str | None, Any]:
+    for name in fields:
+        if name in row and row[name] not in (None, ""):
+            return name, row[name]
+    return None, None
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, list):  # SORRY-Bench `turns`: the first user turn
+        value = value[0] if value else ""
+    return str(value).strip()
+
+
+def _strip_alert_wrapper(text: str) -> str:
+    text = text.strip()
+    if text.startswith("### Instruction:"):
+        text = text[len("### Instruction:"):]
+    if "### Response:" in text:
+        text = text[:text.rindex("### Response:")]
+    return text.strip()
+
+
+def _xstest_label(row: dict[str, Any]) -> str:
+    label = str(row.get("label", "")).strip().lower()
+    if label in ("safe", "unsafe"):
+        return label
+    # XSTest v1 files have no label column: contrast prompts are the unsafe ones.
+    return "unsafe" if str(row.get("type", "")).startswith("contrast") else "safe"
+
+
+def rows_to_items(rows: list[dict[str, Any]], spec: BenchmarkSpec, source: str) -> list[EvalItem]:
+    """Turn raw rows (any upstream layout) into EvalItems, applying the spec's filters and dedupe."""
+    prompt_fields = tuple(dict.fromkeys(spec.prompt_fields + PROMPT_COLUMNS))
+    category_fields = tuple(dict.fromkeys(spec.category_fields + CATEGORY_COLUMNS))
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise BenchmarkUnavailableError(f"benchmark {spec.name!r}: row {index} of {source} is not an object")
+        if any(col in row and str(row[col]) not in allowed for col, allowed in spec.filters):
+            continue
+        column, value = _first(row, prompt_fields)
+        if column is None:
+            raise BenchmarkUnavailableError(
+                f"benchmark {spec.name!r}: row {index} of {source} has no prompt column; looked for "
+                f"{', '.join(prompt_fields)}; found {', '.join(map(str, row))}")
+        prompt = _as_text(value)
+        if spec.name == "alert":
+            prompt = _strip_alert_wrapper(prompt)
+        if spec.dedupe:
+            if prompt in seen:
+                continue
+            seen.add(prompt)
+        behavior, context = prompt, ""
+        if row.get("ContextString"):  # HarmBench contextual behaviours: context, then the request
+            context = str(row["ContextString"]).strip()
+            behavior = str(row.get("Behavior", prompt)).strip()
+            prompt = f"{context}\n\n---\n\n{behavior}"
+        elif row.get("context"):  # walledai/HarmBench "contextual" config
+            context = str(row["context"]).strip()
+            prompt = f"{context}\n\n---\n\n{behavior}"
+        _, category = _first(row, category_fields)
+        item_id = row.get("id") or row.get("BehaviorID") or row.get("question_id") or row.get("Index") or index
+        label = _xstest_label(row) if spec.kind == "overrefusal" else "harmful"
+        meta = {k: v for k, v in row.items() if k in ("target", "Target", "source", "Source", "note", "dataset",
+                                                        "FunctionalCategory", "prompt_style")}
+        items.append(EvalItem(id=str(item_id), prompt=prompt, category=_as_text(category or ""), label=label,
+                              behavior=behavior, context=context, meta=meta))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------
+# The hub
+
+
+@functools.lru_cache(maxsize=4)
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    port = urlparse(endpoint).port or 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hub_offline_mode() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (one quick TCP connect, cached)."""
+    return _hub_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+
+
+def _load_from_hub(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    if not hub_offline_mode() and not hub_reachable():
+        raise BenchmarkUnavailableError(
+            f"benchmark {spec.name!r}: the Hugging Face hub is unreachable, so {spec.hub_id} cannot be "
+            f"downloaded. Pass a local copy instead ({spec.name}=PATH.csv|.json|.jsonl), or set "
+            "HF_DATASETS_OFFLINE=1 to read it from the datasets cache.")
+    try:
+        import datasets
+    except ImportError as err:
+        raise BenchmarkUnavailableError(
+            f"benchmark {spec.name!r}: loading from the hub needs `datasets` (pip install datasets) or a "
+            f"local file ({spec.name}=PATH)") from err
+    try:
+        dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
+    except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear error
+        raise BenchmarkUnavailableError(
+            f"benchmark {spec.name!r}: could not load {spec.hub_id} (config {spec.hub_config}, split "
+            f"{spec.hub_split}) from the Hugging Face hub: {err}. Pass a local file instead "
+            f"({spec.name}=PATH).") from err
+    return [dict(row) for row in dataset]
+
+
+def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int | None = None) -> list[EvalItem]:
+    """Load a benchmark by registry name (hub or built-in slice), or from a local file.
+
+    name: a registry name ("advbench", ...) or any label when `path` is given; a name that is not
+    in the registry with a path is read as a generic harmful-prompt file.
+    limit: keep the first `limit` prompts (after filters and dedupe); None keeps all.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    key = name.lower().replace("-", "_")
+    spec = BENCHMARKS.get(key) or (BenchmarkSpec(key, name, "harmful") if path else resolve_spec(name))
+    if path is not None:
+        try:
+            rows = read_rows(path)
+        except (OSError, ValueError) as err:
+            raise BenchmarkUnavailableError(f"benchmark {spec.name!r}: cannot read {path}: {err}") from err
+        source = str(path)
+    elif spec.builtin:
+        rows, source = read_rows(DATA_DIR / spec.builtin), spec.builtin
+    else:
+        rows, source = _load_from_hub(spec), spec.hub_id
+    items = rows_to_items(rows, spec, source)
+    if not items:
+        raise BenchmarkUnavailableError(f"benchmark {spec.name!r}: {source} holds no prompts")
+    if limit is not None:
+        items = items[:limit]
+    logger.info("benchmark %s: %d prompts from %s", spec.name, len(items), source)
+    return items
+
+
+def benchmark_kind(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    return BENCHMARKS[key].kind if key in BENCHMARKS else "harmful"
