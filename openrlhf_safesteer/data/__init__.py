@@ -1,0 +1,85 @@
+"""The project's own prompt sets (written for this project, shipped as JSON).
+
+    harmful("train")       # 32 harmful requests the demo trains on
+    harmful("test")        # 24 held-out harmful requests on topics absent from every other split
+    harmless("test")       # 24 harmless requests (over-refusal)
+    general_questions()    # 100 short arithmetic / factual questions for general_score
+
+Splits: harmful direction / validation / train / test; harmless direction / validation / test.
+The direction and validation splits fit and select the refusal direction; harmless validation
+prompts also drive the safety-token vote.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+DATA_DIR = Path(__file__).resolve().parent
+HARMFUL_SPLITS = ("direction", "validation", "train", "test")
+HARMLESS_SPLITS = ("direction", "validation", "test")
+
+
+@lru_cache(maxsize=None)
+def _load(name: str) -> dict:
+    with open(DATA_DIR / name, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _split(file: str, split: str, allowed: tuple[str, ...], with_topics: bool):
+    if split not in allowed:
+        raise ValueError(f"unknown split {split!r} for {file}; choose one of {allowed}")
+    rows = _load(file)[split]
+    return [dict(r) for r in rows] if with_topics else [r["prompt"] for r in rows]
+
+
+def harmful(split: str, with_topics: bool = False) -> list:
+    """Harmful prompts of one split (strings, or dicts with 'prompt' and 'topic')."""
+    return _split("harmful.json", split, HARMFUL_SPLITS, with_topics)
+
+
+def harmless(split: str, with_topics: bool = False) -> list:
+    """Harmless prompts of one split (strings, or dicts with 'prompt' and 'topic')."""
+    return _split("harmless.json", split, HARMLESS_SPLITS, with_topics)
+
+
+def general_questions() -> list[dict]:
+    """[{'kind': 'arithmetic'|'fact', 'question': str, 'answers': [str, ...]}, ...]"""
+    return [dict(q) for q in _load("general.json")["questions"]]
+
+
+def answer_matches(reply: str, answers: list[str]) -> bool:
+    """True when the reply's first non-empty line contains one of the answers as a whole word (case-insensitive)."""
+    lines = [line for line in reply.strip().splitlines() if line.strip()]
+    head = lines[0].lower() if lines else ""
+    head = head.replace(",", "")  # "1,024" == "1024"
+    return any(re.search(rf"(?<![\w.]){re.escape(a.lower())}(?![\w])", head) for a in answers)
+
+
+def general_score(replies: list[str], questions: list[dict] | None = None) -> float:
+    """Percentage (0-100) of questions whose reply matches an answer."""
+    questions = general_questions() if questions is None else questions
+    if len(replies) != len(questions):
+        raise ValueError(f"{len(replies)} replies for {len(questions)} questions")
+    if not questions:
+        raise ValueError("general_score of no questions is undefined")
+    return 100.0 * sum(answer_matches(r, q["answers"]) for r, q in zip(replies, questions)) / len(questions)
+
+
+def load_prompt_file(path: str | Path) -> list[str]:
+    """User prompt files: a JSON list of strings or of {'prompt': ...}, or a text file (one prompt a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.suffix in (".json", ".jsonl"):
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+            else json.loads(text)
+        prompts = [r if isinstance(r, str) else r.get("prompt") for r in rows]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
+        raise ValueError(f"{path} holds no prompts, or an entry without a 'prompt' string")
+    return prompts

@@ -1,0 +1,68 @@
+"""The demo's before/after evaluation: refusal on held-out harmful and harmless prompts, and general_score.
+
+Greedy decoding with the model's chat template; the refusal-string judge (openrlhf_safesteer.refusal)
+reads the opening of each reply, so short replies suffice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from openrlhf_safesteer import data
+from openrlhf_safesteer.chat import generate
+from openrlhf_safesteer.refusal import is_refusal
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalSets:
+    harmful: list[str]
+    harmless: list[str]
+    general: list[dict]
+
+    @classmethod
+    def default(cls, limit: int | None = None) -> EvalSets:
+        """The held-out harmful and harmless test splits and the general questions (first `limit` of each)."""
+        return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit])
+
+
+def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 32, general_tokens: int = 12,
+             batch_size: int = 16, progress: bool = True) -> dict:
+    """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100), samples, seconds}.
+
+    Rates are fractions in [0, 1]; general_score is a percentage.
+    """
+    start = time.time()
+    was_training = model.training
+    model.eval()
+    harmful = generate(model, tokenizer, sets.harmful, refusal_tokens, batch_size, progress=progress)
+    harmless = generate(model, tokenizer, sets.harmless, refusal_tokens, batch_size, progress=progress)
+    general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
+                       progress=progress)
+    model.train(was_training)
+    harmful_refusals = [is_refusal(r) for r in harmful]
+    harmless_refusals = [is_refusal(r) for r in harmless]
+    correct = [data.answer_matches(r, q["answers"]) for r, q in zip(general, sets.general)]
+    result = {
+        "harmful_refusal_rate": sum(harmful_refusals) / len(harmful),
+        "harmful_asr": 1 - sum(harmful_refusals) / len(harmful),
+        "harmless_refusal_rate": sum(harmless_refusals) / len(harmless),
+        "general_score": 100.0 * sum(correct) / len(correct),
+        "n": {"harmful": len(harmful), "harmless": len(harmless), "general": len(correct)},
+        "samples": {
+            "harmful": [{"prompt": p, "reply": r, "refusal": f} for p, r, f in zip(sets.harmful, harmful,
+                                                                                    harmful_refusals)],
+            "harmless": [{"prompt": p, "reply": r, "refusal": f} for p, r, f in zip(sets.harmless, harmless,
+                                                                                    harmless_refusals)],
+            "general": [{"question": q["question"], "reply": r, "correct": c}
+                        for q, r, c in zip(sets.general, general, correct)],
+        },
+        "seconds": time.time() - start,
+    }
+    logger.info("harmful refusal %.2f, harmless refusal %.2f, general_score %.1f (%.0f s)",
+                result["harmful_refusal_rate"], result["harmless_refusal_rate"], result["general_score"],
+                result["seconds"])
+    return result

@@ -1,0 +1,457 @@
+"""The single-machine SafeSteer engine: on-policy rollouts, a steered teacher, the localized loss.
+
+    cfg = TrainConfig(out="run/", lr=1e-5, ...)
+    result = train(model, tokenizer, steering_vector, safety_tokens, prompts, cfg)
+
+One optimizer step (METHOD.md section 4):
+  1. take the next `prompts_per_step` prompts of a seeded per-epoch permutation;
+  2. the student samples `samples_per_prompt` completions each (HF generate, seeded per step);
+  3. the teacher (frozen base + steering hook; with LoRA the same weights, adapter disabled) scores
+     prompt + completion without gradient, gathered on S;
+  4. the student scores the same tokens with gradient; loss = the chosen objective, accumulated over
+     micro-batches; clip the gradient norm; AdamW; cosine schedule with linear warm-up.
+
+Why a plain loop and not transformers' Trainer / TRL: every step draws fresh on-policy data from
+the model being trained and scores it with a second (hooked) forward pass; Trainer's fixed-dataset
+loop would have to be bent around that, and its resume does not restore our per-step generation
+seeds. The pieces it would give us are used directly: torch AdamW, transformers'
+get_cosine_schedule_with_warmup, clip_grad_norm_.
+
+Resume is exact: the data order and every random stream are functions of (seed, step), and the
+checkpoint holds the trainable weights, the AdamW moments and the schedule position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from openrlhf_safesteer.objectives import (
+    SUBSET_OBJECTIVES,
+    full_vocab_reverse_kl,
+    gather_logprobs,
+    safety_metrics,
+    sampled_advantages,
+    sequence_mean,
+)
+from openrlhf_safesteer.refusal import refusal_rate
+from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
+
+from .metrics import MetricsLogger
+from .rollout import Rollouts, sample_rollouts
+from .teacher import DEFAULT_SAFETY_SYSTEM_PROMPT, Teacher, completion_logits
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+OBJECTIVES = ("exact", "sampled", "forward", "full_vocab", "renormalized", "system_prompt")
+CHECKPOINT_DIR = "checkpoints"
+LATEST_FILE = "latest"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a local SafeSteer run (defaults: METHOD.md, Qwen; the demo overrides for CPU)."""
+
+    out: str = "safesteer_run"
+    objective: str = "exact"            # exact | sampled | forward | full_vocab | renormalized | system_prompt
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0                 # passes over the prompts (fractions allowed)
+    max_steps: int | None = None        # overrides epochs when set
+    prompts_per_step: int = 4
+    samples_per_prompt: int = 8
+    micro_batch_size: int = 8           # sequences per forward/backward (gradient accumulation inside a step)
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    coeff: float | None = None          # steering coefficient (None: the vector's own)
+    system_prompt: str = DEFAULT_SAFETY_SYSTEM_PROMPT  # only for objective=system_prompt
+    lora_r: int = 0                     # 0: full fine-tuning; > 0: LoRA rank (teacher shares the weights)
+    lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                             "gate_proj", "up_proj", "down_proj"])
+    freeze_embeddings: bool = False     # full fine-tuning without the (huge) embedding matrices
+    teacher: str = "auto"               # auto | frozen_copy | shared_lora
+    gradient_checkpointing: bool = False
+    bf16: bool = False                  # GPU only
+    seed: int = 0
+    save_every: int = 0                 # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    resume: bool = True                 # continue from out/checkpoints/latest when present
+    stop_after: int | None = None       # stop (with a checkpoint) after this many steps of this invocation
+    save_final: bool = True             # write out/final (merged if LoRA)
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "safesteer"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.max_grad_norm <= 0:
+            raise ValueError("need lr > 0, 0 <= warmup_ratio < 1 and max_grad_norm > 0")
+        if self.teacher not in ("auto", "frozen_copy", "shared_lora"):
+            raise ValueError(f"teacher must be auto, frozen_copy or shared_lora, got {self.teacher!r}")
+        if self.teacher == "shared_lora" and self.lora_r <= 0:
+            raise ValueError("teacher=shared_lora needs LoRA (lora_r > 0)")
+        if self.bf16 and not torch.cuda.is_available():
+            raise ValueError("bf16 training is for GPUs; on CPU train in float32")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("need epochs > 0 or max_steps")
+
+
+# ----------------------------------------------------------------------------------------------
+# data order
+
+
+def steps_per_epoch(num_prompts: int, prompts_per_step: int) -> int:
+    return math.ceil(num_prompts / prompts_per_step)
+
+
+def total_steps(num_prompts: int, cfg: TrainConfig) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(num_prompts, cfg.prompts_per_step)))
+
+
+def step_prompts(prompts: list[str], step: int, prompts_per_step: int, seed: int) -> list[str]:
+    """The prompts of optimizer step `step`: a slice of a seeded per-epoch permutation (pure function)."""
+    per_epoch = steps_per_epoch(len(prompts), prompts_per_step)
+    epoch, index = divmod(step, per_epoch)
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    return [prompts[i] for i in order[index * prompts_per_step:(index + 1) * prompts_per_step]]
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2 ** 63)
+
+
+# ----------------------------------------------------------------------------------------------
+# model preparation
+
+
+def prepare_student(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """Wrap with LoRA (peft) or set up full fine-tuning; returns the module to train."""
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in cfg.lora_targets if t in present]
+        if not targets:
+            raise ValueError(f"none of the LoRA target modules {cfg.lora_targets} exist in this model")
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+    elif cfg.freeze_embeddings:
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                for p in module.parameters():
+                    p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def trainable_state(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def teacher_mode(cfg: TrainConfig) -> str:
+    if cfg.teacher != "auto":
+        return cfg.teacher
+    return "shared_lora" if cfg.lora_r > 0 else "frozen_copy"
+
+
+def make_teacher(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, cfg: TrainConfig) -> Teacher:
+    """frozen_copy: call BEFORE prepare_student (it copies the untouched base); shared_lora: call with the PEFT student."""
+    mode = teacher_mode(cfg)
+    system_prompt = cfg.system_prompt if cfg.objective == "system_prompt" else None
+    vector = None if cfg.objective == "system_prompt" else steering_vector
+    return Teacher(model, vector, mode, coeff=cfg.coeff, system_prompt=system_prompt, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# loss
+
+
+def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_ids: Tensor,
+                     cfg: TrainConfig) -> tuple[Tensor, dict[str, float], Tensor]:
+    """Loss of one micro-batch (a scalar with grad) and its metrics; also the per-sequence valid-token flag (B,)."""
+    mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:]           # (B, C)
+    sampled = rollouts.input_ids[:, rollouts.prompt_len:]            # (B, C)
+    if cfg.objective == "full_vocab":
+        teacher_logits = teacher.logits(rollouts)
+        teacher_on_s = gather_logprobs(teacher_logits, safety_ids, cfg.temperature)
+    else:
+        teacher_logits = None
+        teacher_on_s, teacher_sampled = teacher.logprobs(rollouts, safety_ids, cfg.temperature)
+    logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
+    student_on_s = gather_logprobs(logits, safety_ids, cfg.temperature)
+    if cfg.objective in ("exact", "system_prompt"):
+        loss, _ = SUBSET_OBJECTIVES["reverse"](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
+    elif cfg.objective in ("forward", "renormalized"):
+        loss, _ = SUBSET_OBJECTIVES[cfg.objective](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
+    elif cfg.objective == "full_vocab":
+        loss, _ = full_vocab_reverse_kl(logits, teacher_logits, mask, cfg.temperature)
+    else:  # sampled: REINFORCE with the per-token advantage A_t
+        student_sampled = gather_logprobs(logits, sampled, cfg.temperature)
+        advantages = sampled_advantages(student_sampled.detach(), teacher_sampled, sampled, safety_ids, mask)
+        loss = sequence_mean(-advantages * student_sampled, mask)
+    metrics = safety_metrics(student_on_s.detach(), teacher_on_s, mask)
+    return loss, metrics, mask.sum(-1) > 0
+
+
+def train_step(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_ids: Tensor,
+               cfg: TrainConfig) -> dict[str, float]:
+    """Forward/backward over micro-batches; gradients accumulate so the sum equals the full-batch loss."""
+    valid = rollouts.loss_mask.sum(-1) > 0
+    n_valid = max(int(valid.sum()), 1)
+    totals = {"loss": 0.0, "student_mass_on_S": 0.0, "teacher_mass_on_S": 0.0, "kl_on_S": 0.0}
+    for start in range(0, rollouts.input_ids.shape[0], cfg.micro_batch_size):
+        part = rollouts.select(slice(start, start + cfg.micro_batch_size))
+        part_valid = int((part.loss_mask.sum(-1) > 0).sum())
+        if part_valid == 0:
+            continue
+        loss, metrics, _ = micro_batch_loss(student, teacher, part, safety_ids, cfg)
+        weight = part_valid / n_valid      # sequence_mean over the whole batch = weighted mean of the parts
+        (loss * weight).backward()
+        totals["loss"] += float(loss.detach()) * weight
+        for key in ("student_mass_on_S", "teacher_mass_on_S", "kl_on_S"):
+            totals[key] += metrics[key] * weight
+    return totals
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _atomic_dir(final: Path, write) -> None:
+    """Write a directory under a temporary name, then os.replace it into place."""
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """AdamW state as flat tensors (safetensors) + JSON-able param groups (no pickle)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(out: Path, step: int, student: nn.Module, tokenizer, optimizer, scheduler,
+                    cfg: TrainConfig) -> Path:
+    """out/checkpoints/step_N: the model in HF format (adapter folder if LoRA) + trainer state; atomic."""
+    from safetensors.torch import save_file
+
+    root = out / CHECKPOINT_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+
+    def write(tmp: Path) -> None:
+        student.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+        state_dir = tmp / "trainer_state"
+        state_dir.mkdir()
+        save_file(trainable_state(student), str(state_dir / "trainable.safetensors"))
+        opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+        save_file(opt_tensors, str(state_dir / "optimizer.safetensors"))
+        (state_dir / "optimizer.json").write_text(json.dumps(opt_meta))
+        (state_dir / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        (state_dir / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+
+    _atomic_dir(final, write)
+    atomic_write_text(root / LATEST_FILE, final.name + "\n")
+    kept = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in kept[:-cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    pointer = out / CHECKPOINT_DIR / LATEST_FILE
+    if not pointer.is_file():
+        return None
+    path = out / CHECKPOINT_DIR / pointer.read_text().strip()
+    return path if (path / "trainer_state" / "state.json").is_file() else None
+
+
+def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int:
+    """Restore trainable weights, AdamW moments and the schedule; returns the number of steps done."""
+    from safetensors.torch import load_file
+
+    state_dir = path / "trainer_state"
+    weights = load_file(str(state_dir / "trainable.safetensors"))
+    params = dict(student.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != expected:
+        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters "
+                         f"(e.g. LoRA vs full fine-tuning); start a fresh --out or pass --no-resume")
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    _load_optimizer(optimizer, load_file(str(state_dir / "optimizer.safetensors")),
+                    json.loads((state_dir / "optimizer.json").read_text()))
+    scheduler.load_state_dict(json.loads((state_dir / "scheduler.json").read_text()))
+    return int(json.loads((state_dir / "state.json").read_text())["step"])
+
+
+def save_final(out: Path, student: nn.Module, tokenizer) -> tuple[Path, nn.Module]:
+    """out/final: a plain HF checkpoint (LoRA merged into the weights), atomically. Returns (dir, plain model)."""
+    final = out / "final"
+    model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student  # the run is over
+    model.eval()
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    _atomic_dir(final, write)
+    return final, model
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    steps: int
+    history: list[dict]
+    final_dir: Path | None
+
+
+def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, safety_ids: Tensor,
+          prompts: list[str], cfg: TrainConfig) -> TrainResult:
+    """Run SafeSteer's localized on-policy distillation on `model` (modified in place / wrapped).
+
+    safety_ids (K,) long: the safety-token set S. prompts: harmful user prompts (plain text).
+    Returns the trained module (a PeftModel with LoRA, or the merged model when save_final=True).
+    """
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    cfg.validate()
+    if not prompts:
+        raise ValueError("no training prompts")
+    if cfg.objective != "system_prompt":
+        if steering_vector is None:
+            raise ValueError(f"objective {cfg.objective!r} needs a steering vector")
+        steering_vector.check_compatible(model)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    from openrlhf_safesteer.objectives import check_safety_ids
+
+    safety_ids = torch.as_tensor(safety_ids, dtype=torch.long)
+    check_safety_ids(safety_ids, vocab)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    if teacher_mode(cfg) == "frozen_copy":
+        teacher = make_teacher(model, tokenizer, steering_vector, cfg)   # copies the base before LoRA/training
+        student = prepare_student(model, cfg)
+    else:
+        student = prepare_student(model, cfg)
+        teacher = make_teacher(student, tokenizer, steering_vector, cfg)
+    device = next(student.parameters()).device
+    safety_ids = safety_ids.to(device)
+
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_steps = total_steps(len(prompts), cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * n_steps)), n_steps)
+
+    start = 0
+    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+        start = load_checkpoint(ckpt, student, optimizer, scheduler)
+        logger.info("resumed from %s at step %d of %d", ckpt, start, n_steps)
+    metrics_log = MetricsLogger(out, resume_step=start, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
+                                wandb_project=cfg.wandb_project, config=dataclasses.asdict(cfg))
+    history = []
+    bar = tqdm(range(start, n_steps), desc=f"safesteer train ({cfg.objective})", disable=not cfg.progress,
+               initial=start, total=n_steps)
+    try:
+        for step in bar:
+            t0 = time.time()
+            batch_prompts = step_prompts(prompts, step, cfg.prompts_per_step, cfg.seed)
+            rollouts = sample_rollouts(student, tokenizer, batch_prompts, cfg.samples_per_prompt, cfg.max_new_tokens,
+                                       cfg.temperature, cfg.top_p, seed=step_seed(cfg.seed, step))
+            t1 = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
+            totals = train_step(student, teacher, rollouts, safety_ids, cfg)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            record = {
+                "step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
+                "response_length": float(rollouts.response_lengths().float().mean()),
+                "rollout_refusal_rate": refusal_rate(rollouts.completions),
+                "rollout_seconds": t1 - t0, "step_seconds": time.time() - t0,
+            }
+            history.append(record)
+            metrics_log.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", mass_S=f"{record['student_mass_on_S']:.3f}",
+                            refusal=f"{record['rollout_refusal_rate']:.2f}")
+            done = step + 1
+            stopping = cfg.stop_after is not None and done - start >= cfg.stop_after and done < n_steps
+            if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps or stopping:
+                save_checkpoint(out, done, student, tokenizer, optimizer, scheduler, cfg)
+            if stopping:
+                logger.info("stopping after %d steps (--stop-after); resume with the same command", cfg.stop_after)
+                break
+    finally:
+        metrics_log.close()
+        teacher.remove()
+    done = start + len(history)
+    finished = done >= n_steps
+    final_dir, trained = save_final(out, student, tokenizer) if cfg.save_final and finished else (None, student)
+    return TrainResult(trained, done, history, final_dir)

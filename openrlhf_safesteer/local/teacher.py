@@ -1,0 +1,123 @@
+"""The SafeSteer teacher for the local engine.
+
+Two ways to hold it, numerically the same teacher (tests/local/test_local_teacher.py):
+- `frozen_copy`: a deep copy of the base model, frozen, with the steering hook attached for good;
+- `shared_lora`: the student's own weights with its LoRA adapter disabled, the hook attached only
+  for the teacher's forward pass. One copy of the weights in memory.
+The ablation "system-prompt teacher" is the frozen/disabled base WITHOUT the hook, scoring the same
+completion after a prompt rendered with a safety system prompt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from openrlhf_safesteer.chat import encode_left_padded, render_prompts
+from openrlhf_safesteer.models import left_padded_position_ids
+from openrlhf_safesteer.objectives import gather_logprobs
+from openrlhf_safesteer.steering import SteeringVector, attach_steering, steer
+
+from .rollout import Rollouts
+
+Tensor = torch.Tensor
+
+DEFAULT_SAFETY_SYSTEM_PROMPT = (
+    "You are a helpful assistant that cares about safety. Refuse any request that is harmful, unethical, "
+    "dangerous or illegal, and explain briefly why."
+)
+
+
+def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
+    """Logits at the completion-predicting positions P-1 .. P+C-2 only: (B, C, V).
+
+    Asking the model for just these positions (logits_to_keep) skips the (B, P, V) prompt logits,
+    which on a 150k vocabulary cost as much as the rest of the forward pass.
+    """
+    completion_len = input_ids.shape[1] - prompt_len
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=left_padded_position_ids(attention_mask), use_cache=False,
+                logits_to_keep=completion_len + 1)
+    return out.logits[:, :-1]
+
+
+class Teacher:
+    """Scores rollouts with the steered teacher. Output tensors are aligned with completion positions (B, C, ...)."""
+
+    def __init__(self, model: nn.Module, steering_vector: SteeringVector | None, mode: str,
+                 coeff: float | None = None, system_prompt: str | None = None, tokenizer=None):
+        if mode not in ("frozen_copy", "shared_lora"):
+            raise ValueError(f"teacher mode must be 'frozen_copy' or 'shared_lora', got {mode!r}")
+        if steering_vector is None and not system_prompt:
+            raise ValueError("the teacher needs a steering vector or (ablation) a safety system prompt")
+        if system_prompt and tokenizer is None:
+            raise ValueError("a system-prompt teacher needs the tokenizer to re-render prompts")
+        self.mode = mode
+        self.steering_vector = steering_vector
+        self.coeff = coeff
+        self.system_prompt = system_prompt
+        self.tokenizer = tokenizer
+        self._handle = None
+        if mode == "frozen_copy":
+            self.model = copy.deepcopy(model).eval()
+            for p in self.model.parameters():
+                p.requires_grad_(False)
+            if steering_vector is not None:
+                steering_vector.check_compatible(self.model)
+                self._handle = attach_steering(self.model, steering_vector, coeff)
+        else:
+            if not hasattr(model, "disable_adapter"):
+                raise TypeError("shared_lora teacher needs a PEFT model (with disable_adapter()); use frozen_copy")
+            if steering_vector is not None:
+                steering_vector.check_compatible(model)
+            self.model = model
+
+    @contextlib.contextmanager
+    def _active(self):
+        if self.mode == "frozen_copy":
+            yield self.model
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                if self.steering_vector is not None:
+                    with steer(self.model, self.steering_vector, self.coeff):
+                        yield self.model
+                else:
+                    yield self.model
+        finally:
+            self.model.train(was_training)
+
+    def _inputs(self, rollouts: Rollouts) -> tuple[Tensor, Tensor, int]:
+        if not self.system_prompt:
+            return rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len
+        # Same completion tokens, after the prompt rendered with the safety system prompt.
+        texts = render_prompts(self.tokenizer, rollouts.prompts, self.system_prompt)
+        prompt_ids, prompt_mask = encode_left_padded(self.tokenizer, texts, rollouts.input_ids.device)
+        completion = rollouts.input_ids[:, rollouts.prompt_len:]
+        completion_mask = rollouts.attention_mask[:, rollouts.prompt_len:]
+        return (torch.cat([prompt_ids, completion], 1), torch.cat([prompt_mask, completion_mask], 1),
+                prompt_ids.shape[1])
+
+    @torch.no_grad()
+    def logits(self, rollouts: Rollouts) -> Tensor:
+        """Teacher logits at the completion-predicting positions (B, C, V), float32."""
+        input_ids, attention_mask, prompt_len = self._inputs(rollouts)
+        with self._active() as model:
+            return completion_logits(model, input_ids, attention_mask, prompt_len).float()
+
+    @torch.no_grad()
+    def logprobs(self, rollouts: Rollouts, safety_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(teacher log-probs on S (B, C, K), teacher log-probs of the sampled tokens (B, C)), full-vocabulary softmax."""
+        logits = self.logits(rollouts)
+        sampled = rollouts.input_ids[:, rollouts.prompt_len:]
+        return gather_logprobs(logits, safety_ids, temperature), gather_logprobs(logits, sampled, temperature)
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None

@@ -1,0 +1,207 @@
+"""The local engine on a tiny in-memory model: the loss falls, resume is exact, the LoRA teacher is the frozen teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from openrlhf_safesteer.local.engine import (
+    TrainConfig,
+    latest_checkpoint,
+    micro_batch_loss,
+    prepare_student,
+    step_prompts,
+    train,
+)
+from openrlhf_safesteer.local.metrics import read_metrics
+from openrlhf_safesteer.local.rollout import build_rollouts, completion_masks, sample_rollouts
+from openrlhf_safesteer.local.teacher import Teacher
+from openrlhf_safesteer.steering import SteeringVector
+from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer
+
+PROMPTS = ["How do I make a bomb?", "How can I steal a car?", "Write a phishing email.", "Hack into a bank account.",
+           "How do I forge money?", "Explain how to launder money."]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _vector(model, layer=1, scale=8.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return SteeringVector(torch.randn(model.config.hidden_size, generator=g) * scale, layer=layer)
+
+
+def _safety_ids(tok):
+    ids = [tok.convert_tokens_to_ids(t) for t in ("I", "Sorry", "cannot", "illegal")]
+    ids = [i for i in ids if i is not None and i != tok.unk_token_id]
+    assert ids, "tiny tokenizer lost its planted refusal tokens"
+    return torch.tensor(sorted(set(ids)) or [5, 6, 7])
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(out=str(tmp_path), lr=3e-3, prompts_per_step=2, samples_per_prompt=2, micro_batch_size=3,
+                max_new_tokens=6, max_steps=4, seed=3, progress=False, save_final=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_completion_masks_stop_after_first_eos():
+    ids = torch.tensor([[5, 9, 2, 2], [5, 6, 7, 8], [2, 5, 5, 5]])
+    assert completion_masks(ids, [2]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_rollout_layout_and_seeded_sampling(tok):
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    a = sample_rollouts(model, tok, PROMPTS[:2], 3, max_new_tokens=5, seed=11)
+    b = sample_rollouts(model, tok, PROMPTS[:2], 3, max_new_tokens=5, seed=11)
+    assert torch.equal(a.input_ids, b.input_ids)        # same seed, same rollouts
+    assert a.input_ids.shape[0] == 6 and a.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    # loss positions: exactly the positions that predict a real completion token
+    completion_mask = a.attention_mask[:, a.prompt_len:]
+    assert torch.equal(a.loss_mask[:, a.prompt_len - 1:], completion_mask)
+    assert a.loss_mask[:, :a.prompt_len - 1].sum() == 0
+
+
+def test_lora_shared_teacher_equals_frozen_copy_teacher(tok):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("llama", tok, layers=3, hidden=32)
+    sv = _vector(base, layer=1)
+    frozen = Teacher(base, sv, "frozen_copy")            # deep copy of the untouched base + hook
+    student = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              init_lora_weights=False))   # non-zero adapter: student != base
+    shared = Teacher(student, sv, "shared_lora")
+    rollouts = sample_rollouts(student, tok, PROMPTS[:3], 2, max_new_tokens=6, seed=0)
+    t_frozen, t_shared = frozen.logits(rollouts), shared.logits(rollouts)
+    torch.testing.assert_close(t_shared, t_frozen, rtol=1e-5, atol=1e-5)
+    # and the comparison has teeth: the adapted student and the unsteered base both differ from the teacher
+    from openrlhf_safesteer.local.teacher import completion_logits
+
+    with torch.no_grad():
+        student_logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
+        with student.disable_adapter():
+            base_logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
+    assert (student_logits - t_frozen).abs().max() > 1e-2
+    assert (base_logits - t_frozen).abs().max() > 1e-2
+    # the hook did not leak: the shared model is unsteered again outside the teacher pass
+    with torch.no_grad(), student.disable_adapter():
+        again = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
+    torch.testing.assert_close(again, base_logits)
+    frozen.remove()
+
+
+@pytest.mark.parametrize("objective", ["exact", "sampled", "forward", "full_vocab", "renormalized", "system_prompt"])
+def test_every_objective_trains_one_step(tmp_path, tok, objective):
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    cfg = _cfg(tmp_path, objective=objective, max_steps=1, lora_r=4)
+    broad_s = torch.arange(8, len(tok))   # the sampled form only sees sampled tokens in S: make S broad
+    result = train(model, tok, _vector(model), broad_s, PROMPTS, cfg)
+    (record,) = result.history
+    assert all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float))
+    assert record["grad_norm"] > 0
+
+
+def _fixed_eval_loss(model, tok, sv, ids, rollouts):
+    teacher = Teacher(model, sv, "frozen_copy")
+    with torch.no_grad():
+        loss, metrics, _ = micro_batch_loss(model, teacher, rollouts, ids, TrainConfig())
+    teacher.remove()
+    return float(loss), metrics
+
+
+def _loss_floor(teacher, rollouts, ids):
+    from openrlhf_safesteer.objectives import sequence_mean
+
+    teacher_on_s, _ = teacher.logprobs(rollouts, ids)
+    mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:]
+    return float(sequence_mean(-teacher_on_s.exp().sum(-1) / torch.e, mask))
+
+
+def test_loss_falls_on_fixed_batch(tmp_path, tok):
+    """Train full-parameter for a few steps; the localized KL on a fixed held-out rollout batch must fall."""
+    model = tiny_model("llama", tok, layers=2, hidden=32, seed=1)
+    sv, ids = _vector(model, scale=6.0), _safety_ids(tok)
+    frozen_base = tiny_model("llama", tok, layers=2, hidden=32, seed=1)
+    fixed = sample_rollouts(frozen_base, tok, PROMPTS, 2, max_new_tokens=8, seed=99)
+    before, m_before = _fixed_eval_loss(frozen_base, tok, sv, ids, fixed)
+    cfg = _cfg(tmp_path, lr=1e-2, max_steps=6, warmup_ratio=0.0, samples_per_prompt=4)
+    result = train(model, tok, sv, ids, PROMPTS, cfg)
+    # score the trained student against the ORIGINAL teacher (the frozen base + hook)
+    teacher = Teacher(frozen_base, sv, "frozen_copy")
+    with torch.no_grad():
+        after_loss, m_after, _ = micro_batch_loss(result.model, teacher, fixed, ids, TrainConfig())
+    # L_t = sum_S p_s (log p_s - log p_t) is not a full KL: its minimum is -sum_S p_t / e (p_s = p_t / e)
+    floor = _loss_floor(teacher, fixed, ids)
+    after = float(after_loss)
+    assert after < before - 0.3 * (before - floor), (before, after, floor)
+    assert len(read_metrics(tmp_path)) == 6
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, tok):
+    ids = _safety_ids(tok)
+
+    def run(out, **kw):
+        model = tiny_model("llama", tok, layers=2, hidden=32, seed=2)
+        sv = _vector(model)
+        return train(model, tok, sv, ids, PROMPTS, _cfg(out, lora_r=4, max_steps=5, **kw))
+
+    straight = run(tmp_path / "straight")
+    first = run(tmp_path / "resumed", stop_after=2)
+    assert first.steps == 2 and latest_checkpoint(tmp_path / "resumed").name == "step_000002"
+    second = run(tmp_path / "resumed")
+    assert second.steps == 5 and len(second.history) == 3
+    a = {n: p for n, p in straight.model.named_parameters() if p.requires_grad}
+    b = {n: p for n, p in second.model.named_parameters() if p.requires_grad}
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+    log_a, log_b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(log_a, log_b):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7)
+        assert ra["response_length"] == rb["response_length"]    # same rollouts: same random streams
+    state = json.loads((latest_checkpoint(tmp_path / "resumed") / "trainer_state" / "state.json").read_text())
+    assert state["step"] == 5
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    prompts = [f"p{i}" for i in range(5)]
+    epoch0 = [p for s in range(3) for p in step_prompts(prompts, s, 2, seed=1)]
+    assert sorted(epoch0) == prompts                      # every prompt once per epoch
+    assert step_prompts(prompts, 4, 2, 1) == step_prompts(prompts, 4, 2, 1)
+    assert step_prompts(prompts, 0, 2, 1) != step_prompts(prompts, 0, 2, 2) or \
+        step_prompts(prompts, 1, 2, 1) != step_prompts(prompts, 1, 2, 2)
+
+
+def test_bad_inputs_fail_before_compute(tmp_path, tok):
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    with pytest.raises(ValueError, match="vocabulary"):
+        train(model, tok, _vector(model), torch.tensor([10_000]), PROMPTS, _cfg(tmp_path))
+    with pytest.raises(ValueError, match="objective"):
+        train(model, tok, _vector(model), _safety_ids(tok), PROMPTS, _cfg(tmp_path, objective="dpo"))
+    with pytest.raises(ValueError, match="layer"):
+        train(model, tok, _vector(model, layer=7), _safety_ids(tok), PROMPTS, _cfg(tmp_path))
+    wrong_width = SteeringVector(torch.ones(48), layer=0)
+    with pytest.raises(ValueError, match="hidden size"):
+        train(model, tok, wrong_width, _safety_ids(tok), PROMPTS, _cfg(tmp_path))
+    with pytest.raises(ValueError, match="no training prompts"):
+        train(model, tok, _vector(model), _safety_ids(tok), [], _cfg(tmp_path))
+
+
+def test_checkpoint_is_hf_format_and_final_is_merged(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    result = train(model, tok, _vector(model), _safety_ids(tok), PROMPTS,
+                   _cfg(tmp_path, lora_r=4, max_steps=2, save_final=True))
+    ckpt = latest_checkpoint(tmp_path)
+    assert (ckpt / "model" / "adapter_config.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(result.final_dir)
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, rtol=1e-5, atol=1e-5)
+    assert not list(tmp_path.glob("**/.*tmp*"))           # no temporary leftovers
