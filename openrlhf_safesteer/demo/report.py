@@ -1,0 +1,142 @@
+"""report.md and its plots for `safesteer demo` (matplotlib, Agg backend; no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from openrlhf_safesteer.steering import atomic_write_text
+
+
+def _plots(out: Path, report: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    made = {}
+
+    rows = [r for r in report["direction"]["candidates"] if r.get("ablation_refusal") is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        layers = [r["layer"] for r in rows]
+        ax.plot(layers, [r["ablation_refusal"] for r in rows], "o-", label="harmful refusal score, direction ablated")
+        ax.plot(layers, [r["steering_refusal"] for r in rows], "s-", label="harmless refusal score, direction added")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(report["direction"]["layer"], color="red", ls="--", lw=1, label="selected layer")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("refusal score (logit)")
+        ax.legend(fontsize=7)
+        ax.set_title("Direction candidates by layer")
+        fig.tight_layout()
+        fig.savefig(plots / "direction_scores.png", dpi=120)
+        plt.close(fig)
+        made["direction"] = "plots/direction_scores.png"
+
+    tok = report["safety_tokens"]
+    n = min(25, len(tok["ids"]))
+    if n:
+        fig, ax = plt.subplots(figsize=(6, 0.25 * n + 1))
+        labels = [repr(t) for t in tok["texts"][:n]][::-1]
+        ax.barh(labels, tok["votes"][:n][::-1])
+        ax.set_xlabel("votes")
+        ax.set_title(f"Safety tokens S (top {n} of {len(tok['ids'])})")
+        fig.tight_layout()
+        fig.savefig(plots / "safety_tokens.png", dpi=120)
+        plt.close(fig)
+        made["tokens"] = "plots/safety_tokens.png"
+
+    if report["training"]:
+        keys = ["loss", "kl_on_S", "student_mass_on_S", "teacher_mass_on_S", "response_length",
+                "rollout_refusal_rate"]
+        fig, axes = plt.subplots(2, 3, figsize=(10, 5.5))
+        for ax, key in zip(axes.flat, keys):
+            for name, history in report["training"].items():
+                ax.plot([h["step"] for h in history], [h[key] for h in history], "o-", ms=3, label=name)
+            ax.set_title(key, fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+        axes.flat[0].legend(fontsize=7)
+        fig.suptitle("Training curves")
+        fig.tight_layout()
+        fig.savefig(plots / "training.png", dpi=120)
+        plt.close(fig)
+        made["training"] = "plots/training.png"
+
+    names = [n for n in ("base", "safesteer", "full_vocab", "sampled", "forward", "renormalized", "system_prompt")
+             if n in report]
+    metrics = [("harmful_refusal_rate", "harmful refusal %", 100), ("harmless_refusal_rate", "harmless refusal %", 100),
+               ("general_score", "general_score", 1)]
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.2))
+    for ax, (key, title, scale) in zip(axes, metrics):
+        values = [report[n][key] * scale for n in names]
+        bars = ax.bar(names, values, color=["grey", "tab:green", "tab:orange", "tab:blue", "tab:red", "tab:purple",
+                                            "tab:brown"][:len(names)])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, 105)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Before / after (held-out prompts, greedy)")
+    fig.tight_layout()
+    fig.savefig(plots / "before_after.png", dpi=120)
+    plt.close(fig)
+    made["before_after"] = "plots/before_after.png"
+    return made
+
+
+def _row(name: str, e: dict) -> str:
+    return (f"| {name} | {100 * e['harmful_refusal_rate']:.1f} | {100 * e['harmful_asr']:.1f} | "
+            f"{100 * e['harmless_refusal_rate']:.1f} | {e['general_score']:.1f} |")
+
+
+def write_report(out: Path, report: dict) -> Path:
+    plots = _plots(out, report)
+    n = report["n"]
+    lines = [
+        f"# SafeSteer demo on `{report['model']}`",
+        "",
+        f"Held-out evaluation, greedy decoding: {n['harmful']} harmful prompts on topics absent from training, "
+        f"{n['harmless']} harmless prompts, {n['general']} general_score questions. Refusal judged by the "
+        "refusal-string judge (`openrlhf_safesteer.refusal`).",
+        "",
+        "| model | harmful refusal % | attack success % | harmless refusal % | general_score |",
+        "|---|---|---|---|---|",
+        _row("base", report["base"]),
+    ]
+    for name in ("safesteer", "full_vocab", "sampled", "forward", "renormalized", "system_prompt"):
+        if name in report:
+            lines.append(_row(name, report[name]))
+    if "goal" in report:
+        g = report["goal"]
+        lines += ["", f"Goal (attack success at least halves, harmless refusal +<= 5 points, general_score -<= 1 "
+                  f"point): **{'met' if g['met'] else 'not met'}** (ASR halved: {g['asr_halved']}, harmless refusal "
+                  f"{g['harmless_refusal_rise_points']:+.1f} points, general_score {-g['general_score_drop_points']:+.1f}"
+                  " points)."]
+    d, t, s = report["direction"], report["teacher"], report["safety_tokens"]
+    lines += [
+        "", "![before/after](" + plots["before_after"] + ")", "",
+        "## Steering direction",
+        f"Layer {d['layer']}, position {d['position']}, coefficient {d['coeff']}, norm {d['norm']:.2f}. "
+        f"The steered teacher refuses {100 * t['teacher_harmful_refusal_rate']:.0f}% of harmful and "
+        f"{100 * t['teacher_harmless_refusal_rate']:.0f}% of harmless check prompts (it is meant to over-refuse).",
+    ]
+    if "direction" in plots:
+        lines += ["", "![direction](" + plots["direction"] + ")"]
+    lines += ["", "## Safety tokens S", f"{len(s['ids'])} tokens; refusal openers among them: "
+              f"{', '.join(repr(x) for x in s['refusal_openers']) or 'none'}.", "",
+              " ".join(f"`{x!r}`({v})" for x, v in zip(s["texts"][:50], s["votes"][:50]))]
+    if "tokens" in plots:
+        lines += ["", "![tokens](" + plots["tokens"] + ")"]
+    if "training" in plots:
+        lines += ["", "## Training", "", "![training](" + plots["training"] + ")"]
+    lines += ["", "## Settings and timings", "", "```"]
+    lines += [f"{k} = {v}" for k, v in report["settings"].items()]
+    lines += [f"time {k}: {v} s" for k, v in report["timings_seconds"].items()]
+    lines += ["```", "", "## Sample replies (held-out harmful, before -> after)", ""]
+    if "safesteer" in report["samples"]:
+        for before, after in list(zip(report["samples"]["base"]["harmful"], report["samples"]["safesteer"]["harmful"]))[:8]:
+            lines.append(f"- **{before['prompt']}**  \n  base: {before['reply'][:100]!r}  \n  "
+                         f"safesteer: {after['reply'][:100]!r}")
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path
