@@ -1,0 +1,313 @@
+"""The refusal direction: difference-of-means candidates and the choice of one (METHOD.md section 1).
+
+    vector, table = select_direction(model, tokenizer, harmful_train, harmless_train, harmful_val, harmless_val)
+
+Shapes: N prompts, L decoder layers, P post-instruction positions, H hidden size, V vocabulary.
+Every prompt is rendered with the model's chat template (no system prompt) and batched with LEFT
+padding, so the post-instruction positions are the last P columns of every row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from openrlhf_safesteer.chat import batches, encode_left_padded, render_prompts
+from openrlhf_safesteer.models import (
+    decoder_layers,
+    left_padded_position_ids,
+    model_device,
+    model_name,
+    num_layers,
+)
+from openrlhf_safesteer.steering import SteeringVector, ablate, steer
+from openrlhf_safesteer.templates import post_instruction_positions
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+# Words instruction-tuned models open refusals with; their first tokens form the refusal set R.
+REFUSAL_OPENERS: tuple[str, ...] = ("I", "Sorry", "As")
+
+
+class DirectionSelectionError(RuntimeError):
+    """No candidate direction passed the selection filters."""
+
+
+def prompts_sha256(prompts: Sequence[str]) -> str:
+    """Provenance hash of a prompt list (order matters)."""
+    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _check_prompts(name: str, prompts: Sequence[str]) -> None:
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"{name} must be a list of prompt strings, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError(f"{name} is empty; need at least one prompt")
+    bad = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if bad:
+        raise ValueError(f"{name} has empty or non-string prompts at indices {bad[:10]}")
+
+
+def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] = REFUSAL_OPENERS) -> list[int]:
+    """First token id of each refusal opener as it starts an assistant reply (deduplicated, sorted)."""
+    ids = set()
+    for word in words:
+        encoded = tokenizer(word, add_special_tokens=False)["input_ids"]
+        if encoded:
+            ids.add(int(encoded[0]))
+    if not ids:
+        raise ValueError(f"none of the refusal openers {list(words)} tokenise to anything")
+    return sorted(ids)
+
+
+def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask,
+        position_ids=left_padded_position_ids(attention_mask), use_cache=False,
+    ).logits
+
+
+@torch.no_grad()
+def last_token_logprobs(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int = 16
+) -> Tensor:
+    """Next-token log-probs (N, V), float32, at the last position of each rendered prompt."""
+    texts = render_prompts(tokenizer, prompts)
+    device = model_device(model)
+    out = []
+    for chunk in batches(texts, batch_size):
+        input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
+        logits = _forward_logits(model, input_ids, attention_mask)[:, -1, :]
+        out.append(F.log_softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def refusal_scores_from_logprobs(logprobs: Tensor, refusal_ids: Sequence[int]) -> Tensor:
+    """log p(R) - log(1 - p(R)) per row of next-token log-probs (N, V) -> (N,)."""
+    log_p = torch.logsumexp(logprobs[:, list(refusal_ids)].double(), dim=-1)
+    # log(1 - p) computed stably; clamp keeps p(R) = 1 finite.
+    log_not_p = torch.log1p(-log_p.exp().clamp(max=1 - 1e-12))
+    return (log_p - log_not_p).float()
+
+
+def refusal_score(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+    refusal_ids: Sequence[int] | None = None, batch_size: int = 16,
+) -> Tensor:
+    """Refusal score (N,) of each prompt: logit of the next-token probability of the refusal openers.
+
+    Positive means the model is more likely than not to open with a refusal token. Hooks active on
+    the model (steer/ablate) apply.
+    """
+    _check_prompts("prompts", prompts)
+    refusal_ids = refusal_token_ids(tokenizer) if refusal_ids is None else list(refusal_ids)
+    return refusal_scores_from_logprobs(last_token_logprobs(model, tokenizer, prompts, batch_size), refusal_ids)
+
+
+@torch.no_grad()
+def mean_activations(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+    positions: Sequence[int], batch_size: int = 16, progress: bool = False, desc: str = "activations",
+) -> Tensor:
+    """Mean residual stream entering every decoder layer at the given negative positions.
+
+    Returns (L, P, H) float64 (accumulated in float64: differences of means of large activations
+    lose digits in bf16/fp32).
+    """
+    _check_prompts("prompts", prompts)
+    if not positions or any(p >= 0 for p in positions):
+        raise ValueError(f"positions must be a non-empty list of negative offsets, got {list(positions)}")
+    layers = decoder_layers(model)
+    index = list(positions)
+    total: list[Tensor | None] = [None] * len(layers)
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            batch_sum = hidden[:, index, :].double().sum(dim=0).cpu()  # (P, H)
+            total[i] = batch_sum if total[i] is None else total[i] + batch_sum
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    texts = render_prompts(tokenizer, prompts)
+    device = model_device(model)
+    try:
+        for chunk in tqdm(list(batches(texts, batch_size)), desc=desc, disable=not progress):
+            input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
+            if input_ids.shape[1] < len(index):
+                raise ValueError("a rendered prompt is shorter than the post-instruction template")
+            _forward_logits(model, input_ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(total) / len(prompts)
+
+
+def candidate_directions(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, harmful: Sequence[str], harmless: Sequence[str],
+    positions: Sequence[int] | None = None, batch_size: int = 16, progress: bool = False,
+) -> Tensor:
+    """Difference of means d[l, i] = mean_harmful - mean_harmless of the input of layer l at
+    post-instruction position i. Returns (L, P, H) float64; positions default to the template's."""
+    _check_prompts("harmful", harmful)
+    _check_prompts("harmless", harmless)
+    positions = post_instruction_positions(tokenizer) if positions is None else list(positions)
+    mean_harmful = mean_activations(model, tokenizer, harmful, positions, batch_size, progress, "harmful activations")
+    mean_harmless = mean_activations(model, tokenizer, harmless, positions, batch_size, progress, "harmless activations")
+    return mean_harmful - mean_harmless
+
+
+def _kl(reference: Tensor, other: Tensor) -> Tensor:
+    """Mean over rows of KL(reference || other) for log-prob rows (N, V)."""
+    return (reference.exp() * (reference - other)).sum(-1).mean()
+
+
+@dataclass
+class CandidateScore:
+    """Selection scores of the candidate d[layer, position] (one row of the table)."""
+
+    layer: int
+    position: int
+    norm: float
+    ablation_refusal: float | None = None   # mean refusal score on harmful val under ablation (lower is better)
+    steering_refusal: float | None = None   # mean refusal score on harmless val with + d at `layer` (must be > 0)
+    ablation_kl: float | None = None        # mean KL(base || ablated) next-token on harmless val (must be <= kl_threshold)
+    rejected: str = ""                      # why the candidate was dropped ("" if it passed)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def select_direction(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    refusal_words: Sequence[str] = REFUSAL_OPENERS,
+    filter_train: bool = True,
+    max_layer_fraction: float = 0.8,
+    kl_threshold: float = 0.1,
+    coeff: float = 1.0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[SteeringVector, list[CandidateScore]]:
+    """Compute every candidate direction and select one (METHOD.md section 1).
+
+    Candidates in layers >= int(L * max_layer_fraction) are dropped; so are those whose ablation
+    moves the harmless next-token distribution by KL > kl_threshold and those whose activation
+    addition (coefficient `coeff`) leaves the harmless refusal score <= 0. Among the rest the
+    lowest mean harmful refusal score under ablation wins. Returns the SteeringVector and the table
+    of all candidates' scores; raises DirectionSelectionError when every candidate is rejected.
+    """
+    for name, prompts in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
+                          ("harmful_val", harmful_val), ("harmless_val", harmless_val)):
+        _check_prompts(name, prompts)
+    if not 0 < max_layer_fraction <= 1:
+        raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
+    if kl_threshold <= 0:
+        raise ValueError(f"kl_threshold must be > 0, got {kl_threshold}")
+    depth = num_layers(model)
+    max_layer = int(depth * max_layer_fraction)
+    if max_layer < 1:
+        raise ValueError(f"max_layer_fraction={max_layer_fraction} leaves no layer of {depth} to choose from")
+    positions = post_instruction_positions(tokenizer)
+    refusal_ids = refusal_token_ids(tokenizer, refusal_words)
+
+    if filter_train:
+        harmful_train, harmless_train = _filter_train(model, tokenizer, harmful_train, harmless_train, refusal_ids,
+                                                      batch_size)
+    candidates = candidate_directions(model, tokenizer, harmful_train, harmless_train, positions, batch_size, progress)
+
+    base_harmless = last_token_logprobs(model, tokenizer, harmless_val, batch_size)
+    base_harmful_refusal = refusal_score(model, tokenizer, harmful_val, refusal_ids, batch_size).mean().item()
+    base_harmless_refusal = refusal_scores_from_logprobs(base_harmless, refusal_ids).mean().item()
+    logger.info("baseline refusal score: harmful val %.3f, harmless val %.3f", base_harmful_refusal,
+                base_harmless_refusal)
+
+    table: list[CandidateScore] = []
+    grid = [(layer, p) for layer in range(depth) for p in range(len(positions))]
+    for layer, p in tqdm(grid, desc="score candidates", disable=not progress):
+        vector = candidates[layer, p].float()
+        row = CandidateScore(layer=layer, position=positions[p], norm=float(vector.norm()))
+        table.append(row)
+        if layer >= max_layer:
+            row.rejected = f"layer >= {max_layer} (last {1 - max_layer_fraction:.0%} of the stack)"
+            continue
+        if not torch.isfinite(vector).all() or row.norm == 0:
+            row.rejected = "zero or non-finite direction"
+            continue
+        with ablate(model, vector):
+            ablated = last_token_logprobs(model, tokenizer, list(harmful_val) + list(harmless_val), batch_size)
+        row.ablation_refusal = refusal_scores_from_logprobs(ablated[: len(harmful_val)], refusal_ids).mean().item()
+        row.ablation_kl = _kl(base_harmless, ablated[len(harmful_val):]).item()
+        sv = SteeringVector(vector, layer=layer, coeff=coeff, hidden_size=vector.numel())
+        with steer(model, sv):
+            row.steering_refusal = refusal_score(model, tokenizer, harmless_val, refusal_ids, batch_size).mean().item()
+        if not math.isfinite(row.ablation_kl) or row.ablation_kl > kl_threshold:
+            row.rejected = f"ablation KL {row.ablation_kl:.3g} > {kl_threshold}"
+        elif row.steering_refusal <= 0:
+            row.rejected = f"steering refusal score {row.steering_refusal:.3g} <= 0"
+
+    passed = [row for row in table if not row.rejected]
+    if not passed:
+        scored = sorted((r for r in table if r.ablation_refusal is not None), key=lambda r: r.ablation_refusal)
+        lines = "\n".join(f"  layer {r.layer} pos {r.position}: {r.rejected}" for r in scored[:5])
+        raise DirectionSelectionError(
+            f"all {len(table)} candidate directions were rejected; the five with the lowest ablation refusal "
+            f"score:\n{lines}\nLoosen --kl-threshold or --max-layer-fraction, or check that the model refuses "
+            "the harmful prompts (baseline harmful refusal score "
+            f"{base_harmful_refusal:.3f}, harmless {base_harmless_refusal:.3f})"
+        )
+    best = min(passed, key=lambda r: (r.ablation_refusal, r.layer, r.position))
+    logger.info("selected layer %d position %d: ablation refusal %.3f, steering refusal %.3f, ablation KL %.4f",
+                best.layer, best.position, best.ablation_refusal, best.steering_refusal, best.ablation_kl)
+    source = {
+        "method": "difference of means (METHOD.md section 1)",
+        "harmful_train_sha256": prompts_sha256(harmful_train),
+        "harmless_train_sha256": prompts_sha256(harmless_train),
+        "harmful_val_sha256": prompts_sha256(harmful_val),
+        "harmless_val_sha256": prompts_sha256(harmless_val),
+        "n_harmful_train": len(harmful_train),
+        "n_harmless_train": len(harmless_train),
+        "n_harmful_val": len(harmful_val),
+        "n_harmless_val": len(harmless_val),
+        "refusal_ids": refusal_ids,
+        "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
+        "positions": positions,
+        "baseline": {"harmful_val_refusal": base_harmful_refusal, "harmless_val_refusal": base_harmless_refusal},
+        "selected": best.to_dict(),
+        "config": {"filter_train": filter_train, "max_layer_fraction": max_layer_fraction,
+                   "kl_threshold": kl_threshold, "coeff": coeff, "refusal_words": list(refusal_words)},
+    }
+    vector = SteeringVector(candidates[best.layer, positions.index(best.position)].float(), layer=best.layer,
+                            coeff=coeff, position=best.position, model_name=model_name(model), source=source)
+    return vector, table
+
+
+def _filter_train(model, tokenizer, harmful, harmless, refusal_ids, batch_size):
+    """Keep harmful prompts the model refuses (score > 0) and harmless ones it answers (score < 0)."""
+    harmful_scores = refusal_score(model, tokenizer, harmful, refusal_ids, batch_size)
+    harmless_scores = refusal_score(model, tokenizer, harmless, refusal_ids, batch_size)
+    kept_harmful = [p for p, s in zip(harmful, harmful_scores.tolist()) if s > 0]
+    kept_harmless = [p for p, s in zip(harmless, harmless_scores.tolist()) if s < 0]
+    logger.info("refusal-score filter kept %d/%d harmful and %d/%d harmless training prompts",
+                len(kept_harmful), len(harmful), len(kept_harmless), len(harmless))
+    if len(kept_harmful) < 2 or len(kept_harmless) < 2:
+        logger.warning("the refusal-score filter left fewer than 2 prompts on a side; using the unfiltered sets")
+        return list(harmful), list(harmless)
+    return kept_harmful, kept_harmless
