@@ -140,24 +140,3 @@ def left_padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     position embeddings (GPT-2) by the pad count; HF generate does this same correction.
     """
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", device: str = "cpu", local_files_only: bool = True):
-    """Load an HF causal LM and its tokenizer for the local stages (eval mode, left padding, a pad token).
-
-    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16". local_files_only by
-    default: SafeSteer never downloads behind the user's back; pass a local path or a cached name.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    dtypes = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, local_files_only=local_files_only)
-    if tokenizer.pad_token_id is None:
-        # Pad positions are masked out everywhere; reusing eos is safe and the usual choice.
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtypes[dtype], local_files_only=local_files_only)
-    model.to(device).eval()
-    return model, tokenizer

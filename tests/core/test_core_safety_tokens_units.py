@@ -1,0 +1,92 @@
+"""The safety-token vote's pure pieces against brute force, and the SafetyTokenSet artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openrlhf_safesteer.safety_tokens import (
+    SafetyTokenSet,
+    banned_token_mask,
+    top_by_votes,
+    valid_positions,
+    vote,
+)
+from openrlhf_safesteer.steering import IncompatibleArtifactError
+
+
+def test_valid_positions_stop_at_first_end_of_turn():
+    argmax = torch.tensor([[4, 9, 4, 4], [1, 2, 3, 4], [7, 4, 9, 1]])
+    assert valid_positions(argmax, [9, 7]).tolist() == [
+        [True, False, False, False], [True, True, True, True], [False, False, False, False]]
+
+
+def test_vote_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    n, h, v, k_prime = 5, 4, 30, 6
+    delta = torch.randn(n, h, v, generator=g)
+    valid = torch.rand(n, h, generator=g) > 0.3
+    banned = torch.zeros(v, dtype=torch.bool)
+    banned[[0, 3, 17]] = True
+    expected = [0] * v
+    for i in range(n):
+        for j in range(h):
+            if not valid[i, j]:
+                continue
+            allowed = [(float(delta[i, j, t]), t) for t in range(v) if not banned[t]]
+            for _, t in sorted(allowed, reverse=True)[:k_prime]:
+                expected[t] += 1
+    votes = vote(delta, valid, banned, k_prime)
+    assert votes.tolist() == expected
+    assert int(votes[[0, 3, 17]].sum()) == 0
+    assert int(votes.sum()) == k_prime * int(valid.sum())
+
+
+def test_vote_with_everything_banned_is_an_error():
+    with pytest.raises(ValueError, match="every vocabulary id is banned"):
+        vote(torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool), torch.ones(4, dtype=torch.bool), 2)
+
+
+def test_top_by_votes_orders_and_drops_zero():
+    votes = torch.tensor([0, 5, 2, 5, 0, 1])
+    assert top_by_votes(votes, 3) == [1, 3, 2]
+    assert top_by_votes(votes, 10) == [1, 3, 2, 5]
+
+
+def test_banned_mask(chatml_tokenizer):
+    rows = len(chatml_tokenizer) + 3  # LM heads are often padded past the tokenizer
+    banned = banned_token_mask(chatml_tokenizer, rows)
+    vocab = chatml_tokenizer.get_vocab()
+    for special in ("<|im_end|>", "<|im_start|>", "<|endoftext|>", "<|eot_id|>"):
+        assert banned[vocab[special]]
+    assert banned[-3:].all()
+    assert not banned[chatml_tokenizer("Sorry", add_special_tokens=False)["input_ids"][0]]
+
+
+def test_token_set_roundtrip_and_compatibility(tmp_path, chatml_tokenizer):
+    ids = chatml_tokenizer(" sorry illegal", add_special_tokens=False)["input_ids"]
+    tokens = chatml_tokenizer.convert_ids_to_tokens(ids)
+    s = SafetyTokenSet(ids=ids, tokens=tokens, votes=[9, 4][: len(ids)] + [1] * (len(ids) - 2), config={"k": 2},
+                       model_name="tiny", vocab_size=len(chatml_tokenizer))
+    s.save(tmp_path / "tokens.json")
+    loaded = SafetyTokenSet.load(tmp_path / "tokens.json")
+    assert loaded == s
+    assert torch.equal(loaded.ids_tensor(), torch.tensor(ids))
+    loaded.check_compatible(len(chatml_tokenizer), chatml_tokenizer)
+    with pytest.raises(IncompatibleArtifactError, match="outside the model's vocabulary"):
+        loaded.check_compatible(min(ids))
+    from openrlhf_safesteer.testing import tiny_tokenizer
+    with pytest.raises(IncompatibleArtifactError, match="name other tokens"):
+        loaded.check_compatible(len(chatml_tokenizer), tiny_tokenizer(vocab_size=300))
+
+
+def test_token_set_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="at least one id"):
+        SafetyTokenSet(ids=[], tokens=[], votes=[])
+    with pytest.raises(ValueError, match="unique"):
+        SafetyTokenSet(ids=[1, 1], tokens=["a", "a"], votes=[1, 1])
+    with pytest.raises(FileNotFoundError, match="safesteer tokens"):
+        SafetyTokenSet.load(tmp_path / "missing.json")
+    (tmp_path / "x.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a safety-token set"):
+        SafetyTokenSet.load(tmp_path / "x.json")

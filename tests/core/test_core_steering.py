@@ -1,0 +1,163 @@
+"""Steering hooks against independent weight edits, and the SteeringVector artifact."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from openrlhf_safesteer.steering import (
+    CONFIG_FILE,
+    VECTOR_FILE,
+    IncompatibleArtifactError,
+    SteeringVector,
+    ablate,
+    attach_steering,
+    steer,
+)
+from openrlhf_safesteer.testing import tiny_model
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 8, 9, 10, 11, 12]])
+
+
+def _vector(hidden, seed=1):
+    return torch.randn(hidden, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("coeff", [1.0, -2.5])
+def test_steer_layer0_equals_shifting_every_embedding(chatml_tokenizer, coeff):
+    # Adding c*d to the input of block 0 is the same as adding c*d to every embedding row (llama does not
+    # rescale embeddings), an edit that never goes through the hook.
+    model = tiny_model("llama", chatml_tokenizer, layers=3, hidden=32)
+    d = _vector(32)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.model.embed_tokens.weight += coeff * d
+    with steer(model, SteeringVector(d, layer=0, coeff=coeff)):
+        steered = model(IDS).logits
+    torch.testing.assert_close(steered, edited(IDS).logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(model(IDS).logits, steered, atol=1e-3)  # hook gone, model unchanged
+
+
+def test_steer_layer_l_equals_bias_of_previous_block(chatml_tokenizer):
+    # GPT-2's MLP output projection has a bias added straight into the residual stream: raising the bias
+    # of block l-1 by d raises the input of block l by d at every position.
+    model = tiny_model("gpt2", chatml_tokenizer, layers=3, hidden=32)
+    d = _vector(32, seed=2)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.transformer.h[1].mlp.c_proj.bias += d
+    with steer(model, SteeringVector(d, layer=2)):
+        steered = model(IDS).logits
+    torch.testing.assert_close(steered, edited(IDS).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_attach_steering_applies_at_every_decoding_step(chatml_tokenizer):
+    model = tiny_model("qwen2", chatml_tokenizer, layers=2, hidden=32)
+    d = 3 * _vector(32, seed=3)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        edited.model.embed_tokens.weight += d
+    prompt = IDS[:1]
+    kwargs = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=chatml_tokenizer.pad_token_id)
+    handle = attach_steering(model, SteeringVector(d, layer=0))
+    try:
+        steered = model.generate(prompt, **kwargs)  # KV cache: later steps see one new position at a time
+    finally:
+        handle.remove()
+    assert torch.equal(steered, edited.generate(prompt, **kwargs))
+    assert not torch.equal(steered, model.generate(prompt, **kwargs))
+
+
+def test_steer_removes_hook_on_error(chatml_tokenizer):
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    before = model(IDS).logits
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, SteeringVector(_vector(32), layer=1)):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(model(IDS).logits, before)
+
+
+def test_steer_casts_to_bf16(chatml_tokenizer):
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32, dtype=torch.bfloat16)
+    with steer(model, SteeringVector(_vector(32), layer=1)):
+        logits = model(IDS).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def _orthogonalised(model, unit):
+    """Arditi et al.'s weight orthogonalisation: remove r from everything that writes the residual stream."""
+    edited = copy.deepcopy(model)
+    projector = torch.eye(unit.numel()) - torch.outer(unit, unit)
+    with torch.no_grad():
+        edited.model.embed_tokens.weight.copy_(edited.model.embed_tokens.weight @ projector)
+        for layer in edited.model.layers:
+            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
+    return edited
+
+
+def test_ablate_equals_weight_orthogonalisation(chatml_tokenizer):
+    model = tiny_model("llama", chatml_tokenizer, layers=3, hidden=32)
+    d = 5 * _vector(32, seed=4)
+    unit = d / d.norm()
+    with ablate(model, d):
+        ablated = model(IDS).logits
+    torch.testing.assert_close(ablated, _orthogonalised(model, unit)(IDS).logits, atol=1e-5, rtol=1e-4)
+    # Inside ablate, every block computes on an input with no component along r (a hook registered
+    # after ablate's own runs after it, so it sees what the block sees).
+    def block_inputs():
+        seen = []
+        hs = [layer.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for layer in model.model.layers]
+        model(IDS)
+        for h in hs:
+            h.remove()
+        return seen
+
+    with ablate(model, d):
+        seen = block_inputs()
+    assert len(seen) == 3 and all((x @ unit).abs().max() < 1e-4 for x in seen)
+    assert all((x @ unit).abs().max() > 1e-2 for x in block_inputs())  # without ablation r is present
+
+
+def test_ablate_rejects_bad_direction(chatml_tokenizer):
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    with pytest.raises(IncompatibleArtifactError, match="hidden size is 32"):
+        with ablate(model, torch.ones(16)):
+            pass
+    with pytest.raises(ValueError, match="zero"):
+        with ablate(model, torch.zeros(32)):
+            pass
+
+
+def test_vector_save_load_roundtrip(tmp_path):
+    sv = SteeringVector(_vector(32).double(), layer=2, coeff=1.5, position=-3, model_name="m",
+                        source={"harmful_train_sha256": "ab" * 32, "n": 4})
+    sv.save(tmp_path / "vec")
+    assert sorted(p.name for p in (tmp_path / "vec").iterdir()) == sorted([VECTOR_FILE, CONFIG_FILE])
+    config = json.loads((tmp_path / "vec" / CONFIG_FILE).read_text())
+    assert config["layer"] == 2 and config["hidden_size"] == 32
+    loaded = SteeringVector.load(tmp_path / "vec")
+    assert torch.equal(loaded.vector, sv.vector) and loaded.vector.dtype == torch.float32
+    assert (loaded.layer, loaded.coeff, loaded.position, loaded.model_name, loaded.source) == \
+        (2, 1.5, -3, "m", sv.source)
+
+
+def test_vector_incompatible_model_is_a_clear_error(chatml_tokenizer):
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    with pytest.raises(IncompatibleArtifactError, match="hidden size 48"):
+        SteeringVector(torch.ones(48), layer=0).check_compatible(model)
+    with pytest.raises(IncompatibleArtifactError, match="layer 5 but the model has 2"):
+        with steer(model, SteeringVector(torch.ones(32), layer=5)):
+            pass
+
+
+def test_vector_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="1-D"):
+        SteeringVector(torch.ones(2, 3), layer=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        SteeringVector(torch.tensor([1.0, float("nan")]), layer=0)
+    with pytest.raises(FileNotFoundError, match="safesteer direction"):
+        SteeringVector.load(tmp_path)
