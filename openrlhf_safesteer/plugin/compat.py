@@ -1,0 +1,263 @@
+"""What the OpenRLHF engine needs from its environment: the OpenRLHF version it supports, import
+stand-ins for the two CUDA-only packages on machines without them, and CPU shims.
+
+Nothing here is needed on a GPU machine with flash-attn and vLLM installed: each function checks
+first and does nothing there.
+
+Stand-ins (CPU machines only, clearly not the real thing):
+- `flash_attn`: `openrlhf.models` imports `flash_attn.bert_padding` at module import (ring attention
+  and sample packing). The stand-in lets the import succeed; calling any of its functions raises,
+  because packing without flash-attn's varlen kernels would let samples attend to each other.
+- `vllm`: `openrlhf.trainer.ray` imports vLLM at module import, and the sample generator builds
+  `vllm.SamplingParams`. The stand-in provides a plain `SamplingParams` (the fields OpenRLHF sets)
+  and nothing else; the engine itself is replaced by the HF-generate rollout actor
+  (`openrlhf_safesteer.plugin.rollout`), which is real generation with transformers.
+
+CPU shims: OpenRLHF 0.11.2 calls `torch.cuda.set_device/current_device/synchronize` and builds a
+"cuda" device mesh unconditionally. On a machine without CUDA they are pointed at the CPU, the
+DeepSpeed optimizer is told to use torch's AdamW (DeepSpeed's CPU FusedAdam is a 2-minute JIT
+build), and DeepSpeed's shared-memory comm op (a 90 s JIT build) is skipped; DeepSpeed then runs
+with its CPU accelerator and the gloo backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import sys
+import types
+import uuid
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_OPENRLHF = ("0.11.2",)
+STAND_IN_MARK = "__safesteer_stand_in__"
+
+
+class UnsupportedOpenRLHFError(RuntimeError):
+    """The installed OpenRLHF is not a version this plugin was written and tested against."""
+
+
+def openrlhf_version() -> str | None:
+    try:
+        return importlib.metadata.version("openrlhf")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_openrlhf_version() -> str:
+    """Return the installed OpenRLHF version; raise a clear error unless it is supported."""
+    version = openrlhf_version()
+    if version is None:
+        raise UnsupportedOpenRLHFError(
+            "OpenRLHF is not installed. The SafeSteer OpenRLHF engine needs openrlhf=="
+            f"{SUPPORTED_OPENRLHF[0]} (pip install 'openrlhf-safesteer[openrlhf]')."
+        )
+    if version not in SUPPORTED_OPENRLHF:
+        raise UnsupportedOpenRLHFError(
+            f"OpenRLHF {version} is installed, but this plugin supports only {', '.join(SUPPORTED_OPENRLHF)}: it "
+            "subclasses OpenRLHF's reference actor, experience maker and policy step, whose signatures change "
+            f"between releases (PolicyLoss, compute_approx_kl, the advantage flags). Install openrlhf=="
+            f"{SUPPORTED_OPENRLHF[0]}."
+        )
+    return version
+
+
+def _really_installed(name: str) -> bool:
+    module = sys.modules.get(name)
+    if module is not None:
+        return not getattr(module, STAND_IN_MARK, False)
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def vllm_available() -> bool:
+    return _really_installed("vllm")
+
+
+def flash_attn_available() -> bool:
+    return _really_installed("flash_attn")
+
+
+def _stand_in_module(name: str, **attrs: Any) -> types.ModuleType:
+    # A real module object with a spec: transformers probes optional packages with find_spec and
+    # importlib.metadata; a MagicMock breaks those probes, a ModuleType does not (and
+    # importlib.metadata still says "not installed", so transformers does not try to use it).
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+    module.__path__ = []
+    module.__file__ = f"<safesteer stand-in for {name}>"
+    setattr(module, STAND_IN_MARK, True)
+    for key, value in attrs.items():
+        setattr(module, key, value)
+    return module
+
+
+def _unavailable(what: str):
+    def call(*args, **kwargs):
+        raise RuntimeError(
+            f"{what} is a stand-in on this machine (flash-attn is not installed): sample packing "
+            "(--ds.packing_samples) and ring attention need the real flash-attn kernels, which need CUDA."
+        )
+
+    call.__name__ = what.rsplit(".", 1)[-1]
+    return call
+
+
+class SamplingParams:
+    """Stand-in for vllm.SamplingParams: the fields OpenRLHF's sample generator sets, nothing else.
+
+    Only used where vLLM is not installed; the HF-generate rollout actor reads these fields.
+    """
+
+    def __init__(self, temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, max_tokens: int | None = 16,
+                 min_tokens: int = 0, skip_special_tokens: bool = True, logprobs: int | None = None,
+                 seed: int | None = None, **extra: Any) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+        self.top_k = top_k
+        self.max_tokens = max_tokens
+        self.min_tokens = min_tokens
+        self.skip_special_tokens = skip_special_tokens
+        self.logprobs = logprobs
+        self.seed = seed
+        self.extra = extra
+
+    def __repr__(self) -> str:
+        return f"SamplingParams(stand-in, {self.__dict__})"
+
+
+SamplingParams.__module__ = "vllm"  # pickled by reference as vllm.SamplingParams on every worker
+
+
+def install_import_stand_ins() -> list[str]:
+    """Register the flash_attn / vllm stand-ins for whichever of them is not installed.
+
+    Returns the names installed (empty on a GPU machine with both packages).
+    """
+    installed = []
+    if not flash_attn_available() and "flash_attn" not in sys.modules:
+        import einops
+
+        bert_padding = _stand_in_module(
+            "flash_attn.bert_padding",
+            index_first_axis=_unavailable("flash_attn.bert_padding.index_first_axis"),
+            pad_input=_unavailable("flash_attn.bert_padding.pad_input"),
+            unpad_input=_unavailable("flash_attn.bert_padding.unpad_input"),
+            rearrange=einops.rearrange,
+        )
+        distributed = _stand_in_module("flash_attn.utils.distributed",
+                                       all_gather=_unavailable("flash_attn.utils.distributed.all_gather"))
+        utils = _stand_in_module("flash_attn.utils", distributed=distributed)
+        root = _stand_in_module("flash_attn", __version__="0.0.0+safesteer.stand.in", bert_padding=bert_padding,
+                                utils=utils)
+        for module in (root, bert_padding, utils, distributed):
+            sys.modules[module.__name__] = module
+        installed.append("flash_attn")
+    if not vllm_available() and "vllm" not in sys.modules:
+        inputs = _stand_in_module("vllm.inputs", TokensPrompt=dict)
+        utils = _stand_in_module("vllm.utils", random_uuid=lambda: uuid.uuid4().hex)
+        root = _stand_in_module(
+            "vllm", __version__="0.0.0+safesteer.stand.in", SamplingParams=SamplingParams, inputs=inputs,
+            utils=utils, AsyncEngineArgs=_no_vllm_engine, AsyncLLMEngine=_no_vllm_engine,
+        )
+        for module in (root, inputs, utils):
+            sys.modules[module.__name__] = module
+        installed.append("vllm")
+    if installed:
+        logger.info("registered CPU import stand-ins for %s (not installed here)", ", ".join(installed))
+    return installed
+
+
+def _no_vllm_engine(*args, **kwargs):
+    raise RuntimeError("vLLM is not installed on this machine: use the HF-generate rollout "
+                       "(--safesteer.rollout hf) or install vllm on a GPU machine")
+
+
+# --------------------------------------------------------------------------------------------- CPU
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def configure_cpu_environment() -> None:
+    """Environment variables a CPU run needs before deepspeed is imported (idempotent)."""
+    if cuda_present():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _ds_train_config_with_torch_adam(original):
+    @functools.wraps(original)
+    def get_train_ds_config(*args, **kwargs):
+        config = original(*args, **kwargs)
+        optimizer = config.get("optimizer")
+        if optimizer and optimizer.get("type") == "AdamW":
+            # DeepSpeed would build its fused CPU Adam op (a C++ JIT build of minutes); torch's
+            # AdamW is the same update.
+            optimizer.setdefault("params", {})["torch_adam"] = True
+        return config
+
+    get_train_ds_config._safesteer_cpu = True
+    return get_train_ds_config
+
+
+def _device_mesh_on_cpu(original):
+    @functools.wraps(original)
+    def init_device_mesh(device_type, *args, **kwargs):
+        return original("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    init_device_mesh._safesteer_cpu = True
+    return init_device_mesh
+
+
+def install_cpu_shims() -> bool:
+    """Point OpenRLHF's unconditional CUDA calls at the CPU. Does nothing when CUDA is present.
+
+    Returns True when the shims are active. Safe to call many times (each Ray worker calls it).
+    """
+    if cuda_present():
+        return False
+    configure_cpu_environment()
+    import torch
+
+    if not getattr(torch.cuda, "_safesteer_cpu", False):
+        torch.cuda.set_device = lambda *args, **kwargs: None
+        torch.cuda.current_device = lambda: torch.device("cpu")
+        torch.cuda.synchronize = lambda *args, **kwargs: None
+        torch.cuda.empty_cache = lambda: None
+        torch.cuda._safesteer_cpu = True
+
+    import deepspeed.ops
+
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", {})
+    for name in list(compatible):
+        if "shm" in name:
+            # deepspeed.init_distributed would JIT-compile the shared-memory all-reduce (~90 s).
+            compatible[name] = False
+
+    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+
+    if not getattr(ds_strategy.get_train_ds_config, "_safesteer_cpu", False):
+        ds_strategy.get_train_ds_config = _ds_train_config_with_torch_adam(ds_strategy.get_train_ds_config)
+    if not getattr(ds_strategy.init_device_mesh, "_safesteer_cpu", False):
+        ds_strategy.init_device_mesh = _device_mesh_on_cpu(ds_strategy.init_device_mesh)
+    return True
+
+
+def prepare_process() -> None:
+    """Everything a process (driver or Ray worker) needs before it touches OpenRLHF."""
+    configure_cpu_environment()
+    install_import_stand_ins()
+    install_cpu_shims()

@@ -1,0 +1,255 @@
+"""The `--safesteer.*` flags, and the checks that run on the driver before any Ray actor starts.
+
+OpenRLHF's parser is written inline in `openrlhf/cli/train_ppo_ray.py` and rejects unknown flags,
+so the launcher parses the `--safesteer.*` flags here first, strips them, and hands every other
+flag to OpenRLHF unchanged. After OpenRLHF has parsed and validated its own flags, `refusals()`
+checks the combination against what SafeSteer is (no reward, no critic, the steered reference as
+the teacher, on-policy), and `load_artifacts()` checks the steering vector and the safety-token set
+against the model's config (hidden size, depth, vocabulary) without loading the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+OBJECTIVES = ("exact", "sampled")
+DIVERGENCES = ("reverse", "forward", "renormalized")
+ROLLOUTS = ("auto", "vllm", "hf")
+PREFIX = "--safesteer."
+
+
+class SafeSteerConfigError(ValueError):
+    """A flag combination SafeSteer refuses, raised before any actor starts (the CLI exits with status 2)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("SafeSteer cannot run with these flags:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the `--safesteer.*` flags (every other flag belongs to OpenRLHF)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m openrlhf_safesteer.cli.train_safesteer_ray",
+        description=(
+            "SafeSteer on OpenRLHF: localized on-policy distillation from the activation-steered reference "
+            "model. Takes every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus the "
+            "--safesteer.* flags below. No reward model, reward function or critic is needed."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        add_help=False,
+    )
+    parser.add_argument("--safesteer.help", action="help", help="show the --safesteer.* flags and exit")
+    parser.add_argument("--safesteer.vector", default=None, metavar="DIR",
+                        help="steering-vector folder written by `safesteer direction` (required)")
+    parser.add_argument("--safesteer.tokens", default=None, metavar="JSON",
+                        help="safety-token set S written by `safesteer tokens` (required)")
+    parser.add_argument("--safesteer.objective", default="exact", choices=OBJECTIVES,
+                        help="exact: the paper's localized reverse KL from the actor's logits and the teacher's "
+                             "log-probs on S; sampled: the per-token advantage -[y in S](log p_s - log p_t + 1) "
+                             "with OpenRLHF's stock policy loss")
+    parser.add_argument("--safesteer.divergence", default="reverse", choices=DIVERGENCES,
+                        help="exact objective only: reverse (the paper), or the ablations forward / renormalized")
+    parser.add_argument("--safesteer.coeff", type=float, default=None,
+                        help="steering coefficient of the teacher (default: the vector's own, 1.0 in the paper)")
+    parser.add_argument("--safesteer.rollout", default="auto", choices=ROLLOUTS,
+                        help="rollout engine: vllm (OpenRLHF's), hf (HF generate in Ray actors: CPU machines, small "
+                             "models, no vLLM), auto = vllm when it is installed, else hf")
+    parser.add_argument("--safesteer.dump_dir", default=None, metavar="DIR",
+                        help="write the first micro-batch of every step (tensors + loss) here, for checking the "
+                             "engine against the core functions")
+    parser.add_argument("--safesteer.dry_run", action="store_true",
+                        help="parse and check every flag (OpenRLHF's parser and SafeSteer's checks), print the "
+                             "command, start nothing")
+    return parser
+
+
+@dataclass
+class SafeSteerConfig:
+    """The parsed `--safesteer.*` flags. Shipped to every actor inside OpenRLHF's args as `args.safesteer`."""
+
+    vector: str | None = None
+    tokens: str | None = None
+    objective: str = "exact"
+    divergence: str = "reverse"
+    coeff: float | None = None
+    rollout: str = "auto"
+    dump_dir: str | None = None
+    dry_run: bool = False
+    # Filled on the driver by load_artifacts(): the artifacts themselves travel to the actors, so a
+    # multi-node run needs no shared file system for them.
+    steering_vector: Any = None
+    safety_ids: list[int] = field(default_factory=list)
+
+    def namespace(self) -> SimpleNamespace:
+        return SimpleNamespace(**self.__dict__)
+
+
+def split_argv(argv: list[str]) -> tuple[SafeSteerConfig, list[str]]:
+    """Separate `--safesteer.*` flags (parsed here) from OpenRLHF's flags (returned unchanged)."""
+    ours, theirs = [], []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(PREFIX):
+            ours.append(arg)
+            takes_value = "=" not in arg and arg.split("=")[0] not in ("--safesteer.dry_run", "--safesteer.help")
+            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                ours.append(argv[i + 1])
+                i += 1
+        else:
+            theirs.append(arg)
+        i += 1
+    parsed = build_parser().parse_args(ours)
+    values = {key.split(".", 1)[1]: value for key, value in vars(parsed).items() if key.startswith("safesteer.")}
+    values.pop("help", None)
+    return SafeSteerConfig(**values), theirs
+
+
+def flag_given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+
+def default_openrlhf_flags(argv: list[str]) -> list[str]:
+    """OpenRLHF flags whose OpenRLHF default does not fit SafeSteer, set unless the user chose them.
+
+    --algo.advantage.estimator defaults to gae, which makes OpenRLHF place a critic; SafeSteer's
+    advantage (sampled objective) or loss (exact) needs none, so the launcher picks `reinforce`.
+    """
+    extra = []
+    if not flag_given(argv, "--algo.advantage.estimator"):
+        extra += ["--algo.advantage.estimator", "reinforce"]
+    return list(argv) + extra
+
+
+def resolve_rollout(config: SafeSteerConfig) -> str:
+    from openrlhf_safesteer.plugin import compat
+
+    if config.rollout == "auto":
+        return "vllm" if compat.vllm_available() else "hf"
+    return config.rollout
+
+
+def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, this_machine: bool = True) -> list[str]:
+    """Every reason SafeSteer cannot run with OpenRLHF's parsed `args`; empty when it can.
+
+    `argv` is what the user passed to OpenRLHF (to tell an explicit flag from a default).
+    this_machine=False (dry runs of recipes meant for a GPU cluster) skips the checks about the
+    machine the check runs on (vLLM, flash-attn, GPUs installed here).
+    """
+    from openrlhf_safesteer.plugin import compat
+
+    problems = []
+    if not config.vector:
+        problems.append("--safesteer.vector DIR is required (make one with `safesteer direction`)")
+    if not config.tokens:
+        problems.append("--safesteer.tokens FILE is required (make one with `safesteer tokens`)")
+    if flag_given(argv, "--critic.model_name_or_path"):
+        problems.append("--critic.model_name_or_path: SafeSteer trains no critic (the teacher's log-probs are the "
+                        "signal); remove the flag")
+    if args.algo.advantage.estimator == "gae":
+        problems.append("--algo.advantage.estimator gae trains a critic; SafeSteer uses none: drop the flag (the "
+                        "launcher then uses reinforce) or pick another estimator")
+    if args.reward.model_name_or_path:
+        problems.append("--reward.model_name_or_path: SafeSteer uses no reward model (the steered teacher is the "
+                        "signal); remove the flag")
+    if args.reward.remote_url:
+        what = "--train.agent_func_path" if args.train.agent_func_path else "--reward.remote_url"
+        problems.append(f"{what}: SafeSteer uses no reward function or agent; remove the flag")
+    if args.algo.kl.init_coef <= 0:
+        problems.append("--algo.kl.init_coef must be > 0: the teacher is OpenRLHF's reference actor, which OpenRLHF "
+                        "places only when the KL coefficient is positive (its value is not used by SafeSteer)")
+    if args.algo.kl.use_loss:
+        problems.append("--algo.kl.use_loss adds a KL-to-reference term; SafeSteer's reference is the steered "
+                        "teacher and the method has no such term: remove the flag")
+    if config.objective == "sampled" and args.algo.kl.estimator != "k1":
+        problems.append(f"--algo.kl.estimator {args.algo.kl.estimator}: the sampled objective's advantage "
+                        "-(log p_s - log p_t + 1) is built on the k1 log-ratio; use k1 (the default)")
+    if args.train.async_enable:
+        problems.append("--train.async_enable: SafeSteer is on-policy distillation; async mode trains on rollouts "
+                        "of an older policy and runs OpenRLHF's separate async trainer, which this plugin does not "
+                        "extend. Run without it")
+    if args.train.dynamic_batch_enable:
+        problems.append("--train.dynamic_batch_enable re-packs experiences with OpenRLHF helpers that drop the "
+                        "teacher's per-token data; run without it (patches/ adds the extension point)")
+    if args.ds.ring_attn_size > 1:
+        problems.append("--ds.ring_attn_size > 1: the teacher and the exact loss need each sequence's full logits "
+                        "on one rank; use ZeRO-3 or tensor parallelism instead")
+    if config.objective == "exact" and args.actor.entropy_coef:
+        problems.append("--actor.entropy_coef: the exact objective has no entropy bonus (METHOD.md section 4)")
+    if args.eval.dataset:
+        problems.append("--eval.dataset scores eval rollouts with a reward, which SafeSteer does not have; evaluate "
+                        "checkpoints with recipes/eval_safety.sh")
+    if not args.vllm.num_engines:
+        problems.append("--vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts only through "
+                        "engines (vLLM, or with --safesteer.rollout hf the HF-generate engine)")
+    rollout = resolve_rollout(config)
+    if this_machine and rollout == "vllm" and not compat.vllm_available():
+        problems.append("--safesteer.rollout vllm: vLLM is not installed here; use --safesteer.rollout hf")
+    if rollout == "hf":
+        if args.vllm.tensor_parallel_size != 1:
+            problems.append("--vllm.tensor_parallel_size > 1 with the HF-generate rollout: it runs one model per "
+                            "engine; use more engines instead")
+        if args.ds.lora.rank > 0:
+            problems.append("--ds.lora.rank with the HF-generate rollout: adapter weights are not synced to it; use "
+                            "full fine-tuning or vLLM")
+        if args.algo.advantage.is_correction_level != "off":
+            problems.append("--algo.advantage.is_correction_level with the HF-generate rollout: it returns no "
+                            "rollout log-probs to correct with; leave it off")
+    if this_machine and not compat.cuda_present():
+        if "flash_attention" in args.ds.attn_implementation and not compat.flash_attn_available():
+            problems.append(f"--ds.attn_implementation {args.ds.attn_implementation}: flash-attn is not installed "
+                            "(no CUDA here); pass --ds.attn_implementation sdpa")
+        if args.ds.packing_samples:
+            problems.append("--ds.packing_samples needs flash-attn's varlen kernels (CUDA); remove it on CPU")
+        if args.train.colocate_all or args.train.colocate_actor_ref or args.train.colocate_critic_reward:
+            problems.append("--train.colocate_*: colocation shares GPUs through placement groups of GPU bundles; "
+                            "there are no GPUs here")
+        if args.ds.adam_offload:
+            problems.append("--ds.adam_offload on CPU would JIT-compile DeepSpeed's cpu_adam for nothing; remove it")
+    return problems
+
+
+def load_artifacts(config: SafeSteerConfig, model_path: str) -> None:
+    """Load the steering vector and S, check them against the model's config, store them on config.
+
+    Reads only config.json (AutoConfig): a 70B checkpoint is not loaded on the driver.
+    Raises IncompatibleArtifactError (hidden size, layer, vocabulary) or FileNotFoundError.
+    """
+    from transformers import AutoConfig
+
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+    from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector
+
+    vector = SteeringVector.load(config.vector)
+    tokens = SafetyTokenSet.load(config.tokens)
+    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    vocab = getattr(text, "vocab_size", None)
+    if width is not None and vector.hidden_size != width:
+        raise IncompatibleArtifactError(
+            f"--safesteer.vector {config.vector} was made for hidden size {vector.hidden_size} "
+            f"({vector.model_name!r}) but {model_path} has hidden size {width}")
+    if depth is not None and not 0 <= vector.layer < depth:
+        raise IncompatibleArtifactError(
+            f"--safesteer.vector {config.vector} targets decoder layer {vector.layer} but {model_path} has "
+            f"{depth} layers (0..{depth - 1})")
+    if vocab is None:
+        raise IncompatibleArtifactError(f"{model_path}: config.json has no vocab_size to check S against")
+    try:
+        tokens.check_compatible(int(vocab))
+    except IncompatibleArtifactError as error:
+        raise IncompatibleArtifactError(f"--safesteer.tokens {config.tokens}: {error}") from None
+    config.steering_vector = vector
+    config.safety_ids = list(tokens.ids)
+    if config.coeff is None:
+        config.coeff = vector.coeff
+    logger.info("teacher: layer %d, coeff %.3g, |d| = %.3g; |S| = %d", vector.layer, config.coeff, vector.norm,
+                len(tokens.ids))

@@ -1,0 +1,187 @@
+"""The SafeSteer experience maker, the trainer that uses it, and the actor group that places no
+reward model.
+
+Per micro-batch of rollouts the maker asks the policy actor for the student's log-probs (sampled
+tokens and S) and the steered reference actor for the teacher's, then:
+- objective `exact`: attaches the teacher's (B, A, K) log-probs on S to the experience (the policy
+  step computes the loss from them); advantages are zero and unused;
+- objective `sampled`: sets advantage_t = -[y_t in S] (log p_s(y_t) - log p_t(y_t) + 1) per token
+  (core `sampled_advantages`): no reward, no critic, no whitening or group baseline that would mix
+  tokens or sequences.
+It logs per sequence the KL over S, the student's and teacher's mass on S, and the sampled-token
+log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer has none).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import List
+
+import torch
+
+from openrlhf_safesteer.plugin import compat
+
+compat.install_import_stand_ins()
+
+import ray  # noqa: E402
+from openrlhf.models.utils import masked_mean  # noqa: E402
+from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
+from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor  # noqa: E402
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
+
+from openrlhf_safesteer.objectives import sampled_advantages  # noqa: E402
+from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, _save_dump  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+TEACHER_SAMPLED = "safesteer_teacher_logprobs"
+
+
+def per_sequence_safety(student_on_s: torch.Tensor, teacher_on_s: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Per-sequence token means (B,) of the KL over S and the mass on S of student and teacher."""
+    student_on_s, teacher_on_s, mask = student_on_s.float(), teacher_on_s.float(), mask.float()
+    kl = (student_on_s.exp() * (student_on_s - teacher_on_s)).sum(-1)
+    return {
+        "kl_on_S": masked_mean(kl, mask, dim=-1),
+        "student_mass_on_S": masked_mean(student_on_s.exp().sum(-1), mask, dim=-1),
+        "teacher_mass_on_S": masked_mean(teacher_on_s.exp().sum(-1), mask, dim=-1),
+    }
+
+
+class SafeSteerExperienceMaker(RemoteExperienceMaker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.safesteer = self.args.safesteer
+        self.safety_ids = torch.tensor(self.safesteer.safety_ids, dtype=torch.long)
+        self._batches = 0
+
+    @torch.no_grad()
+    def make_experience(self, samples_list: List[Experience]) -> List[Experience]:
+        args = self.args
+        duplicate = args.ds.ring_attn_size * args.ds.tensor_parallel_size
+        forward_kwargs = dict(
+            sequences=[s.sequences for s in samples_list],
+            action_mask=[s.action_mask for s in samples_list],
+            attention_mask=[s.attention_mask for s in samples_list],
+        )
+        colocated = args.train.colocate_all or args.train.colocate_actor_ref
+        student_refs = self._dispatch_forward(self.actor_model_group, colocated, **forward_kwargs)
+        teacher_refs = self._dispatch_forward(self.initial_model_group, colocated, **forward_kwargs)
+        students = self._flatten_results(student_refs, duplicate)
+        teachers = self._flatten_results(teacher_refs, duplicate)
+        if not len(samples_list) == len(students) == len(teachers):
+            raise RuntimeError(f"{len(samples_list)} micro-batches but {len(students)} student and {len(teachers)} "
+                               "teacher results")
+
+        for samples, student, teacher in zip(samples_list, students, teachers):
+            mask = samples.action_mask
+            batch = mask.shape[0]
+            if samples.rewards is None:  # SafeSteer has no reward; OpenRLHF's logging expects one
+                samples.rewards = torch.zeros(batch)
+            samples.info["reward"] = samples.rewards.float()
+            log_ratio = (student["logprobs"].float() - teacher["logprobs"].float()) * mask
+            samples.action_log_probs = student["logprobs"]
+            samples.base_action_log_probs = None
+            samples.values = None
+            samples.kl = log_ratio
+            samples.info["kl"] = masked_mean(log_ratio, mask, dim=-1)
+            samples.info.update(per_sequence_safety(student["logprobs_on_s"], teacher["logprobs_on_s"], mask))
+            if self.safesteer.objective == "exact":
+                setattr(samples, TEACHER_ON_S, teacher["logprobs_on_s"].float())
+            else:
+                setattr(samples, TEACHER_SAMPLED, teacher["logprobs"].float())
+        return samples_list
+
+    @torch.no_grad()
+    def compute_advantages_and_returns(self, experiences: List[Experience]) -> List[Experience]:
+        self._batches += 1
+        for index, experience in enumerate(experiences):
+            mask = experience.action_mask
+            if self.safesteer.objective == "sampled":
+                teacher = experience.__dict__.pop(TEACHER_SAMPLED)
+                width = mask.shape[1]
+                advantages = sampled_advantages(
+                    experience.action_log_probs.float(), teacher, experience.sequences[:, 1:][:, -width:],
+                    self.safety_ids, mask)
+                if self.safesteer.dump_dir and index == 0:
+                    _save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), {
+                        "sequences": experience.sequences, "attention_mask": experience.attention_mask,
+                        "action_mask": mask, "student_logprobs": experience.action_log_probs,
+                        "teacher_logprobs": teacher, "advantages": advantages,
+                    }, {"batch": self._batches})
+            else:
+                advantages = torch.zeros_like(experience.action_log_probs, dtype=torch.float32)
+                if self.safesteer.dump_dir and index == 0 and self._batches == 1:
+                    with open(os.path.join(self.safesteer.dump_dir, "objective.json"), "w", encoding="utf-8") as f:
+                        json.dump({"objective": "exact"}, f)
+            experience.advantages = advantages
+            experience.returns = advantages.clone()
+            experience.info["return"] = advantages.sum(dim=-1)
+            experience.kl = None
+        return experiences
+
+
+class SafeSteerActorGroup(RayActorGroup):
+    """RayActorGroup that places no reward-model actors (SafeSteer has no reward) and, on a machine
+    without GPUs, asks Ray for CPU shares instead of GPUs."""
+
+    CPU_SHARE = 0.5  # per model actor on CPU: policy + teacher fit in `ray.init(num_cpus=2)` with room left
+
+    def __init__(self, num_nodes, num_gpus_per_node, ray_actor_type, pg=None, num_gpus_per_actor=1,
+                 duplicate_actors: int = 1, resources=None, num_resources_per_node=None):
+        if ray_actor_type is RewardModelActor:
+            self._num_nodes, self._num_gpus_per_node = num_nodes, num_gpus_per_node
+            self.ray_actor_type, self.duplicate_actors = ray_actor_type, duplicate_actors
+            self._resources, self._num_resources_per_node = resources, num_resources_per_node
+            self._actor_handlers = []
+            return
+        super().__init__(num_nodes, num_gpus_per_node, ray_actor_type, pg=pg, num_gpus_per_actor=num_gpus_per_actor,
+                         duplicate_actors=duplicate_actors, resources=resources,
+                         num_resources_per_node=num_resources_per_node)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self._actor_handlers
+
+    def _initiate_actors(self, pg, num_gpus_per_actor):
+        if compat.cuda_present():
+            return super()._initiate_actors(pg, num_gpus_per_actor)
+        world_size = self._num_nodes * self._num_gpus_per_node
+        options = {"num_cpus": self.CPU_SHARE, "num_gpus": 0}
+        if pg is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                              placement_group_bundle_index=0)
+        master = self.ray_actor_type.options(**options).remote(world_size, 0, None, None)
+        self._actor_handlers = [master]
+        if world_size > 1:
+            addr, port = ray.get(master.get_master_addr_port.remote())
+            for rank in range(1, world_size):
+                self._actor_handlers.append(self.ray_actor_type.options(**options).remote(world_size, rank, addr, port))
+
+
+_StockTrainer = PPOTrainer.__ray_actor_class__
+
+
+class SafeSteerPPOTrainer(_StockTrainer):
+    """OpenRLHF's PPOTrainer (single controller) with SafeSteerExperienceMaker and no reward group."""
+
+    def __init__(self, pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
+                 reference_model_group, vllm_engines, **generate_kwargs):
+        compat.prepare_process()
+        if reward_model_group is not None and getattr(reward_model_group, "is_empty", False):
+            reward_model_group = None
+        if reference_model_group is None:
+            raise RuntimeError("SafeSteer needs the reference group (the teacher): --algo.kl.init_coef must be > 0")
+        super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
+                         reference_model_group, vllm_engines, **generate_kwargs)
+        self.experience_maker = SafeSteerExperienceMaker(
+            self.actor_model_group, self.critic_model_group, self.reward_model_group, self.reference_model_group,
+            self.kl_ctl, self.strategy, self.tokenizer)
+
+
+# A controller: it holds no model, so it takes no CPU share from the model actors.
+SafeSteerPPOTrainerRemote = ray.remote(num_cpus=0)(SafeSteerPPOTrainer)

@@ -1,0 +1,142 @@
+"""Run OpenRLHF's own `train_ppo_ray` entry point with the SafeSteer classes installed.
+
+OpenRLHF 0.11.2 writes its PPO parser and its post-parse validation inline under
+`if __name__ == "__main__"`, then calls `train(args)`. `run_openrlhf_main` executes that module's
+source as `__main__` (its parser, its validation, unchanged) with `train` renamed, and puts a hook in
+its place that (1) refuses unsupported flag combinations, (2) checks the artifacts against the
+model on the driver, (3) swaps the SafeSteer classes into the names `train` uses, and only then
+(4) calls OpenRLHF's `train`. Nothing is placed on Ray before (1) and (2) pass.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import contextlib
+import inspect
+import logging
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin.config import (
+    SafeSteerConfig,
+    SafeSteerConfigError,
+    load_artifacts,
+    refusals,
+    resolve_rollout,
+)
+
+logger = logging.getLogger(__name__)
+
+OPENRLHF_MAIN = "openrlhf.cli.train_ppo_ray"
+
+
+def _compile_openrlhf_main():
+    import importlib
+
+    module = importlib.import_module(OPENRLHF_MAIN)
+    tree = ast.parse(inspect.getsource(module))
+    renamed = False
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "train":
+            node.name = "_openrlhf_train"
+            renamed = True
+    if not renamed:
+        raise compat.UnsupportedOpenRLHFError(f"{module.__file__} defines no train(args): not OpenRLHF 0.11.2's layout")
+    return compile(tree, module.__file__, "exec"), module.__file__
+
+
+@contextlib.contextmanager
+def _patched(module, name: str, value):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
+        "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
+        "RAY_ENABLE_ZERO_COPY_TORCH_TENSORS": os.environ.get("RAY_ENABLE_ZERO_COPY_TORCH_TENSORS", "1"),
+    }
+    if not compat.cuda_present():
+        env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    # No cluster yet (a single-machine run): start one without the dashboard, which only costs
+    # memory and start-up time here. On a cluster, `ray job submit` has already connected us.
+    ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+
+
+def artifacts_ready(config: SafeSteerConfig) -> bool:
+    return bool(config.vector and config.tokens and Path(config.vector).is_dir() and Path(config.tokens).is_file())
+
+
+def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: dict, result: dict) -> Callable:
+    """The function that replaces OpenRLHF's `train(args)` in the executed `__main__`."""
+
+    def train(args: SimpleNamespace) -> None:
+        problems = refusals(args, user_argv, config, this_machine=not config.dry_run)
+        if problems:
+            raise SafeSteerConfigError(problems)
+        if config.dry_run and not artifacts_ready(config):
+            logger.warning("dry run: %s / %s do not exist yet (the recipe's first stage makes them); not checked",
+                           config.vector, config.tokens)
+        else:
+            load_artifacts(config, args.actor.model_name_or_path)
+        config.rollout = resolve_rollout(config)
+        args.safesteer = config.namespace()
+        result["args"] = args
+        if config.dry_run:
+            return
+
+        from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, SafeSteerPPOTrainerRemote
+        from openrlhf_safesteer.plugin.policy import SafeSteerPolicyActorRemote
+        from openrlhf_safesteer.plugin.teacher import SteeredReferenceActorRemote
+        import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+        namespace["ReferenceModelActor"] = SteeredReferenceActorRemote
+        namespace["PolicyModelActor"] = SafeSteerPolicyActorRemote
+        namespace["RayActorGroup"] = SafeSteerActorGroup
+        if config.rollout == "hf":
+            from openrlhf_safesteer.plugin.rollout import create_hf_rollout_engines
+
+            namespace["create_vllm_engines"] = create_hf_rollout_engines
+        _ensure_ray()
+        # train() imports PPOTrainer from its module at call time.
+        with _patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):
+            namespace["_openrlhf_train"](args)
+        result["trained"] = True
+
+    return train
+
+
+def run_openrlhf_main(config: SafeSteerConfig, openrlhf_argv: list[str], user_argv: list[str]) -> dict:
+    """Parse `openrlhf_argv` with OpenRLHF's own parser and validation, then train with SafeSteer.
+
+    Returns {"args": the parsed OpenRLHF args (with .safesteer), "trained": bool}. Raises
+    SystemExit from OpenRLHF's argparse on an unknown/invalid flag, AssertionError from its own
+    validation, SafeSteerConfigError for a refused combination, IncompatibleArtifactError for
+    artifacts that do not fit the model.
+    """
+    compat.prepare_process()
+    code, filename = _compile_openrlhf_main()
+    result: dict = {"args": None, "trained": False}
+    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
+    namespace["train"] = make_train_hook(config, user_argv, namespace, result)
+    old_argv = sys.argv
+    sys.argv = [OPENRLHF_MAIN, *openrlhf_argv]
+    try:
+        exec(code, namespace)  # noqa: S102 - OpenRLHF's own __main__, parser and validation unchanged
+    finally:
+        sys.argv = old_argv
+    return result

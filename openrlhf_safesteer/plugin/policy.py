@@ -1,0 +1,278 @@
+"""The SafeSteer policy step inside OpenRLHF's actor.
+
+- objective `exact` (default, the paper's loss): the actor computes the localized reverse KL from
+  its own logits and the teacher's log-probs on S that came with the experience,
+      L_t = sum_{v in S} p_s(v) (log p_s(v) - log p_t(v)),
+  token mean per sequence then mean over sequences (OpenRLHF's seq-mean-token-mean aggregation,
+  normalised over the whole optimizer step and all DP ranks). No ratio, no clipping, no KL term.
+- objective `sampled`: OpenRLHF's stock PPO policy loss on the per-token advantages that the
+  experience maker set.
+
+The teacher's (B, A, K) log-probs ride on each Experience as the attribute TEACHER_ON_S. OpenRLHF's
+batching helpers iterate the dataclass fields only, so the replay buffer below splits and re-pads
+that attribute alongside them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Dict, Optional
+
+import torch
+
+from openrlhf_safesteer.plugin import compat
+
+compat.install_import_stand_ins()
+
+import deepspeed  # noqa: E402
+import ray  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from openrlhf.models import aggregate_loss  # noqa: E402
+from openrlhf.trainer.ppo_utils import NaiveReplayBuffer  # noqa: E402
+from openrlhf.trainer.ppo_utils.experience import (  # noqa: E402
+    Experience,
+    make_experience_batch,
+    remove_padding_in_sequences,
+    split_experience_batch,
+)
+from openrlhf.trainer.ray import ppo_actor  # noqa: E402
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
+from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync  # noqa: E402
+from openrlhf.utils.loss_utils import get_loss_batch_info  # noqa: E402
+
+from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+TEACHER_ON_S = "safesteer_teacher_logprobs_on_s"
+
+
+def pad_first_dim(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
+    """Stack (A_i, K) tensors into (N, length, K), zero-padding each on the right of dim 0."""
+    return torch.stack([F.pad(t, (0, 0, 0, length - t.shape[0])) for t in tensors])
+
+
+class SafeSteerReplayBuffer(NaiveReplayBuffer):
+    """NaiveReplayBuffer that keeps the teacher's (B, A, K) tensor aligned with each sample."""
+
+    def __init__(self, *args, **kwargs):
+        if not compat.cuda_present():
+            # The stock __init__ builds torch.device(f"cuda:{current_device()}").
+            real = torch.cuda.current_device
+            torch.cuda.current_device = lambda: 0
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                torch.cuda.current_device = real
+            self.target_device = torch.device("cpu")
+        else:
+            super().__init__(*args, **kwargs)
+
+    @torch.no_grad()
+    def append(self, experience: Experience) -> None:
+        teacher = experience.__dict__.pop(TEACHER_ON_S, None)
+        if self.cpu_offload:
+            experience.to_device(torch.device("cpu"))
+            teacher = teacher.cpu() if teacher is not None else None
+        items = remove_padding_in_sequences(split_experience_batch(experience))
+        if teacher is not None:
+            if teacher.shape[:2] != experience.action_mask.shape:
+                raise ValueError(f"teacher log-probs on S {tuple(teacher.shape)} do not match action_mask "
+                                 f"{tuple(experience.action_mask.shape)}")
+            for i, item in enumerate(items):
+                setattr(item, TEACHER_ON_S, teacher[i, : item.action_mask.shape[0]])
+        self.items.extend(items)
+        if self.limit > 0 and len(self.items) > self.limit:
+            self.items = self.items[len(self.items) - self.limit:]
+
+    def collate_fn(self, batch) -> Experience:
+        if self.dynamic_batch:
+            batch = batch[0]
+        experience = make_experience_batch(batch, self.packing_samples)
+        if hasattr(batch[0], TEACHER_ON_S):
+            teacher = pad_first_dim([getattr(item, TEACHER_ON_S) for item in batch], experience.action_mask.shape[1])
+            setattr(experience, TEACHER_ON_S, teacher)
+        return experience
+
+
+def _save_dump(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Write tensors (safetensors) + meta (JSON), each atomically."""
+    from safetensors.torch import save_file
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path + ".safetensors")
+    with open(path + ".json.tmp", "w", encoding="utf-8") as handle:
+        json.dump(meta, handle, indent=2, sort_keys=True)
+    os.replace(path + ".json.tmp", path + ".json")
+
+
+class SafeSteerActorTrainer(ActorPPOTrainer):
+    """ActorPPOTrainer with the exact SafeSteer loss, and weight sync to HF-generate engines."""
+
+    def __init__(self, strategy, *args, **kwargs):
+        config = strategy.args.safesteer
+        self.safesteer = config
+        self.hf_rollout = config.rollout == "hf"
+        self.safety_ids = torch.tensor(config.safety_ids, dtype=torch.long)
+        self.divergence = SUBSET_OBJECTIVES[config.divergence]
+        self._ppo_calls = 0
+        super().__init__(strategy, *args, **kwargs)
+
+    # ---------------------------------------------------------------- weight sync to HF engines
+    def _init_vllm_sync_group(self, backend: str):
+        logger.warning("[safesteer] weight sync: %s", "ray object store" if self.hf_rollout else backend)
+        if self.hf_rollout:
+            self._model_update_group = None  # weights travel through Ray's object store instead
+            return
+        super()._init_vllm_sync_group(backend)
+
+    def broadcast_to_vllm(self):
+        if not self.hf_rollout:
+            return super().broadcast_to_vllm()
+        model = self.actor.model.module
+        rank0 = torch.distributed.get_rank() == 0
+        state = {}
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], enabled=self.strategy.args.ds.zero_stage == 3):
+                if rank0:
+                    state[name] = param.data.detach().to("cpu", copy=True)
+        if rank0:
+            ref = ray.put(state)
+            ray.get([engine.load_weights.remote(ref) for engine in self.vllm_engines])
+        torch_dist_barrier_and_cuda_sync()
+
+    # ---------------------------------------------------------------- the policy step
+    def ppo_train(self, kl_ctl: float):
+        self._ppo_calls += 1
+        return super().ppo_train(kl_ctl)
+
+    def training_step(self, experience: Experience, kl_ctl: float, step: int,
+                      loss_batch_info: Optional[Dict] = None) -> Dict[str, float]:
+        if self.safesteer.objective == "sampled":
+            return super().training_step(experience, kl_ctl, step, loss_batch_info)
+        return self._exact_training_step(experience, step, loss_batch_info)
+
+    def _exact_training_step(self, experience: Experience, step: int, loss_batch_info: Optional[Dict]):
+        self.actor.train()
+        action_mask = experience.action_mask
+        teacher_on_s = getattr(experience, TEACHER_ON_S, None)
+        if teacher_on_s is None:
+            raise RuntimeError("experience carries no teacher log-probs on S: was it made by "
+                               "SafeSteerExperienceMaker with --safesteer.objective exact?")
+        if loss_batch_info is None:
+            loss_batch_info = get_loss_batch_info(self.strategy, action_mask, replay_buffer=self.replay_buffer,
+                                                  step=step, dynamic_batch=self.args.train.dynamic_batch_enable)
+        # Full logits (B, T, V), already divided by the rollout temperature like the teacher's.
+        output = self.actor(
+            experience.sequences, None, attention_mask=experience.attention_mask, return_output=True,
+            allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group,
+        )
+        width = action_mask.shape[1]
+        logits = output["logits"][:, :-1][:, -width:]
+        teacher_on_s = teacher_on_s.to(logits.device)
+        mask = action_mask.to(logits.dtype)
+        core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)
+        # The paper's reduction (token mean per sequence, then mean over sequences), normalised over
+        # the optimizer step's sequences on all ranks so gradient accumulation and DP do not change it.
+        loss = aggregate_loss(per_token, mask, token_level_loss=False, **loss_batch_info)
+
+        if self.safesteer.dump_dir and step == 0 and self.strategy.is_rank_0():
+            _save_dump(os.path.join(self.safesteer.dump_dir, f"policy_step{self._ppo_calls}"), {
+                "sequences": experience.sequences, "attention_mask": experience.attention_mask,
+                "action_mask": action_mask, "teacher_on_s": teacher_on_s, "per_token": per_token,
+            }, {"loss": float(loss.detach()), "core_loss": float(core_loss.detach()), "ppo_call": self._ppo_calls,
+                "loss_batch_info": {k: float(v) for k, v in loss_batch_info.items()}})
+
+        self.strategy.backward(loss, self.actor, self.actor_optim)
+        self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
+        if self.ema_model:
+            self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta, "cpu")
+
+        with torch.no_grad():
+            student_on_s = gather_logprobs(logits.detach(), self.safety_ids.to(logits.device))
+            watch = safety_metrics(student_on_s, teacher_on_s, mask)
+        metrics = {
+            "policy_loss": loss.detach(),
+            "safesteer/loss": core_loss.detach().reshape(1),
+            "safesteer/kl_on_S": torch.tensor([watch["kl_on_S"]]),
+            "safesteer/student_mass_on_S": torch.tensor([watch["student_mass_on_S"]]),
+            "safesteer/teacher_mass_on_S": torch.tensor([watch["teacher_mass_on_S"]]),
+        }
+        weights = {key: "sample" for key in metrics}
+        weights["policy_loss"] = "token"
+        metrics["actor_lr"] = self.actor_scheduler.get_last_lr()[0]
+        weights["actor_lr"] = None
+        metrics["actor_grad_norm"] = self.strategy.get_grad_norm(self.actor)
+        weights["actor_grad_norm"] = None
+        for key, value in experience.info.items():
+            if isinstance(value, torch.Tensor):
+                metrics[key] = value
+                weights[key] = "token" if value.dim() == 0 else "sample"
+            elif isinstance(value, list):
+                metrics[key] = torch.tensor(value, dtype=torch.float)
+                weights[key] = "sample"
+        for name in ("response_length", "truncated", "total_length"):
+            value = getattr(experience, name, None)
+            if isinstance(value, torch.Tensor) and name not in metrics:
+                metrics[name] = value
+                weights[name] = "sample"
+        return {
+            "metrics": metrics,
+            "weights": weights,
+            "num_samples": float(action_mask.shape[0]),
+            "num_action_tokens": float(action_mask.sum().item()),
+        }
+
+
+_StockPolicy = PolicyModelActor.__ray_actor_class__
+
+
+class SafeSteerPolicyActor(_StockPolicy):
+    """OpenRLHF's PolicyModelActor running SafeSteerActorTrainer with SafeSteerReplayBuffer.
+
+    `forward` (experience making) also returns the student's log-probs on S, for the KL-over-S and
+    mass-on-S logs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+    def init_model_from_pretrained(self, *args, **kwargs):
+        # The stock method builds its trainer, and the trainer its replay buffer, by module-global
+        # names. Point those names (in the globals the running functions actually use) at the
+        # SafeSteer classes; this process is this actor's own, so nothing else sees the swap.
+        stock = super().init_model_from_pretrained
+        stock.__func__.__globals__["ActorPPOTrainer"] = SafeSteerActorTrainer
+        ActorPPOTrainer.__init__.__globals__["NaiveReplayBuffer"] = SafeSteerReplayBuffer
+        ppo_actor.ActorPPOTrainer = SafeSteerActorTrainer
+        ppo_actor.NaiveReplayBuffer = SafeSteerReplayBuffer
+        stock(*args, **kwargs)
+        if not isinstance(self.trainer, SafeSteerActorTrainer):
+            raise RuntimeError(f"OpenRLHF built {type(self.trainer).__name__}, not SafeSteerActorTrainer: this "
+                               "OpenRLHF's PolicyModelActor does not build its trainer by module name")
+
+    def forward(self, sequences, action_mask=None, attention_mask=None, packed_seq_lens=None,
+                mm_train_inputs_list=None):
+        device = torch.cuda.current_device()
+        safety_ids = torch.tensor(self.strategy.args.safesteer.safety_ids, dtype=torch.long)
+        self.actor.eval()
+        with torch.no_grad():
+            output = self.actor(sequences.to(device), None, attention_mask.to(device), return_output=True,
+                                allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group)
+            width = action_mask.shape[1]
+            logits = output["logits"][:, :-1][:, -width:]
+            mask = action_mask.to(device, torch.float32)
+            result = {
+                "logprobs": gather_logprobs(logits, sequences.to(device)[:, 1:][:, -width:]) * mask,
+                "logprobs_on_s": gather_logprobs(logits, safety_ids.to(device)) * mask.unsqueeze(-1),
+            }
+        self.actor.train()
+        return {key: value.to("cpu") for key, value in result.items()}
+
+
+SafeSteerPolicyActorRemote = ray.remote(num_gpus=1)(SafeSteerPolicyActor)

@@ -1,0 +1,104 @@
+"""The SafeSteer teacher: OpenRLHF's reference actor with the steering hook on the model it wraps.
+
+OpenRLHF's reference model is the frozen starting checkpoint, which is exactly SafeSteer's base;
+adding coeff * d to the input of decoder layer l at every position turns it into the teacher.
+The hook goes on the HF model inside DeepSpeed's engine (`Actor.model.module`), so it works under
+ZeRO-0/3 (ZeRO-3 partitions parameters, not activations: the hook sees the full hidden states),
+with ref offload, and with sample packing (a constant vector added at every position does not
+care how sequences are laid out). The vector lives in the hook as a plain tensor, never as a
+parameter or buffer, so ZeRO-3 never partitions it.
+
+`forward` returns, per micro-batch, a dict of CPU tensors:
+    "logprobs":       (B, A)     teacher log-prob of each sampled token (OpenRLHF's usual output)
+    "logprobs_on_s":  (B, A, K)  teacher log-probs of the K safety tokens at every position
+with A = action_mask.shape[1] (= T - 1) and both multiplied by action_mask. Full-vocabulary
+log-softmax, not renormalised over S. The (B, T, V) logits never leave the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from openrlhf_safesteer.plugin import compat
+
+compat.install_import_stand_ins()
+
+import ray  # noqa: E402
+from openrlhf.trainer.ray.launcher import ReferenceModelActor  # noqa: E402
+
+from openrlhf_safesteer.objectives import gather_logprobs  # noqa: E402
+from openrlhf_safesteer.steering import attach_steering  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+_StockReference = ReferenceModelActor.__ray_actor_class__
+
+
+def teacher_outputs(logits: torch.Tensor, sequences: torch.Tensor, action_mask: torch.Tensor,
+                    safety_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Teacher log-probs from its full logits (B, T, V): sampled tokens (B, A) and S (B, A, K), masked.
+
+    Position t of the result predicts token t + 1 of `sequences`, aligned like OpenRLHF's
+    action_log_probs (the last A positions, A = action_mask.shape[1]).
+    """
+    width = action_mask.shape[1]
+    logits = logits[:, :-1][:, -width:]
+    mask = action_mask.to(logits.device, torch.float32)
+    sampled = gather_logprobs(logits, sequences[:, 1:][:, -width:].to(logits.device)) * mask
+    on_s = gather_logprobs(logits, safety_ids.to(logits.device)) * mask.unsqueeze(-1)
+    return {"logprobs": sampled, "logprobs_on_s": on_s}
+
+
+class SteeredReferenceActor(_StockReference):
+    """OpenRLHF's ReferenceModelActor + the steering hook; returns teacher log-probs on S."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+    def init_model_from_pretrained(self, strategy, pretrain):
+        super().init_model_from_pretrained(strategy, pretrain)
+        config = strategy.args.safesteer
+        self.safety_ids = torch.tensor(config.safety_ids, dtype=torch.long)
+        # self.model is OpenRLHF's Actor; .model is the DeepSpeed engine; the core's decoder_layers
+        # sees through both to the HF model's blocks.
+        self._steering_handle = attach_steering(self.model.model, config.steering_vector, config.coeff)
+        strategy.print(f"[safesteer] teacher = reference + {config.coeff:g} * d at decoder layer "
+                       f"{config.steering_vector.layer}; |S| = {len(config.safety_ids)}")
+
+    def forward(
+        self,
+        sequences: torch.LongTensor,
+        action_mask: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        return_output=False,
+        packed_seq_lens: Optional[list[int]] = None,
+        mm_train_inputs_list=None,
+    ) -> dict[str, torch.Tensor]:
+        device = torch.cuda.current_device()
+        mm_inputs = {}
+        if mm_train_inputs_list and getattr(self.model, "is_vlm", False):
+            from openrlhf.utils.vlm_utils import merge_mm_train_inputs
+
+            mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, device)
+        with torch.no_grad():
+            # action_mask=None + return_output: the Actor returns its logits (already divided by the
+            # rollout temperature, like the student's), gathered back to (B, T, V) under packing.
+            output = self.model(
+                sequences.to(device),
+                None,
+                attention_mask.to(device),
+                return_output=True,
+                allgather_logits=True,
+                ring_attn_group=self.strategy.ring_attn_group,
+                packed_seq_lens=packed_seq_lens,
+                **mm_inputs,
+            )
+            result = teacher_outputs(output["logits"], sequences.to(device), action_mask.to(device), self.safety_ids)
+        return {key: value.to("cpu") for key, value in result.items()}
+
+
+SteeredReferenceActorRemote = ray.remote(num_gpus=1)(SteeredReferenceActor)

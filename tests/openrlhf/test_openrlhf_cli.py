@@ -1,0 +1,127 @@
+"""The launcher's refusals and artifact checks: a clear message, exit status 2, and no Ray started.
+
+Each case goes through OpenRLHF 0.11.2's real parser and validation (the launcher executes its
+`__main__`), so a flag OpenRLHF does not know also fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openrlhf_safesteer.cli import train_safesteer_ray
+from openrlhf_safesteer.plugin import compat, config
+
+
+def launch(argv, capsys):
+    import ray
+
+    status = train_safesteer_ray.main(argv)
+    captured = capsys.readouterr()
+    assert not ray.is_initialized(), "a refusal must come before Ray (and any actor) starts"
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def flags(cpu_flags):
+    def make(run, tmp_path, *extra, dry_run=True):
+        return cpu_flags(run, tmp_path, list(extra)) + (["--safesteer.dry_run"] if dry_run else [])
+
+    return make
+
+
+def test_dry_run_passes_and_prints_the_openrlhf_command(tiny_run, tmp_path, capsys, flags):
+    status, out, err = launch(flags(tiny_run, tmp_path), capsys)
+    assert status == 0, err
+    assert "dry run OK" in out
+    # The launcher picks reinforce when the user gave no estimator, so OpenRLHF places no critic.
+    assert "--algo.advantage.estimator reinforce" in out
+    assert "--safesteer" not in out.split("OpenRLHF command:")[1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--critic.model_name_or_path", "x"], "--critic.model_name_or_path: SafeSteer trains no critic"),
+    (["--algo.advantage.estimator", "gae"], "--algo.advantage.estimator gae trains a critic"),
+    (["--reward.model_name_or_path", "x"], "--reward.model_name_or_path: SafeSteer uses no reward model"),
+    (["--reward.remote_url", "http://localhost:5000/get_reward"], "--reward.remote_url: SafeSteer uses no reward"),
+    (["--algo.kl.estimator", "k3", "--safesteer.objective", "sampled"], "--algo.kl.estimator k3: the sampled"),
+    (["--algo.kl.use_loss"], "--algo.kl.use_loss adds a KL-to-reference term"),
+    (["--algo.kl.init_coef", "0"], "--algo.kl.init_coef must be > 0"),
+    (["--train.async_enable"], "--train.async_enable: SafeSteer is on-policy"),
+])
+def test_refusals_name_the_flag_and_start_nothing(tiny_run, tmp_path, capsys, flags, extra, message):
+    status, _, err = launch(flags(tiny_run, tmp_path, *extra), capsys)
+    assert status == 2
+    assert message in err
+
+
+def test_machine_checks_refuse_flash_attention_without_cuda(tiny_run, tmp_path, capsys, flags):
+    # Not a dry run (those check flags for a GPU cluster, not this machine); still refused before Ray.
+    status, _, err = launch(flags(tiny_run, tmp_path, "--ds.attn_implementation", "flash_attention_2",
+                                  dry_run=False), capsys)
+    assert status == 2
+    assert "flash-attn is not installed" in err and "--ds.attn_implementation sdpa" in err
+
+
+def test_k3_is_allowed_for_the_exact_objective(tiny_run, tmp_path, capsys, flags):
+    # The estimator only matters for the sampled form's advantage.
+    status, _, err = launch(flags(tiny_run, tmp_path, "--algo.kl.estimator", "k3"), capsys)
+    assert status == 0, err
+
+
+def test_unknown_openrlhf_flag_fails_in_openrlhfs_parser(tiny_run, tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as exit_info:
+        train_safesteer_ray.main(flags(tiny_run, tmp_path, "--algo.not_a_flag", "1"))
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --algo.not_a_flag" in capsys.readouterr().err
+
+
+def test_unsupported_openrlhf_version_is_refused(tiny_run, tmp_path, capsys, monkeypatch, flags):
+    monkeypatch.setattr(compat, "openrlhf_version", lambda: "0.10.1")
+    status, _, err = launch(flags(tiny_run, tmp_path), capsys)
+    assert status == 2
+    assert "OpenRLHF 0.10.1 is installed, but this plugin supports only 0.11.2" in err
+
+
+def test_vector_of_another_hidden_size_is_refused_on_the_driver(tiny_run, tmp_path, capsys, flags):
+    from openrlhf_safesteer.steering import SteeringVector
+
+    SteeringVector(vector=torch.ones(32), layer=1).save(tmp_path / "vec32")
+    status, _, err = launch(flags(tiny_run, tmp_path, "--safesteer.vector", str(tmp_path / "vec32")), capsys)
+    assert status == 2
+    assert "hidden size 32" in err and "has hidden size 64" in err
+
+
+def test_vector_layer_out_of_range_is_refused(tiny_run, tmp_path, capsys, flags):
+    from openrlhf_safesteer.steering import SteeringVector
+
+    SteeringVector(vector=torch.ones(64), layer=7).save(tmp_path / "vec_l7")
+    status, _, err = launch(flags(tiny_run, tmp_path, "--safesteer.vector", str(tmp_path / "vec_l7")), capsys)
+    assert status == 2
+    assert "targets decoder layer 7" in err and "has 2 layers" in err
+
+
+def test_safety_ids_outside_the_vocabulary_are_refused(tiny_run, tmp_path, capsys, flags):
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+
+    SafetyTokenSet(ids=[3, 100_000], tokens=["a", "b"], votes=[1, 1]).save(tmp_path / "big.json")
+    status, _, err = launch(flags(tiny_run, tmp_path, "--safesteer.tokens", str(tmp_path / "big.json")), capsys)
+    assert status == 2
+    assert "100000 is outside the model's vocabulary" in err
+
+
+def test_missing_artifacts_are_named(tiny_run, tmp_path, capsys, flags):
+    argv = [a for a in flags(tiny_run, tmp_path) if a != "--safesteer.dry_run"]
+    argv[argv.index("--safesteer.vector") + 1] = str(tmp_path / "nowhere")
+    status, _, err = launch(argv, capsys)
+    assert status == 2
+    assert "nowhere" in err and "steering-vector folder" in err
+
+
+def test_safesteer_flags_are_split_from_openrlhfs():
+    parsed, rest = config.split_argv(["--a.b", "1", "--safesteer.objective", "sampled", "--safesteer.dry_run",
+                                      "--c", "--safesteer.coeff=2.5"])
+    assert rest == ["--a.b", "1", "--c"]
+    assert (parsed.objective, parsed.dry_run, parsed.coeff) == ("sampled", True, 2.5)
+    with pytest.raises(SystemExit):
+        config.split_argv(["--safesteer.objective", "nope"])
