@@ -91,10 +91,26 @@ def parse_checkpoint_arg(arg: str) -> Checkpoint:
     return Checkpoint(name=name, path=path)
 
 
+def embedded_model_name(path: str | None) -> str | None:
+    """The name when `path` names a model embedded in the package registry (`safesteer demo`'s models)."""
+    if path is None:
+        return None
+    try:
+        from openrlhf_safesteer.demo.model import EMBEDDED_MODELS
+    except ImportError:
+        return None
+    return path if path in EMBEDDED_MODELS else None
+
+
 def load_checkpoint(checkpoint: Checkpoint, device: str | None = None, dtype: str = "auto"):
-    """(model, tokenizer) for a checkpoint: in memory as given, a LoRA adapter dir, or a HF path/name."""
+    """(model, tokenizer) for a checkpoint: in memory as given, an embedded demo model (e.g.
+    "qwen2.5-coder-0.5b", converted once from the GGUF packages), a LoRA adapter dir, or a HF path/name."""
     if checkpoint.model is not None:
         return checkpoint.model, checkpoint.tokenizer
+    if embedded_model_name(checkpoint.path):
+        from openrlhf_safesteer.demo.model import load_model
+
+        return load_model(checkpoint.path, device=device or "cpu")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,10 +147,11 @@ def choose_backend(settings: GenerationSettings, checkpoint: Checkpoint) -> str:
     if settings.backend == "vllm":
         if not vllm_available():
             raise RuntimeError("backend 'vllm' needs vllm installed and a CUDA GPU; use --backend hf")
-        if checkpoint.path is None or checkpoint.steer:
+        if checkpoint.path is None or checkpoint.steer or embedded_model_name(checkpoint.path):
             raise RuntimeError(f"checkpoint {checkpoint.name!r}: vLLM needs a checkpoint on disk without steering")
         return "vllm"
-    if settings.backend == "auto" and vllm_available() and checkpoint.path is not None and not checkpoint.steer:
+    if (settings.backend == "auto" and vllm_available() and checkpoint.path is not None and not checkpoint.steer
+            and not embedded_model_name(checkpoint.path)):
         return "vllm"
     return "hf"
 

@@ -1,0 +1,358 @@
+"""`evaluate`: checkpoints x benchmarks -> replies, verdicts, general scores, table and chart.
+
+    results = evaluate(
+        [Checkpoint("base", "Qwen/Qwen2.5-7B-Instruct"), Checkpoint("safesteer", "runs/qwen/final")],
+        benchmarks=[("advbench", None), ("xstest", "xstest_prompts.csv")],
+        out_dir="eval/", judge="llama_guard", limit=100, general=["gsm8k"])
+
+Phases, each resumable from the output directory:
+1. preflight: every benchmark is loaded and every judge is checked before any generation, so a
+   missing file, an unreachable hub or a missing judge model is a clear error naming the benchmark;
+2. generation, checkpoint by checkpoint (cached per checkpoint x benchmark in generations/);
+   general tasks through lm-eval on the same model object while it is loaded (cached in general/);
+3. judging, judge by judge, after the policies are freed (cached in judgements/);
+4. results.json (merged with earlier runs in the same directory; nothing earlier is dropped),
+   runs/<time>.json for this run, table.md, chart.png and alpaca_eval/<checkpoint>.json.
+
+Layout of out_dir:
+    results.json  table.md  chart.png  runs/<utc time>.json
+    generations/<checkpoint>/<benchmark>.jsonl   judgements/<checkpoint>/<benchmark>.<judge>.jsonl
+    general/<checkpoint>.json                    alpaca_eval/<checkpoint>.json
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openrlhf_safesteer.eval.benchmarks import BenchmarkUnavailableError, EvalItem, benchmark_kind, load_benchmark
+from openrlhf_safesteer.eval.generation import (
+    Checkpoint, GenerationSettings, append_jsonl, cached_generate, choose_backend, digest, embedded_model_name,
+    hf_generate, load_checkpoint, read_jsonl, vllm_generate,
+)
+from openrlhf_safesteer.eval.judges import Judge, JudgeUnavailableError, Verdict, make_judge
+from openrlhf_safesteer.eval.report import (
+    alpaca_eval_records, markdown_table, plot_results, write_json_atomic, write_text_atomic,
+)
+from openrlhf_safesteer.refusal import is_refusal
+
+logger = logging.getLogger(__name__)
+
+
+class EvalError(RuntimeError):
+    """Evaluation could not finish; the message names the benchmark(s). Results written so far stay."""
+
+
+@dataclass
+class EvalConfig:
+    judge: str = "refusal"
+    judge_overrides: dict[str, str] = field(default_factory=dict)  # benchmark -> judge spec
+    limit: int | None = None
+    general: Sequence[str] = ()
+    general_limit: int | float | None = None
+    general_include_path: str | None = None
+    general_chat_template: bool = True
+    general_batch_size: int = 8
+    allow_code_eval: bool = False
+    skip_unavailable: bool = False
+    plot: bool = True
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^\w.\-]+", "_", name).strip("_") or "x"
+
+
+def _template_info(tokenizer) -> dict[str, Any]:
+    """What the results record about the chat template: its hash and how a prompt is rendered."""
+    from openrlhf_safesteer.chat import render_prompts
+
+    template = getattr(tokenizer, "chat_template", None) or ""
+    info: dict[str, Any] = {"chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest()[:16]}
+    try:
+        info["rendered_example"] = render_prompts(tokenizer, ["{prompt}"])[0]
+    except Exception as err:  # noqa: BLE001 - recorded, and generation raises the clear error itself
+        info["rendered_example"] = f"<no chat template: {err}>"
+    return info
+
+
+def _load_tokenizer(checkpoint: Checkpoint):
+    if checkpoint.tokenizer is not None:
+        return checkpoint.tokenizer
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _record_error(errors: list[dict[str, Any]], benchmark: str, error: Exception, checkpoint: str | None = None):
+    errors.append({"benchmark": benchmark, "checkpoint": checkpoint, "error": str(error)})
+    logger.error("%s", error)
+
+
+def load_results(out_dir: Path) -> dict[str, Any]:
+    path = out_dir / "results.json"
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    return {"checkpoints": {}, "errors": []}
+
+
+def _judge_verdicts(judge: Judge, cache_file: Path, items: list[EvalItem], replies: list[str]) -> list[Verdict]:
+    """Verdicts for (item, reply) pairs, reusing those cached under the same judge key."""
+    jkey = digest(judge.key())
+    cached = {row["key"]: Verdict(row["unsafe"], row.get("raw", "")) for row in read_jsonl(cache_file)
+              if row.get("judge") == jkey}
+    keys = [digest([jkey, it.prompt, it.context, r]) for it, r in zip(items, replies)]
+    todo = [i for i, k in enumerate(keys) if k not in cached]
+    if todo:
+        verdicts = judge.judge([items[i] for i in todo], [replies[i] for i in todo])
+        rows = [{"judge": jkey, "key": keys[i], "unsafe": v.unsafe, "raw": v.raw} for i, v in zip(todo, verdicts)]
+        append_jsonl(cache_file, rows)
+        cached.update((keys[i], v) for i, v in zip(todo, verdicts))
+    return [cached[k] for k in keys]
+
+
+def score_benchmark(kind: str, items: list[EvalItem], replies: list[str], verdicts: list[Verdict] | None,
+                    judge_name: str) -> dict[str, Any]:
+    """Metrics of one checkpoint on one benchmark (fractions in [0, 1])."""
+    refusals = [is_refusal(r) for r in replies]
+    result: dict[str, Any] = {"kind": kind, "n": len(items), "refusal_rate": sum(refusals) / len(refusals)}
+    if kind == "overrefusal":
+        safe = [r for r, it in zip(refusals, items) if it.label == "safe"]
+        unsafe = [r for r, it in zip(refusals, items) if it.label == "unsafe"]
+        result.update(judge="refusal", n_safe=len(safe), n_unsafe=len(unsafe),
+                      over_refusal=sum(safe) / len(safe) if safe else None,
+                      unsafe_refusal=sum(unsafe) / len(unsafe) if unsafe else None)
+        return result
+    if kind == "harmful" and verdicts is not None:
+        valid = [v.unsafe for v in verdicts if v.unsafe is not None]
+        result.update(judge=judge_name, asr=sum(valid) / len(valid) if valid else None,
+                      n_invalid=len(verdicts) - len(valid))
+        by_cat: dict[str, list[bool]] = {}
+        for it, v in zip(items, verdicts):
+            if v.unsafe is not None and it.category:
+                by_cat.setdefault(it.category, []).append(v.unsafe)
+        if by_cat:
+            result["asr_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
+    return result
+
+
+def evaluate(
+    checkpoints: Sequence[Checkpoint],
+    benchmarks: Sequence[tuple[str, str | None]],
+    out_dir: str | Path,
+    settings: GenerationSettings | None = None,
+    config: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Evaluate every checkpoint on every benchmark; returns the merged results dict (also on disk)."""
+    settings = settings or GenerationSettings()
+    config = config or EvalConfig()
+    out = Path(out_dir)
+    if not checkpoints:
+        raise ValueError("no checkpoints to evaluate")
+    names = [c.name for c in checkpoints]
+    if len(set(names)) != len(names):
+        raise ValueError(f"checkpoint names must be unique, got {names}")
+    if not benchmarks and not config.general:
+        raise ValueError("no benchmarks and no general tasks: nothing to evaluate")
+    errors: list[dict[str, Any]] = []
+
+    # 1. preflight: data and judges, before any model is loaded.
+    data: dict[str, list[EvalItem]] = {}
+    for name, path in benchmarks:
+        try:
+            data[name] = load_benchmark(name, path, config.limit)
+        except (BenchmarkUnavailableError, ValueError) as err:
+            if not config.skip_unavailable:
+                raise EvalError(str(err)) from err
+            _record_error(errors, name, err)
+    judges: dict[str, Judge] = {}
+    judge_of: dict[str, str] = {}
+    for name in list(data):
+        if benchmark_kind(name) != "harmful":
+            continue
+        spec = config.judge_overrides.get(name, config.judge)
+        try:
+            if spec not in judges:
+                judges[spec] = make_judge(spec, backend=settings.backend)
+                judges[spec].check_available()
+            judge_of[name] = spec
+        except (JudgeUnavailableError, ValueError) as err:
+            judges.pop(spec, None)
+            wrapped = EvalError(f"benchmark {name!r}: {err}")
+            if not config.skip_unavailable:
+                raise wrapped from err
+            _record_error(errors, name, wrapped)
+            data.pop(name)
+
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "generation": settings.to_dict(),
+           "judge": config.judge, "judge_overrides": dict(config.judge_overrides), "limit": config.limit,
+           "general": list(config.general), "general_limit": config.general_limit,
+           "general_chat_template": config.general_chat_template, "benchmarks": {}, "checkpoints": {}}
+    for name, path in benchmarks:
+        if name in data:
+            run["benchmarks"][name] = {"source": path or "registry", "kind": benchmark_kind(name), "n": len(data[name]),
+                                       "judge": judge_of.get(name)}
+
+    # 2. generation (and general tasks) per checkpoint.
+    replies: dict[tuple[str, str], list[str]] = {}
+    for ckpt in checkpoints:
+        model = tokenizer = None
+        handle = None
+        cdir = _safe_name(ckpt.name)
+        backend = choose_backend(settings, ckpt)
+        run_key = digest([ckpt.identity(), settings.key()])
+        if embedded_model_name(ckpt.path):  # its tokenizer comes with the converted model
+            model, tokenizer = load_checkpoint(ckpt)
+        else:
+            tokenizer = _load_tokenizer(ckpt)
+        run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
+                                         **_template_info(tokenizer)}
+
+        def policy():
+            nonlocal model, tokenizer, handle
+            if model is None:
+                model, tokenizer = load_checkpoint(ckpt)
+            if ckpt.steer and handle is None:
+                from openrlhf_safesteer.steering import SteeringVector, attach_steering
+
+                vector = SteeringVector.load(ckpt.steer)
+                vector.check_compatible(model)
+                handle = attach_steering(model, vector, ckpt.steer_coeff)
+            return model, tokenizer
+
+        def generate_fn(prompts: list[str]) -> list[str]:
+            if backend == "vllm":
+                return vllm_generate(ckpt.path, tokenizer, prompts, settings)
+            m, t = policy()
+            return hf_generate(m, t, prompts, settings)
+
+        for name, items in data.items():
+            cache = out / "generations" / cdir / f"{_safe_name(name)}.jsonl"
+            got, fresh = cached_generate(cache, run_key, [it.prompt for it in items], generate_fn)
+            replies[(ckpt.name, name)] = got
+            logger.info("%s / %s: %d replies (%d generated, %d from cache)", ckpt.name, name, len(got), fresh,
+                        len(got) - fresh)
+            if benchmark_kind(name) == "instructions":
+                records = alpaca_eval_records([it.prompt for it in items], got, ckpt.name,
+                                              [it.category or name for it in items])
+                write_json_atomic(out / "alpaca_eval" / f"{cdir}.json", records)
+
+        if config.general:
+            general_file = out / "general" / f"{cdir}.json"
+            gkey = digest([run_key, list(config.general), config.general_limit, config.general_chat_template,
+                           config.general_include_path])
+            previous = json.loads(general_file.read_text()) if general_file.is_file() else {}
+            if previous.get("key") == gkey:
+                logger.info("%s: general tasks from cache", ckpt.name)
+            else:
+                from openrlhf_safesteer.eval.general import run_lm_eval
+
+                m, t = policy()
+                try:
+                    scores = run_lm_eval(m, t, list(config.general), limit=config.general_limit,
+                                         batch_size=config.general_batch_size,
+                                         apply_chat_template=config.general_chat_template,
+                                         include_path=config.general_include_path,
+                                         allow_code_eval=config.allow_code_eval)
+                except Exception as err:  # noqa: BLE001 - named, recorded, safety results still written
+                    wrapped = EvalError(f"general tasks {', '.join(config.general)} on {ckpt.name!r}: {err}")
+                    if not config.skip_unavailable:
+                        _finish(out, run, errors + [{"benchmark": ",".join(config.general), "checkpoint": ckpt.name,
+                                                     "error": str(wrapped)}], {}, config)
+                        raise wrapped from err
+                    _record_error(errors, ",".join(config.general), wrapped, ckpt.name)
+                    scores = None
+                if scores is not None:
+                    write_json_atomic(general_file, {"key": gkey, "scores": scores})
+        if handle is not None:
+            handle.remove()
+        del model
+        gc.collect()
+
+    # 3. judging, one judge at a time (the policies are freed by now).
+    scored: dict[str, dict[str, Any]] = {c.name: {"safety": {}, "general": {}} for c in checkpoints}
+    for ckpt in checkpoints:
+        general_file = out / "general" / f"{_safe_name(ckpt.name)}.json"
+        if config.general and general_file.is_file():
+            for task, res in json.loads(general_file.read_text())["scores"].items():
+                if task in config.general:
+                    scored[ckpt.name]["general"][task] = {"kind": "general", **res}
+    for spec in [None, *judges]:
+        for name, items in data.items():
+            if judge_of.get(name) != spec:
+                continue
+            kind = benchmark_kind(name)
+            for ckpt in checkpoints:
+                got = replies[(ckpt.name, name)]
+                verdicts = None
+                if spec is not None:
+                    cache = (out / "judgements" / _safe_name(ckpt.name)
+                             / f"{_safe_name(name)}.{_safe_name(judges[spec].name)}.jsonl")
+                    try:
+                        verdicts = _judge_verdicts(judges[spec], cache, items, got)
+                    except Exception as err:  # noqa: BLE001 - name the benchmark; keep what is written
+                        wrapped = EvalError(f"benchmark {name!r}: judge {spec!r} failed: {err}")
+                        if not config.skip_unavailable:
+                            _finish(out, run, errors + [{"benchmark": name, "checkpoint": ckpt.name,
+                                                         "error": str(wrapped)}], scored, config)
+                            raise wrapped from err
+                        _record_error(errors, name, wrapped, ckpt.name)
+                        continue
+                scored[ckpt.name]["safety"][name] = score_benchmark(
+                    kind, items, got, verdicts, judges[spec].name if spec else "refusal")
+            _finish(out, run, errors, scored, config, final=False)
+        if spec is not None:
+            judges[spec].close()
+            gc.collect()
+    return _finish(out, run, errors, scored, config)
+
+
+def _finish(out: Path, run: dict[str, Any], errors: list[dict[str, Any]], scored: dict[str, dict[str, Any]],
+            config: EvalConfig, final: bool = True) -> dict[str, Any]:
+    """Merge this run into results.json (earlier results are kept) and write the run file and reports."""
+    results = load_results(out)
+    for ckpt, sections in scored.items():
+        entry = results["checkpoints"].setdefault(ckpt, {"safety": {}, "general": {}})
+        entry.update({k: v for k, v in run["checkpoints"].get(ckpt, {}).items()})
+        for section in ("safety", "general"):
+            entry.setdefault(section, {}).update(sections.get(section, {}))
+    evaluated = {(e["checkpoint"], e["benchmark"]) for e in errors}
+    results["errors"] = [e for e in results.get("errors", [])
+                         if (e.get("checkpoint"), e["benchmark"]) not in evaluated
+                         and not any(e["benchmark"] in s.get("safety", {}) for s in scored.values())] + errors
+    results["settings"] = {k: run[k] for k in ("generation", "judge", "judge_overrides", "limit", "general",
+                                                "general_limit", "general_chat_template")}
+    results["benchmarks"] = {**results.get("benchmarks", {}), **run["benchmarks"]}
+    write_json_atomic(out / "results.json", results)
+    if final:
+        run["errors"] = errors
+        run["results"] = scored
+        run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        write_json_atomic(out / "runs" / f"{run['started'].replace(':', '')}.json", run)
+    if any(s.get("safety") or s.get("general") for s in results["checkpoints"].values()):
+        write_text_atomic(out / "table.md", markdown_table(results))
+        if config.plot and final:
+            plot_results(results, out / "chart.png")
+    return results
+
+
+def summary(results: dict[str, Any]) -> str:
+    """One line per checkpoint: mean ASR and counts, for logs."""
+    lines = []
+    for ckpt, entry in results.get("checkpoints", {}).items():
+        asr = [r["asr"] for r in entry.get("safety", {}).values() if r.get("asr") is not None]
+        kinds = Counter(r["kind"] for r in entry.get("safety", {}).values())
+        lines.append(f"{ckpt}: {dict(kinds)} mean ASR {100 * sum(asr) / len(asr):.1f}%" if asr else f"{ckpt}: {dict(kinds)}")
+    return "\n".join(lines)
