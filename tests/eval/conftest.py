@@ -76,18 +76,32 @@ def planted_policy(reply: str, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def policy_dirs(tmp_path_factory) -> dict[str, str]:
-    """{'refuser': dir, 'complier': dir}: HF checkpoints on disk with planted replies."""
-    root = tmp_path_factory.mktemp("policies")
-    dirs = {}
+def planted_models() -> dict[str, tuple]:
+    """{'refuser': (model, tokenizer), 'complier': (model, tokenizer)}, trained once per session."""
     before = torch.get_num_threads()  # session fixtures run outside the autouse one_torch_thread
     torch.set_num_threads(1)
     try:
-        for name, reply in (("refuser", REFUSAL), ("complier", COMPLIANCE)):
-            model, tok = planted_policy(reply)
-            model.save_pretrained(root / name)
-            tok.save_pretrained(root / name)
-            dirs[name] = str(root / name)
+        return {name: planted_policy(reply) for name, reply in (("refuser", REFUSAL), ("complier", COMPLIANCE))}
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def policy_dirs(tmp_path_factory, planted_models) -> dict[str, str]:
+    """{'refuser': dir, 'complier': dir}: the planted policies saved as HF checkpoints."""
+    root = tmp_path_factory.mktemp("policies")
+    dirs = {}
+    for name, (model, tok) in planted_models.items():
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        dirs[name] = str(root / name)
     return dirs
+
+
+@pytest.fixture(scope="session")
+def planted():
+    """The helpers above, for test modules (import-mode=importlib cannot import conftest by name)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(REFUSAL=REFUSAL, COMPLIANCE=COMPLIANCE, planted_policy=planted_policy,
+                           train_fixed_reply=train_fixed_reply, slice_prompts=slice_prompts)
