@@ -121,6 +121,7 @@ def _loss_floor(teacher, rollouts, ids):
     return float(sequence_mean(-teacher_on_s.exp().sum(-1) / torch.e, mask))
 
 
+@pytest.mark.slow
 def test_loss_falls_on_fixed_batch(tmp_path, tok):
     """Train full-parameter for a few steps; the localized KL on a fixed held-out rollout batch must fall."""
     model = tiny_model("llama", tok, layers=2, hidden=32, seed=1)
