@@ -203,6 +203,8 @@ def select_direction(
     max_layer_fraction: float = 0.8,
     kl_threshold: float = 0.1,
     coeff: float = 1.0,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
     batch_size: int = 16,
     progress: bool = True,
 ) -> tuple[SteeringVector, list[CandidateScore]]:
@@ -213,6 +215,9 @@ def select_direction(
     addition (coefficient `coeff`) leaves the harmless refusal score <= 0. Among the rest the
     lowest mean harmful refusal score under ablation wins. Returns the SteeringVector and the table
     of all candidates' scores; raises DirectionSelectionError when every candidate is rejected.
+
+    layers / positions restrict the grid (a reduced search on big models): layers to score (still
+    subject to max_layer_fraction) and negative post-instruction positions (default: all of them).
     """
     for name, prompts in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
                           ("harmful_val", harmful_val), ("harmless_val", harmless_val)):
@@ -225,7 +230,19 @@ def select_direction(
     max_layer = int(depth * max_layer_fraction)
     if max_layer < 1:
         raise ValueError(f"max_layer_fraction={max_layer_fraction} leaves no layer of {depth} to choose from")
-    positions = post_instruction_positions(tokenizer)
+    template_positions = post_instruction_positions(tokenizer)
+    if positions is None:
+        positions = template_positions
+    else:
+        positions = [int(p) for p in positions]
+        unknown = [p for p in positions if p not in template_positions]
+        if not positions or unknown:
+            raise ValueError(f"positions {unknown or positions} are not post-instruction template positions "
+                             f"{template_positions}")
+    if layers is not None:
+        layers = sorted({int(x) for x in layers})
+        if not layers or layers[0] < 0 or layers[-1] >= depth:
+            raise ValueError(f"layers {layers} must be a non-empty subset of 0..{depth - 1}")
     refusal_ids = refusal_token_ids(tokenizer, refusal_words)
 
     if filter_train:
@@ -240,7 +257,7 @@ def select_direction(
                 base_harmless_refusal)
 
     table: list[CandidateScore] = []
-    grid = [(layer, p) for layer in range(depth) for p in range(len(positions))]
+    grid = [(layer, p) for layer in (range(depth) if layers is None else layers) for p in range(len(positions))]
     for layer, p in tqdm(grid, desc="score candidates", disable=not progress):
         vector = candidates[layer, p].float()
         row = CandidateScore(layer=layer, position=positions[p], norm=float(vector.norm()))
@@ -292,7 +309,8 @@ def select_direction(
         "baseline": {"harmful_val_refusal": base_harmful_refusal, "harmless_val_refusal": base_harmless_refusal},
         "selected": best.to_dict(),
         "config": {"filter_train": filter_train, "max_layer_fraction": max_layer_fraction,
-                   "kl_threshold": kl_threshold, "coeff": coeff, "refusal_words": list(refusal_words)},
+                   "kl_threshold": kl_threshold, "coeff": coeff, "refusal_words": list(refusal_words),
+                   "layers": layers, "positions": positions},
     }
     vector = SteeringVector(candidates[best.layer, positions.index(best.position)].float(), layer=best.layer,
                             coeff=coeff, position=best.position, model_name=model_name(model), source=source)
