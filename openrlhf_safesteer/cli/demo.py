@@ -37,6 +37,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N prompts of each set")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--vector", default=None, help="reuse a steering-vector folder (skips the direction search)")
+    p.add_argument("--tokens", default=None, help="reuse a safety-token JSON (skips the vote)")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="warm-up share of the steps")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
 
@@ -48,7 +51,8 @@ def run(args) -> int:
                      horizon=args.horizon, token_samples=args.token_samples, token_prompts=args.token_prompts,
                      objectives=args.objectives, steps=args.steps, prompts_per_step=args.prompts_per_step,
                      samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                     lora_r=args.lora_r, eval_limit=args.eval_limit, threads=args.threads, progress=args.progress)
+                     lora_r=args.lora_r, eval_limit=args.eval_limit, threads=args.threads, progress=args.progress,
+                     vector=args.vector, tokens=args.tokens, warmup_ratio=args.warmup_ratio)
     print("safesteer demo settings:\n" + cfg.summary(), flush=True)
     report = run_demo(cfg)
     names = [n for n in ("base", "safesteer", "full_vocab") if n in report]

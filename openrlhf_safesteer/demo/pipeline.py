@@ -42,7 +42,7 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     seed: int = 0
     # direction (METHOD.md section 1, reduced grid)
-    layers: list[int] = field(default_factory=lambda: list(range(10, 18)))
+    layers: list[int] = field(default_factory=lambda: list(range(11, 18)))
     positions: list[int] = field(default_factory=lambda: [-1])
     coeff: float = 1.0
     kl_threshold: float = 0.1
@@ -53,21 +53,24 @@ class DemoConfig:
     k: int = 50
     # training (section 4, sized for a CPU)
     objectives: list[str] = field(default_factory=lambda: ["exact", "full_vocab"])
-    steps: int = 8
+    steps: int = 10
     prompts_per_step: int = 4
     samples_per_prompt: int = 2
     max_new_tokens: int = 24
-    lr: float = 2e-4
+    lr: float = 3e-4
     lora_r: int = 16
     lora_alpha: float = 32.0
     warmup_ratio: float = 0.1
     micro_batch_size: int = 8
     # evaluation
     eval_limit: int | None = None      # use only the first N prompts of each eval set (tests)
-    refusal_tokens: int = 32
+    refusal_tokens: int = 24
     teacher_check_prompts: int = 6
     threads: int | None = None
     progress: bool = True
+    # reuse artifacts of an earlier run (sweeps): skip the direction / safety-token stages
+    vector: str | None = None
+    tokens: str | None = None
 
     def summary(self) -> str:
         return "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(self).items())
@@ -111,7 +114,8 @@ def refusal_openers_in(tokens_texts: list[str]) -> list[str]:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns the report dict (also written to out/report.json)."""
-    from openrlhf_safesteer.safety_tokens import select_safety_tokens
+    from openrlhf_safesteer.directions import CandidateScore
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet, select_safety_tokens
 
     from .direction import select_direction_window
     from .report import write_report
@@ -133,10 +137,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
 
     with _timed(timings, "direction"):
-        vector, table = select_direction_window(
-            model, tokenizer, data.harmful("direction"), data.harmless("direction"), data.harmful("validation"),
-            data.harmless("validation"), layers=cfg.layers, positions=cfg.positions, coeff=cfg.coeff,
-            kl_threshold=cfg.kl_threshold, progress=cfg.progress)
+        if cfg.vector:
+            vector = SteeringVector.load(cfg.vector)
+            vector.check_compatible(model)
+            vector.coeff = cfg.coeff
+            table = [CandidateScore(**r) for r in vector.source.get("candidates", [])]
+        else:
+            vector, table = select_direction_window(
+                model, tokenizer, data.harmful("direction"), data.harmless("direction"), data.harmful("validation"),
+                data.harmless("validation"), layers=cfg.layers, positions=cfg.positions, coeff=cfg.coeff,
+                kl_threshold=cfg.kl_threshold, progress=cfg.progress)
+            vector.source["candidates"] = [r.to_dict() for r in table]
         vector.save(out / "vector")
         _write_json(out / "direction_candidates.json", [r.to_dict() for r in table])
 
@@ -147,9 +158,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                     100 * teacher["teacher_harmful_refusal_rate"], 100 * teacher["teacher_harmless_refusal_rate"])
 
     with _timed(timings, "safety tokens"):
-        tokens = select_safety_tokens(model, tokenizer, vector, data.harmless("validation")[:cfg.token_prompts],
-                                      horizon=cfg.horizon, n_samples=cfg.token_samples, k=cfg.k, seed=cfg.seed,
-                                      progress=cfg.progress)
+        if cfg.tokens:
+            tokens = SafetyTokenSet.load(cfg.tokens)
+            tokens.check_compatible(model.get_output_embeddings().weight.shape[0], tokenizer)
+        else:
+            tokens = select_safety_tokens(model, tokenizer, vector, data.harmless("validation")[:cfg.token_prompts],
+                                          horizon=cfg.horizon, n_samples=cfg.token_samples, k=cfg.k, seed=cfg.seed,
+                                          progress=cfg.progress)
         tokens.save(out / "safety_tokens.json")
         texts = tokens.texts or [tokenizer.decode([i]) for i in tokens.ids]
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
