@@ -14,7 +14,6 @@ log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import List
@@ -90,10 +89,9 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
             samples.kl = log_ratio
             samples.info["kl"] = masked_mean(log_ratio, mask, dim=-1)
             samples.info.update(per_sequence_safety(student["logprobs_on_s"], teacher["logprobs_on_s"], mask))
+            setattr(samples, TEACHER_SAMPLED, teacher["logprobs"].float())
             if self.safesteer.objective == "exact":
                 setattr(samples, TEACHER_ON_S, teacher["logprobs_on_s"].float())
-            else:
-                setattr(samples, TEACHER_SAMPLED, teacher["logprobs"].float())
         return samples_list
 
     @torch.no_grad()
@@ -101,23 +99,23 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
         self._batches += 1
         for index, experience in enumerate(experiences):
             mask = experience.action_mask
+            teacher = experience.__dict__.pop(TEACHER_SAMPLED)
             if self.safesteer.objective == "sampled":
-                teacher = experience.__dict__.pop(TEACHER_SAMPLED)
                 width = mask.shape[1]
                 advantages = sampled_advantages(
                     experience.action_log_probs.float(), teacher, experience.sequences[:, 1:][:, -width:],
                     self.safety_ids, mask)
-                if self.safesteer.dump_dir and index == 0:
-                    _save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), {
-                        "sequences": experience.sequences, "attention_mask": experience.attention_mask,
-                        "action_mask": mask, "student_logprobs": experience.action_log_probs,
-                        "teacher_logprobs": teacher, "advantages": advantages,
-                    }, {"batch": self._batches})
             else:
-                advantages = torch.zeros_like(experience.action_log_probs, dtype=torch.float32)
-                if self.safesteer.dump_dir and index == 0 and self._batches == 1:
-                    with open(os.path.join(self.safesteer.dump_dir, "objective.json"), "w", encoding="utf-8") as f:
-                        json.dump({"objective": "exact"}, f)
+                advantages = torch.zeros_like(experience.action_log_probs, dtype=torch.float32)  # unused by the loss
+            if self.safesteer.dump_dir and index == 0:
+                tensors = {"sequences": experience.sequences, "attention_mask": experience.attention_mask,
+                           "action_mask": mask, "student_logprobs": experience.action_log_probs,
+                           "teacher_logprobs": teacher, "advantages": advantages}
+                if hasattr(experience, TEACHER_ON_S):
+                    tensors["teacher_on_s"] = getattr(experience, TEACHER_ON_S)
+                _save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), tensors,
+                           {"batch": self._batches, "objective": self.safesteer.objective,
+                            "safety_ids": list(self.safesteer.safety_ids)})
             experience.advantages = advantages
             experience.returns = advantages.clone()
             experience.info["return"] = advantages.sum(dim=-1)

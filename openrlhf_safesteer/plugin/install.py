@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 OPENRLHF_MAIN = "openrlhf.cli.train_ppo_ray"
 
 
-def _compile_openrlhf_main():
+def _compile_openrlhf_main(module_name: str = OPENRLHF_MAIN):
     import importlib
 
-    module = importlib.import_module(OPENRLHF_MAIN)
+    module = importlib.import_module(module_name)
     tree = ast.parse(inspect.getsource(module))
     renamed = False
     for node in tree.body:
@@ -140,3 +140,25 @@ def run_openrlhf_main(config: SafeSteerConfig, openrlhf_argv: list[str], user_ar
     finally:
         sys.argv = old_argv
     return result
+
+
+def parse_openrlhf_flags(module_name: str, argv: list[str]) -> SimpleNamespace:
+    """Run an OpenRLHF CLI module's own parser and post-parse validation on argv; train nothing.
+
+    For recipes of OpenRLHF's own entry points (DPO, PPO baselines): SystemExit(2) on an unknown
+    or malformed flag (argparse), AssertionError from OpenRLHF's validation. Returns the args.
+    """
+    compat.prepare_process()
+    code, filename = _compile_openrlhf_main(module_name)
+    captured: dict = {}
+    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins,
+                       "train": lambda args: captured.setdefault("args", args)}
+    old_argv = sys.argv
+    sys.argv = [module_name, *argv]
+    try:
+        exec(code, namespace)  # noqa: S102
+    finally:
+        sys.argv = old_argv
+    if "args" not in captured:
+        raise RuntimeError(f"{module_name}'s __main__ finished without calling train(args)")
+    return captured["args"]

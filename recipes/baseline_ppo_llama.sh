@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Baseline: OpenRLHF 0.11.2's own PPO (REINFORCE++-baseline, no critic) with a safety reward, on the
+# same Llama-3-8B-Instruct and the same 100 PKU-SafeRLHF prompts as train_safesteer_llama.sh.
+# The reward is recipes/safety_reward.py, a reward function file scoring each response with a
+# safety judge (Llama Guard behind SAFETY_JUDGE_URL, see the file), passed as --reward.remote_url.
+#
+#   bash recipes/baseline_ppo_llama.sh             # needs the prompts from train_safesteer_llama.sh's stage 1
+#   bash recipes/baseline_ppo_llama.sh --dry-run   # print the command, check every flag with OpenRLHF's parser
+set -euo pipefail
+
+MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}
+WORK=${WORK:-./runs/baseline-ppo-llama3-8b}
+PROMPTS=${PROMPTS:-./runs/safesteer-llama3-8b/pku_saferlhf_unsafe_100.jsonl}
+RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REWARD="$HERE/safety_reward.py"
+
+DRY_RUN=0
+EXTRA=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    *) EXTRA+=("$arg") ;;
+  esac
+done
+
+FLAGS=(
+  --ref.num_nodes 1 --ref.num_gpus_per_node 8
+  --actor.num_nodes 1 --actor.num_gpus_per_node 8
+  --vllm.num_engines 8 --vllm.tensor_parallel_size 1 --vllm.gpu_memory_utilization 0.5
+  --vllm.enable_sleep --ds.enable_sleep --train.colocate_all
+  --actor.model_name_or_path "$MODEL"
+  --reward.remote_url "$REWARD"
+  --algo.advantage.estimator reinforce_baseline --algo.kl.use_loss --algo.kl.estimator k3 --algo.kl.init_coef 0.01
+  --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation flash_attention_2
+  --actor.gradient_checkpointing_enable
+  --data.prompt_dataset "$PROMPTS" --data.input_key prompt --data.apply_chat_template
+  --data.max_samples 100 --data.max_len 1024
+  --rollout.batch_size 4 --rollout.n_samples_per_prompt 8 --rollout.max_new_tokens 512
+  --rollout.micro_batch_size 4
+  --train.batch_size 32 --train.micro_batch_size 4 --train.max_epochs 1
+  --actor.adam.lr 1e-6 --actor.lr_scheduler cosine --actor.lr_warmup_ratio 0.1
+  --ckpt.output_dir "$WORK/final" --ckpt.path "$WORK/ckpt" --ckpt.save_hf
+  --logger.tensorboard_dir "$WORK/tensorboard"
+  "${EXTRA[@]}"
+)
+LAUNCH=("$PYTHON" -m openrlhf.cli.train_ppo_ray "${FLAGS[@]}")
+# The reward file imports openrlhf_safesteer (its fallback judge): ship the package to the workers.
+RUNTIME_ENV="{\"py_modules\": [\"$(cd "$HERE/.." && pwd)/openrlhf_safesteer\"], \"env_vars\": {\"SAFETY_JUDGE_URL\": \"${SAFETY_JUDGE_URL:-}\"}}"
+
+if [[ $DRY_RUN == 1 ]]; then
+  printf ' %q' ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"; echo
+  exec "$PYTHON" -m openrlhf_safesteer.plugin.check_flags openrlhf.cli.train_ppo_ray "${FLAGS[@]}"
+fi
+
+ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"

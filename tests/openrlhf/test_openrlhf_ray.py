@@ -1,0 +1,118 @@
+"""The real Ray path on CPU: OpenRLHF 0.11.2's trainer, Ray actors, DeepSpeed's CPU accelerator.
+
+- recipes/train_safesteer_cpu.sh (exact objective, 2 steps): parameters change, the logged loss is
+  finite and equals the core's localized_reverse_kl recomputed here, on the same batch, from the
+  initial checkpoint; the teacher's log-probs on S equal the core's steer() on that checkpoint.
+- the sampled objective (1 step, in this process's shared Ray session): the advantages of the real
+  experience equal the core's sampled_advantages on independently recomputed log-probs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+def load_dump(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path) + ".safetensors"), json.loads(Path(str(path) + ".json").read_text())
+
+
+def recompute(model_dir: str, vector_dir: str, sequences, attention_mask):
+    """Student and steered-teacher logits (B, T-1, V) from the checkpoint, with the core's hook.
+
+    bf16, like OpenRLHF's actor (--ds.param_dtype bf16); position ids like OpenRLHF's Actor."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_safesteer.steering import SteeringVector, steer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        student = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
+        with steer(model, SteeringVector.load(vector_dir)):
+            teacher = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
+    return student, teacher
+
+
+def test_cpu_recipe_two_steps_exact_loss_equals_core(tiny_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from openrlhf_safesteer.objectives import gather_logprobs, localized_reverse_kl
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHON=sys.executable, MODEL=tiny_run["model"], VECTOR=tiny_run["vector"],
+               TOKENS=tiny_run["tokens"], PROMPTS=tiny_run["prompts"],
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["bash", str(REPO / "recipes" / "train_safesteer_cpu.sh"), "--out", str(out)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+
+    # Two optimizer steps, each logged by OpenRLHF's trainer with a finite policy loss.
+    logged = [float(x) for x in re.findall(r"Global step \d+: \{'policy_loss': ([-0-9.e]+)", log)]
+    assert len(logged) == 2 and all(math.isfinite(x) for x in logged), log[-3000:]
+
+    ids = torch.tensor(tiny_run["safety_ids"])
+    batch, meta = load_dump(out / "dump" / "policy_step1")
+    assert meta["loss"] == pytest.approx(logged[0], rel=1e-6)
+    # Step 1 trains on weights that are still the initial checkpoint: recompute everything here.
+    student, teacher = recompute(tiny_run["model"], tiny_run["vector"], batch["sequences"], batch["attention_mask"])
+    mask = batch["action_mask"].float()
+    teacher_on_s = gather_logprobs(teacher, ids) * mask.unsqueeze(-1)
+    torch.testing.assert_close(batch["teacher_on_s"], teacher_on_s, atol=1e-4, rtol=1e-4)
+    core_loss, _ = localized_reverse_kl(student, teacher_on_s, ids, mask)
+    assert logged[0] == pytest.approx(float(core_loss), rel=1e-4, abs=1e-7)
+    assert float(core_loss) > 0  # the steered teacher really differs from the student on S
+
+    final = load_file(str(out / "final" / "model.safetensors"))
+    initial = load_file(str(Path(tiny_run["model"]) / "model.safetensors"))
+    changed = [name for name in initial if not torch.equal(initial[name].float(), final[name].float())]
+    assert len(changed) >= len(initial) // 2, f"only {changed} changed"
+
+
+def test_sampled_objective_advantages_of_a_real_experience_equal_core(tiny_run, tmp_path, ray_session, cpu_flags):
+    from transformers import AutoTokenizer
+
+    from openrlhf_safesteer.cli import train_safesteer_ray
+    from openrlhf_safesteer.objectives import gather_logprobs, sampled_advantages
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+
+    # A wide S so the handful of sampled tokens surely hits it (the advantage is 0 off S).
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    wide = list(range(20, 400, 2))
+    SafetyTokenSet(ids=wide, tokens=tokenizer.convert_ids_to_tokens(wide), votes=[1] * len(wide)).save(
+        tmp_path / "wide.json")
+    out = tmp_path / "sampled"
+    argv = cpu_flags(tiny_run, out, ["--safesteer.objective", "sampled", "--safesteer.rollout", "hf",
+                                     "--data.max_samples", "2", "--actor.lr_warmup_ratio", "0"])
+    argv[argv.index("--safesteer.tokens") + 1] = str(tmp_path / "wide.json")
+    assert train_safesteer_ray.main(argv) == 0
+
+    batch, meta = load_dump(out / "dump" / "experience_batch1")
+    assert meta["objective"] == "sampled"
+    ids = torch.tensor(wide)
+    mask = batch["action_mask"]
+    student, teacher = recompute(tiny_run["model"], tiny_run["vector"], batch["sequences"], batch["attention_mask"])
+    sampled = batch["sequences"][:, 1:]
+    student_lp = gather_logprobs(student, sampled) * mask
+    teacher_lp = gather_logprobs(teacher, sampled) * mask
+    torch.testing.assert_close(batch["student_logprobs"].float(), student_lp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batch["teacher_logprobs"].float(), teacher_lp, atol=1e-4, rtol=1e-4)
+    expected = sampled_advantages(student_lp, teacher_lp, sampled, ids, mask)
+    torch.testing.assert_close(batch["advantages"], expected, atol=1e-4, rtol=1e-4)
+    assert (batch["advantages"] != 0).sum() > 0
+    assert torch.all(batch["advantages"][~torch.isin(sampled, ids) | ~mask.bool()] == 0)
