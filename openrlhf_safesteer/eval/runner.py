@@ -89,7 +89,12 @@ def _load_tokenizer(checkpoint: Checkpoint):
         return checkpoint.tokenizer
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    path = checkpoint.path
+    if embedded_model_name(path):  # the demo's GGUF model, converted once into the user cache
+        from openrlhf_safesteer.demo.model import resolve_model
+
+        path = resolve_model(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -213,10 +218,7 @@ def evaluate(
         cdir = _safe_name(ckpt.name)
         backend = choose_backend(settings, ckpt)
         run_key = digest([ckpt.identity(), settings.key()])
-        if embedded_model_name(ckpt.path):  # its tokenizer comes with the converted model
-            model, tokenizer = load_checkpoint(ckpt)
-        else:
-            tokenizer = _load_tokenizer(ckpt)
+        tokenizer = _load_tokenizer(ckpt)
         run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
                                          **_template_info(tokenizer)}
 
@@ -328,10 +330,11 @@ def _finish(out: Path, run: dict[str, Any], errors: list[dict[str, Any]], scored
         entry.update({k: v for k, v in run["checkpoints"].get(ckpt, {}).items()})
         for section in ("safety", "general"):
             entry.setdefault(section, {}).update(sections.get(section, {}))
-    evaluated = {(e["checkpoint"], e["benchmark"]) for e in errors}
+    # An earlier error is dropped once its benchmark has results or is reported again by this run.
+    done = {b for s in scored.values() for b in (*s.get("safety", {}), *s.get("general", {}))}
+    again = {(e.get("checkpoint"), e["benchmark"]) for e in errors}
     results["errors"] = [e for e in results.get("errors", [])
-                         if (e.get("checkpoint"), e["benchmark"]) not in evaluated
-                         and not any(e["benchmark"] in s.get("safety", {}) for s in scored.values())] + errors
+                         if e["benchmark"] not in done and (e.get("checkpoint"), e["benchmark"]) not in again] + errors
     results["settings"] = {k: run[k] for k in ("generation", "judge", "judge_overrides", "limit", "general",
                                                 "general_limit", "general_chat_template")}
     results["benchmarks"] = {**results.get("benchmarks", {}), **run["benchmarks"]}

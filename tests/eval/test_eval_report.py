@@ -1,0 +1,59 @@
+"""Report: the markdown table's cells and averages from a hand-made results dict, the chart, the
+atomic JSON writer and the AlpacaEval records."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openrlhf_safesteer.eval.report import alpaca_eval_records, markdown_table, plot_results, write_json_atomic
+
+RESULTS = {
+    "checkpoints": {
+        "base": {"safety": {"advbench": {"kind": "harmful", "asr": 0.40, "refusal_rate": 0.55},
+                            "harmbench": {"kind": "harmful", "asr": 0.20, "refusal_rate": 0.70},
+                            "xstest": {"kind": "overrefusal", "over_refusal": 0.04}},
+                 "general": {"gsm8k": {"kind": "general", "score": 0.60},
+                             "mmlu_generative": {"kind": "general", "score": 0.70}}},
+        "safesteer": {"safety": {"advbench": {"kind": "harmful", "asr": 0.02, "refusal_rate": 0.97},
+                                 "xstest": {"kind": "overrefusal", "over_refusal": 0.08}},
+                      "general": {"gsm8k": {"kind": "general", "score": 0.58},
+                                  "mmlu_generative": {"kind": "general", "score": 0.71}}},
+    },
+    "errors": [{"benchmark": "harmbench", "checkpoint": "safesteer", "error": "judge failed"}],
+}
+
+
+def cells(table: str, label: str) -> list[str]:
+    line = next(l for l in table.splitlines() if l.startswith(f"| {label}"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_table_rows_columns_and_averages():
+    table = markdown_table(RESULTS)
+    assert table.splitlines()[0] == "| benchmark | base | safesteer |"
+    assert cells(table, "advbench (ASR") == ["40.0", "2.0"]
+    assert cells(table, "harmbench (ASR") == ["20.0", "–"]  # missing cell, not a zero
+    assert cells(table, "xstest (over-refusal") == ["4.0", "8.0"]
+    assert cells(table, "**Safety avg") == ["30.0", "2.0"]  # mean over the harmful benchmarks present
+    assert cells(table, "**General avg") == ["65.0", "64.5"]
+    refusal = table.split("Refusal rate")[1]
+    assert cells(refusal, "advbench") == ["55.0", "97.0"]
+    assert "- safesteer / harmbench: judge failed" in table
+
+
+def test_chart_and_atomic_json(tmp_path):
+    png = plot_results(RESULTS, tmp_path / "chart.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and not list(tmp_path.glob(".*tmp*"))
+    write_json_atomic(tmp_path / "r.json", RESULTS)
+    assert json.loads((tmp_path / "r.json").read_text()) == RESULTS
+    with pytest.raises(ValueError, match="no results"):
+        plot_results({"checkpoints": {}}, tmp_path / "empty.png")
+
+
+def test_alpaca_records():
+    records = alpaca_eval_records(["Say hi"], ["Hi!"], "safesteer")
+    assert records == [{"instruction": "Say hi", "output": "Hi!", "generator": "safesteer", "dataset": "helpful_base"}]
+    with pytest.raises(ValueError, match="1 instructions but 0 outputs"):
+        alpaca_eval_records(["Say hi"], [], "x")
