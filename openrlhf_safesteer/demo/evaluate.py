@@ -29,7 +29,7 @@ class EvalSets:
         return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit])
 
 
-def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 24, general_tokens: int = 10,
+def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general_tokens: int = 6,
              batch_size: int = 25, progress: bool = True) -> dict:
     """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100), samples, seconds}.
 

@@ -42,7 +42,7 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     seed: int = 0
     # direction (METHOD.md section 1, reduced grid)
-    layers: list[int] = field(default_factory=lambda: list(range(11, 18)))
+    layers: list[int] = field(default_factory=lambda: list(range(12, 18)))
     positions: list[int] = field(default_factory=lambda: [-1])
     coeff: float = 1.0
     kl_threshold: float = 0.1
@@ -64,7 +64,7 @@ class DemoConfig:
     micro_batch_size: int = 8
     # evaluation
     eval_limit: int | None = None      # use only the first N prompts of each eval set (tests)
-    refusal_tokens: int = 24
+    refusal_tokens: int = 16
     teacher_check_prompts: int = 6
     threads: int | None = None
     progress: bool = True

@@ -13,7 +13,7 @@ import pytest
 
 from openrlhf_safesteer.demo import model as demo_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""The demo pipeline's plumbing on a tiny checkpoint (fast): every stage after the direction search runs and
+report.json / report.md / plots / final come out. The real-model run is tests/local/test_demo_run.py."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from openrlhf_safesteer.demo.pipeline import DemoConfig, refusal_openers_in, run_demo
+from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+from openrlhf_safesteer.steering import SteeringVector
+from openrlhf_safesteer.testing import save_tiny_checkpoint, tiny_tokenizer
+
+
+def test_demo_pipeline_on_tiny_checkpoint(tmp_path):
+    model_dir = save_tiny_checkpoint(str(tmp_path / "tiny"), "qwen2", layers=2, hidden=32)
+    SteeringVector(torch.randn(32, generator=torch.Generator().manual_seed(0)) * 4, layer=1).save(tmp_path / "vec")
+    tok = tiny_tokenizer()
+    ids = sorted({tok.convert_tokens_to_ids(t) for t in ("I", "Sorry")})
+    SafetyTokenSet(ids=ids, tokens=tok.convert_ids_to_tokens(ids), votes=[3] * len(ids),
+                   vocab_size=len(tok)).save(tmp_path / "tokens.json")
+    cfg = DemoConfig(out=str(tmp_path / "demo"), model=model_dir, vector=str(tmp_path / "vec"),
+                     tokens=str(tmp_path / "tokens.json"), steps=2, prompts_per_step=2, samples_per_prompt=2,
+                     max_new_tokens=4, lora_r=4, eval_limit=3, refusal_tokens=4, teacher_check_prompts=2,
+                     progress=False)
+    report = run_demo(cfg)
+    on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert on_disk["base"] == report["base"]
+    for name in ("base", "safesteer", "full_vocab"):
+        assert set(on_disk[name]) >= {"harmful_refusal_rate", "harmless_refusal_rate", "general_score"}
+    assert len(on_disk["training"]["safesteer"]) == 2 and len(on_disk["training"]["full_vocab"]) == 2
+    assert set(on_disk["goal"]) == {"asr_halved", "harmless_refusal_rise_points", "general_score_drop_points", "met"}
+    assert (tmp_path / "demo" / "final" / "config.json").is_file()
+    assert not (tmp_path / "demo" / "train_safesteer" / "final").exists()   # moved to demo/final
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "| safesteer |" in md and "| full_vocab |" in md
+    for plot in ("before_after", "safety_tokens", "training"):
+        assert (tmp_path / "demo" / "plots" / f"{plot}.png").is_file()
+
+
+def test_refusal_openers_are_recognised_in_decoded_tokens():
+    assert refusal_openers_in([" I", "Sorry", " the", "ing", " cannot"]) == [" I", "Sorry", " cannot"]
