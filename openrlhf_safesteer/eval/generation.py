@@ -72,11 +72,18 @@ class Checkpoint:
         ident: dict[str, Any] = {"name": self.name, "steer": self.steer, "steer_coeff": self.steer_coeff}
         if self.path is not None:
             ident["path"] = os.path.abspath(self.path) if os.path.exists(self.path) else self.path
-            if os.path.isdir(self.path):
-                ident["files"] = sorted(
-                    (f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in Path(self.path).iterdir()
-                    if f.suffix in (".safetensors", ".bin", ".gguf", ".json") and f.is_file())
+            ident["files"] = _files_signature(self.path)
+        if self.steer is not None:
+            ident["steer_files"] = _files_signature(self.steer)
         return ident
+
+
+def _files_signature(directory: str) -> list[tuple[str, int, int]]:
+    """(name, size, mtime) of the weight/config files in a directory: a rewritten checkpoint gets a new cache key."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in Path(directory).iterdir()
+                  if f.suffix in (".safetensors", ".bin", ".gguf", ".json") and f.is_file())
 
 
 def parse_checkpoint_arg(arg: str) -> Checkpoint:

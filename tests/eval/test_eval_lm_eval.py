@@ -83,3 +83,18 @@ def test_code_tasks_need_explicit_permission():
     with pytest.raises(GeneralTaskUnavailableError, match="humaneval_instruct"):
         run_lm_eval(tiny_model("llama", tok, layers=1, hidden=32), tok, ["humaneval_instruct"],
                     allow_code_eval=False)
+
+
+def test_general_tasks_through_evaluate_reach_the_table(tmp_path):
+    from openrlhf_safesteer.eval import Checkpoint, EvalConfig, evaluate
+
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", tok, layers=2, hidden=32, seed=1)
+    (tmp_path / "task").mkdir()
+    config = EvalConfig(general=["safesteer_tiny_mc"], general_include_path=write_task(tmp_path / "task"),
+                        general_chat_template=False, plot=False)
+    results = evaluate([Checkpoint("tiny", model=model, tokenizer=tok)], [], tmp_path / "out", config=config)
+    score = results["checkpoints"]["tiny"]["general"]["safesteer_tiny_mc"]["score"]
+    assert score == pytest.approx(direct_accuracy(model, tok))
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert f"| **General avg (↑)** | {100 * score:.1f} |" in table
