@@ -39,6 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kl-threshold", type=float, default=0.1,
                    help="drop candidates whose ablation moves harmless next-token distributions by more KL")
     p.add_argument("--coeff", type=float, default=1.0, help="activation-addition coefficient stored with the vector")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="score only these layers (a reduced search for big models; default: every layer below the cut)")
+    p.add_argument("--positions", type=int, nargs="+", default=None,
+                   help="score only these negative post-instruction positions, e.g. -1 (default: all of them)")
     p.add_argument("--refusal-words", nargs="+", default=["I", "Sorry", "As"],
                    help="refusal openers; their first tokens define the refusal score")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
@@ -122,7 +126,7 @@ def run(args) -> int:
             model, tokenizer, harmful_train, harmless_train, harmful_val, harmless_val,
             refusal_words=args.refusal_words, filter_train=args.filter_train,
             max_layer_fraction=args.max_layer_fraction, kl_threshold=args.kl_threshold, coeff=args.coeff,
-            batch_size=args.batch_size)
+            layers=args.layers, positions=args.positions, batch_size=args.batch_size)
     except DirectionSelectionError as error:
         logger.error("%s", error)
         return 1

@@ -30,12 +30,13 @@ def test_direction_then_tokens(toy_dir, tmp_path, capsys):
     model_dir, files = toy_dir
     vec = tmp_path / "vec"
     rc = main(["direction", "--model", str(model_dir), "--harmful", str(files["harmful"]), "--harmless",
-               str(files["harmless"]), "--out", str(vec), "--n-train", "40", "--n-val", "16", "--device", "cpu"])
+               str(files["harmless"]), "--out", str(vec), "--n-train", "40", "--n-val", "16", "--device", "cpu",
+               "--layers", "1", "2", "--positions", "-3", "-1"])
     assert rc == 0
     vector = SteeringVector.load(vec)
     table = json.loads((vec / "candidates.json").read_text())
     selected = [r for r in table if r["selected"]]
-    assert len(selected) == 1 and (selected[0]["layer"], selected[0]["position"]) == (vector.layer, vector.position)
+    assert len(table) == 4 and len(selected) == 1 and (selected[0]["layer"], selected[0]["position"]) == (vector.layer, vector.position)
     assert (vec / "candidates.png").stat().st_size > 1000
     assert vector.model_name == str(model_dir) and vector.source["n_harmful_val"] == 16
 

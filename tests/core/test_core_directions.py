@@ -51,8 +51,9 @@ def test_candidates_match_unpadded_hidden_states(chatml_tokenizer):
 def test_refusal_score_matches_definition(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
     ids = refusal_token_ids(chatml_tokenizer)
-    assert [chatml_tokenizer.decode([i]) for i in ids] == sorted(["I", "Sorry", "As"],
-                                                                 key=lambda w: chatml_tokenizer.convert_tokens_to_ids(w))
+    decoded = [chatml_tokenizer.decode([i]) for i in ids]
+    assert "I" in decoded and len(ids) <= 3 and ids == sorted(set(ids))
+    assert all(any(w.startswith(d) for w in ("I", "Sorry", "As")) for d in decoded)  # each opens a refusal word
     scores = refusal_score(model, chatml_tokenizer, HARMFUL + HARMLESS, batch_size=3)
     for prompt, score in zip(HARMFUL + HARMLESS, scores.tolist()):
         text = render_prompts(chatml_tokenizer, [prompt])[0]
@@ -71,15 +72,12 @@ def test_bad_prompts_fail_before_compute(chatml_tokenizer):
         select_direction(model, chatml_tokenizer, HARMFUL, HARMLESS, HARMFUL, HARMLESS, positions=[-99])
 
 
-def test_selection_recovers_the_planted_refusal_direction(toy_refusal):
+def test_selection_recovers_the_planted_refusal_direction(toy_refusal, toy_selection):
     model, tok, harmful, harmless = toy_refusal
-    harmful_val, harmless_val = harmful[1::2][:16], harmless[1::2][:16]
+    vector, table, harmful_val, harmless_val = toy_selection
     base_harmful = refusal_rate(generate(model, tok, harmful_val, max_new_tokens=6, batch_size=16))
     base_harmless = refusal_rate(generate(model, tok, harmless_val, max_new_tokens=6, batch_size=16))
     assert base_harmful >= 0.9 and base_harmless <= 0.1  # the toy model refuses only harmful requests
-
-    vector, table = select_direction(model, tok, harmful[::2], harmless[::2], harmful_val, harmless_val,
-                                     progress=False)
     depth = len(model.model.layers)
     chosen = [r for r in table if (r.layer, r.position) == (vector.layer, vector.position)]
     assert len(chosen) == 1 and chosen[0].rejected == ""

@@ -6,17 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openrlhf_safesteer.directions import last_token_logprobs, select_direction
+from openrlhf_safesteer.directions import last_token_logprobs
 from openrlhf_safesteer.safety_tokens import banned_token_mask, select_safety_tokens
 from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector, steer
 
 
 @pytest.fixture(scope="module")
-def toy_vector(toy_refusal):
-    model, tok, harmful, harmless = toy_refusal
-    vector, _ = select_direction(model, tok, harmful[::2], harmless[::2], harmful[1::2][:16], harmless[1::2][:16],
-                                 progress=False)
-    return vector
+def toy_vector(toy_selection):
+    return toy_selection[0]
 
 
 def test_horizon_one_matches_an_independent_count(toy_refusal, toy_vector):
