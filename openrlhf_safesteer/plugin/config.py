@@ -127,6 +127,28 @@ def default_openrlhf_flags(argv: list[str]) -> list[str]:
     return list(argv) + extra
 
 
+def flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+GAE_REFUSAL = ("--algo.advantage.estimator gae trains a critic; SafeSteer uses none: drop the flag (the launcher "
+               "then uses reinforce) or pick another estimator")
+
+
+def argv_refusals(argv: list[str]) -> list[str]:
+    """Refusals visible in the raw flags, checked before OpenRLHF's own validation runs (which, for
+    gae without a reward model, fails with an unrelated error)."""
+    problems = []
+    if flag_value(argv, "--algo.advantage.estimator") == "gae":
+        problems.append(GAE_REFUSAL)
+    return problems
+
+
 def resolve_rollout(config: SafeSteerConfig) -> str:
     from openrlhf_safesteer.plugin import compat
 
@@ -153,8 +175,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         problems.append("--critic.model_name_or_path: SafeSteer trains no critic (the teacher's log-probs are the "
                         "signal); remove the flag")
     if args.algo.advantage.estimator == "gae":
-        problems.append("--algo.advantage.estimator gae trains a critic; SafeSteer uses none: drop the flag (the "
-                        "launcher then uses reinforce) or pick another estimator")
+        problems.append(GAE_REFUSAL)
     if args.reward.model_name_or_path:
         problems.append("--reward.model_name_or_path: SafeSteer uses no reward model (the steered teacher is the "
                         "signal); remove the flag")

@@ -128,6 +128,11 @@ def run_openrlhf_main(config: SafeSteerConfig, openrlhf_argv: list[str], user_ar
     validation, SafeSteerConfigError for a refused combination, IncompatibleArtifactError for
     artifacts that do not fit the model.
     """
+    from openrlhf_safesteer.plugin.config import argv_refusals
+
+    problems = argv_refusals(user_argv)
+    if problems:
+        raise SafeSteerConfigError(problems)
     compat.prepare_process()
     code, filename = _compile_openrlhf_main()
     result: dict = {"args": None, "trained": False}

