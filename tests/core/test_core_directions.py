@@ -72,6 +72,7 @@ def test_bad_prompts_fail_before_compute(chatml_tokenizer):
         select_direction(model, chatml_tokenizer, HARMFUL, HARMLESS, HARMFUL, HARMLESS, positions=[-99])
 
 
+@pytest.mark.slow
 def test_selection_recovers_the_planted_refusal_direction(toy_refusal, toy_selection):
     model, tok, harmful, harmless = toy_refusal
     vector, table, harmful_val, harmless_val = toy_selection
@@ -101,6 +102,7 @@ def test_selection_recovers_the_planted_refusal_direction(toy_refusal, toy_selec
     assert ablated_harmful <= 0.25, ablated_harmful
 
 
+@pytest.mark.slow
 def test_selection_with_impossible_filters_explains(toy_refusal):
     model, tok, harmful, harmless = toy_refusal
     with pytest.raises(DirectionSelectionError, match="candidate directions were rejected"):

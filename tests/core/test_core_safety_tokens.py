@@ -9,6 +9,9 @@ import torch
 from openrlhf_safesteer.directions import last_token_logprobs
 from openrlhf_safesteer.safety_tokens import banned_token_mask, select_safety_tokens
 from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector, steer
+from openrlhf_safesteer.toy import REFUSAL_REPLY
+
+pytestmark = pytest.mark.slow  # the toy refusal model is trained once per session (~20 s on 2 idle cores)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +46,12 @@ def test_planted_refusal_tokens_win_and_seed_reproduces(toy_refusal, toy_vector)
     first = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
     again = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
     assert first == again
-    texts = [tok.decode([i]).strip() for i in first.ids]
-    # The steered model says "I'm sorry, but ..." where the base says "Sure! Here are ...".
-    refusal_words = {"I", "'m", "sorry", ",", "but", "Sorry"}
-    assert len(refusal_words & set(texts[:6])) >= 3, texts
-    assert "Sure" not in texts and "Here" not in texts
+    # The steered model says "I'm sorry, but I can't help ..." where the base says "Sure! Here are ...":
+    # the winners are pieces of the refusal reply, never the compliant opener.
+    refusal_ids = set(tok(REFUSAL_REPLY, add_special_tokens=False)["input_ids"])
+    texts = [tok.decode([i]) for i in first.ids]
+    assert sum(i in refusal_ids for i in first.ids[:6]) >= 4, texts
+    assert "Sure" not in [t.strip() for t in texts[:6]], texts
     assert not any("<|" in t for t in first.tokens)
     assert first.config["horizon"] == 5 and first.config["n_valid_positions"] > 0
     first.check_compatible(len(tok), tok)
