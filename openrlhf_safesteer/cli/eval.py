@@ -105,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     except EvalError as err:
         logger.error("safesteer eval stopped: %s (results written so far are in %s)", err, args.out)
         return 1
+    except ValueError as err:  # bad arguments found before any compute
+        logger.error("safesteer eval: %s", err)
+        return 2
     logger.info("results in %s (results.json, table.md%s)\n%s", args.out, "" if args.no_plot else ", chart.png",
                 summary(results))
     print(open(f"{args.out}/table.md", encoding="utf-8").read())

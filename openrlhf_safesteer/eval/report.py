@@ -126,9 +126,9 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
         ys = [100 * (vals[ckpt] or 0.0) for _, _, vals in rows]
         bars = ax.bar(xs, ys, width, label=ckpt)
         for bar, (_, _, vals) in zip(bars, rows):
-            if vals[ckpt] is None:
-                bar.set_hatch("//")
-                bar.set_alpha(0.3)
+            if vals[ckpt] is None:  # not evaluated: say so rather than draw a zero
+                ax.text(bar.get_x() + bar.get_width() / 2, 1, "n/a", ha="center", va="bottom", fontsize=7,
+                        rotation=90)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([label.replace("**", "") for label, _, _ in rows], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("%")
