@@ -135,6 +135,8 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with _timed(timings, "evaluate base"):
         base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
+    # stage results land on disk as they come, so a long or interrupted run still shows what it measured
+    _write_json(out / "eval_base.json", base_eval)
 
     with _timed(timings, "direction"):
         if cfg.vector:
@@ -168,6 +170,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         tokens.save(out / "safety_tokens.json")
         texts = tokens.texts or [tokenizer.decode([i]) for i in tokens.ids]
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
+    _write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
+                                             "refusal_openers": refusal_openers_in(texts)})
 
     del model
     gc.collect()
@@ -186,6 +190,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         with _timed(timings, f"evaluate {name}"):
             runs[name] = {"eval": evaluate(result.model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
                           "history": result.history, "final_dir": str(result.final_dir)}
+        _write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":
             final = out / "final"
             tmp = out / ".final.tmp"
