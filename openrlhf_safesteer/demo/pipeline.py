@@ -31,7 +31,6 @@ from .model import DEFAULT_MODEL, load_model
 
 logger = logging.getLogger(__name__)
 
-REFUSAL_OPENERS = ("I", "Sorry", "As", "Unfortunately", "I'm", "ĠI", "ĠSorry")
 
 
 @dataclass

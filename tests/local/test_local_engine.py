@@ -11,12 +11,11 @@ from openrlhf_safesteer.local.engine import (
     TrainConfig,
     latest_checkpoint,
     micro_batch_loss,
-    prepare_student,
     step_prompts,
     train,
 )
 from openrlhf_safesteer.local.metrics import read_metrics
-from openrlhf_safesteer.local.rollout import build_rollouts, completion_masks, sample_rollouts
+from openrlhf_safesteer.local.rollout import completion_masks, sample_rollouts
 from openrlhf_safesteer.local.teacher import Teacher
 from openrlhf_safesteer.steering import SteeringVector
 from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer
