@@ -152,6 +152,7 @@ class ModelJudge(Judge):
         self.device = device
         self.dtype = dtype
         self._model, self._tokenizer = loaded if loaded is not None else (None, None)
+        self._processor = None
         self._llm = None
 
     def key(self) -> dict[str, Any]:
@@ -199,7 +200,8 @@ class ModelJudge(Judge):
                 from transformers import AutoModelForImageTextToText, AutoProcessor
 
                 model = AutoModelForImageTextToText.from_pretrained(self.model_name, dtype=dtype)
-                self._tokenizer = AutoProcessor.from_pretrained(self.model_name).tokenizer
+                self._processor = AutoProcessor.from_pretrained(self.model_name)  # holds the chat template
+                self._tokenizer = self._processor.tokenizer
             else:
                 model = AutoModelForCausalLM.from_pretrained(self.model_name, dtype=dtype)
                 self._tokenizer = AutoTokenizer.from_pretrained(self.model_name)
@@ -264,7 +266,7 @@ class LlamaGuardJudge(ModelJudge):
     add_special_tokens = False  # the template already holds <|begin_of_text|>
 
     def format(self, item: EvalItem, reply: str) -> str:
-        tok = self._tokenizer
+        tok = self._processor or self._tokenizer
         plain = [{"role": "user", "content": item.prompt}, {"role": "assistant", "content": reply}]
         try:
             text = tok.apply_chat_template(plain, tokenize=False)
