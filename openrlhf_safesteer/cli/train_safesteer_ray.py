@@ -27,8 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     user_argv = list(sys.argv[1:] if argv is None else argv)
 
-    from openrlhf_safesteer.plugin.config import SafeSteerConfigError, default_openrlhf_flags, split_argv
+    from openrlhf_safesteer.plugin.config import (
+        SafeSteerConfigError,
+        build_parser,
+        default_openrlhf_flags,
+        split_argv,
+    )
 
+    if "-h" in user_argv or "--help" in user_argv:
+        # Ours first; OpenRLHF's parser then prints every train_ppo_ray flag and exits.
+        build_parser().print_help()
+        print("\nEvery flag of python -m openrlhf.cli.train_ppo_ray is accepted unchanged:\n")
     config, openrlhf_argv = split_argv(user_argv)
 
     from openrlhf_safesteer.plugin import compat

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-ENTRY_POINTS = ("openrlhf.cli.train_dpo", "openrlhf.cli.train_ppo_ray", "openrlhf.cli.train_sft", "openrlhf.cli.train_rm")
+ENTRY_POINTS = ("openrlhf.cli.train_dpo", "openrlhf.cli.train_ppo_ray", "openrlhf.cli.train_sft",
+                "openrlhf.cli.train_rm")
 
 
 def main(argv: list[str] | None = None) -> int:

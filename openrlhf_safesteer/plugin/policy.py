@@ -124,7 +124,8 @@ class SafeSteerActorTrainer(ActorPPOTrainer):
 
     # ---------------------------------------------------------------- weight sync to HF engines
     def _init_vllm_sync_group(self, backend: str):
-        logger.warning("[safesteer] weight sync: %s", "ray object store" if self.hf_rollout else backend)
+        logger.info("[safesteer] weight sync to rollout engines: %s",
+                    "Ray object store" if self.hf_rollout else backend)
         if self.hf_rollout:
             self._model_update_group = None  # weights travel through Ray's object store instead
             return
@@ -190,7 +191,8 @@ class SafeSteerActorTrainer(ActorPPOTrainer):
         self.strategy.backward(loss, self.actor, self.actor_optim)
         self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
         if self.ema_model:
-            self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta, "cpu")
+            self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta,
+                                         "cuda" if compat.cuda_present() else "cpu")
 
         with torch.no_grad():
             student_on_s = gather_logprobs(logits.detach(), self.safety_ids.to(logits.device))

@@ -47,7 +47,8 @@ def make_tiny_run(root: Path, layers: int = 2, hidden: int = 64, layer: int = 1,
     tokenizer = AutoTokenizer.from_pretrained(model)
     generator = torch.Generator().manual_seed(seed)
     # A large vector so the teacher differs clearly from the base (what the tests check).
-    SteeringVector(vector=3 * torch.randn(hidden, generator=generator), layer=layer, model_name=model).save(root / "vec")
+    vector = 3 * torch.randn(hidden, generator=generator)
+    SteeringVector(vector=vector, layer=layer, model_name=model).save(root / "vec")
     ids = sorted(set(tokenizer.encode(" sorry cannot illegal harmful unethical", add_special_tokens=False)))
     SafetyTokenSet(ids=ids, tokens=tokenizer.convert_ids_to_tokens(ids), votes=[1] * len(ids), model_name=model,
                    vocab_size=len(tokenizer)).save(root / "tokens.json")
