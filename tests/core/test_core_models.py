@@ -55,6 +55,23 @@ def test_unwrap_through_peft_and_engine(chatml_tokenizer):
     assert hidden_size(wrapped) == 32
 
 
+class _ActorLike(nn.Module):
+    """Like OpenRLHF's Actor: keeps the HF (or PEFT) model as `.model` and has no config of its own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+
+def test_unwrap_through_engine_actor_and_peft(chatml_tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    wrapped = _EngineLike(_ActorLike(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))))
+    assert unwrap_model(wrapped) is model
+    assert decoder_layers(wrapped) is model.model.layers
+
+
 def test_generic_search_finds_unusual_layout(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
 
