@@ -23,6 +23,7 @@ class Ratio:
     unit: str
     goal: str
     note: str = ""
+    seconds: float = 0.0  # wall time spent measuring this ratio
 
     @property
     def value(self) -> float:

@@ -2,19 +2,25 @@
 
     python -m benchmarks.run                       # tiny + offline demo model, all ratios, CPU
     python -m benchmarks.run --models tiny --only 1,2,3
-    python -m benchmarks.run --models llama-1b --device cuda   # realistic size on a GPU
+    python -m benchmarks.run --models tiny --only 4             # local engine vs TRL GKDTrainer
+    python -m benchmarks.run --models demo --only 5,6 --demo-report outputs/demo/report.json
+    python -m benchmarks.run --models llama-1b --only 1,2,4 --device cuda   # realistic size on a GPU
 
 Writes the table to stdout and every measured number to --out (JSON, written atomically).
+Timed ratios alternate candidate and baseline (ABAB...) so that load from other processes hits
+both alike; the machine's load average is recorded next to every ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 
@@ -44,22 +50,44 @@ def load(name: str, device: str):
     return model.to(device), batch, length
 
 
-def run(models: list[str], only: set[int], repeats: int, device: str) -> list[Ratio]:
+def run(models: list[str], only: set[int], repeats: int, device: str, demo_report: str) -> list[Ratio]:
     from benchmarks import core_ratios, engine_ratios
 
     ratios: list[Ratio] = []
+
+    def add(new: list[Ratio], started: float) -> None:
+        load = os.getloadavg()[0]
+        for r in new:
+            r.note = (r.note + "; " if r.note else "") + f"load {load:.1f}"
+            r.seconds = round(time.time() - started, 1)
+            logger.info("ratio %d on %s: %.3f (%s)", r.number, r.model, r.value, r.note)
+        ratios.extend(new)
+
     for name in models:
-        model, batch, length = load(name, device)
-        logger.info("model %s: %.0fM parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
-        if 1 in only:
-            ratios.append(core_ratios.ratio_steered_forward(model, name, batch, length, repeats))
-        if 2 in only:
-            ratios.append(core_ratios.ratio_exact_step(model, name, batch, length, max(3, repeats // 2)))
-        if 3 in only:
-            ratios.append(core_ratios.ratio_teacher_bytes(model, name, batch, length))
-        del model
-        for number in sorted(only & {4, 5, 6}):
-            ratios.extend(engine_ratios.RATIOS[number](name, device))
+        if only & {1, 2, 3}:
+            model, batch, length = load(name, device)
+            logger.info("model %s: %.0fM parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
+            if 1 in only:
+                t = time.time()
+                add([core_ratios.ratio_steered_forward(model, name, batch, length, repeats)], t)
+            if 2 in only:
+                t = time.time()
+                add([core_ratios.ratio_exact_step(model, name, batch, length, max(3, repeats // 2))], t)
+            if 3 in only:
+                t = time.time()
+                add([core_ratios.ratio_teacher_bytes(model, name, batch, length)], t)
+            del model
+            gc.collect()
+        if 4 in only:
+            t = time.time()
+            add(engine_ratios.ratio_engine_vs_trl(name, device, repeats=max(2, repeats // 2)), t)
+            gc.collect()
+        if 5 in only:
+            t = time.time()
+            add(engine_ratios.ratio_demo_share(name, device, demo_report), t)
+        if 6 in only and device == "cpu":
+            t = time.time()
+            add(engine_ratios.ratio_lora_memory(name, device), t)
     return ratios
 
 
@@ -75,7 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="tiny,demo", help="comma list from " + ",".join(MODELS))
     parser.add_argument("--only", default="1,2,3,4,5,6", help="comma list of ratio numbers to measure")
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per side (median reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repetitions per side for ratios 1-2 (median reported; ratio 2 and 4 use half)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 when the load average exceeds the cores, else torch's "
+                             "choice; on a shared, loaded CPU more threads only spin)")
+    parser.add_argument("--demo-report", default="outputs/demo/report.json",
+                        help="report.json of a finished `safesteer demo` run (ratio 5 reads its stage timings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON file for every measured number")
     args = parser.parse_args(argv)
@@ -86,14 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     only = {int(n) for n in args.only.split(",") if n}
+    if "llama-1b" in models and args.device == "cpu":
+        parser.error("llama-1b is for a GPU (--device cuda); on CPU use tiny and demo")
+    load_before = os.getloadavg()
+    threads = args.threads or (1 if load_before[0] > (os.cpu_count() or 1) else torch.get_num_threads())
+    torch.set_num_threads(threads)
     started = time.time()
-    ratios = run(models, only, args.repeats, args.device)
+    ratios = run(models, only, args.repeats, args.device, args.demo_report)
     table = format_table(ratios)
     print(table)
+    print(f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} "
+          f"cores; torch threads {torch.get_num_threads()}; {time.time() - started:.0f} s")
     write_json_atomic(args.out, {
-        "command": "python -m benchmarks.run " + " ".join(argv or []),
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
-                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+                    "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
         "seconds": round(time.time() - started, 1),
         "ratios": [dataclasses.asdict(r) | {"value": r.value} for r in ratios],
         "table": table,

@@ -72,8 +72,8 @@ def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Te
     return scaled.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - log_normaliser.squeeze(-1)
 
 
-def _subset_inputs(student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety_ids: Tensor, mask: Tensor,
-                   temperature: float) -> tuple[Tensor, Tensor]:
+def _check_subset_shapes(student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety_ids: Tensor,
+                         mask: Tensor) -> None:
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be (B, T, V), got shape {tuple(student_logits.shape)}")
     check_safety_ids(safety_ids, student_logits.shape[-1])
@@ -84,8 +84,78 @@ def _subset_inputs(student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety
         raise ValueError(
             f"teacher_logprobs_on_S has shape {tuple(teacher_logprobs_on_s.shape)}, expected (B, T, |S|) = {expected}"
         )
+
+
+def _subset_inputs(student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety_ids: Tensor, mask: Tensor,
+                   temperature: float) -> tuple[Tensor, Tensor]:
+    _check_subset_shapes(student_logits, teacher_logprobs_on_s, safety_ids, mask)
     student_on_s = gather_logprobs(student_logits, safety_ids, temperature)  # (B, T, K)
     return student_on_s, teacher_logprobs_on_s.to(student_on_s.dtype).detach()
+
+
+# Rows of (., V) processed at a time by the fused loss: small enough that a chunk's temporaries stay
+# in cache, large enough that the per-chunk Python overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 19
+
+
+def _row_chunks(batch: int, length: int, vocab: int):
+    """(b, slice of positions) pieces of a (B, T, V) tensor; each piece z[b, sl] is contiguous in the last dim."""
+    step = max(1, _CHUNK_ELEMENTS // vocab)
+    for b in range(batch):
+        for start in range(0, length, step):
+            yield b, slice(start, min(start + step, length))
+
+
+class _LocalizedReverseKL(torch.autograd.Function):
+    """Per-token L_t = sum_{v in S} p_v (log p_v - log t_v) with an analytic backward.
+
+    With a_j = log p_j - log t_j + 1 and c = sum_{v in S} p_v a_v, dL_t/dz_j = (1/tau) p_j ([j in S] a_j - c).
+    Autograd would keep the logsumexp temporaries and build three (B, T, V) tensors in backward
+    (softmax, the index_select scatter, their sum); here the forward keeps only the (B, T) normaliser
+    and the backward writes the gradient in one (B, T, V) tensor, chunk by chunk, in cache.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, teacher_on_s: Tensor, safety_ids: Tensor, temperature: float) -> Tensor:
+        batch, length, vocab = logits.shape
+        dtype = upcast(logits[:0]).dtype
+        log_normaliser = torch.empty(batch, length, dtype=dtype, device=logits.device)  # (B, T)
+        for b, rows in _row_chunks(batch, length, vocab):
+            chunk = upcast(logits[b, rows])
+            if temperature != 1.0:
+                chunk = chunk / temperature
+            log_normaliser[b, rows] = torch.logsumexp(chunk, dim=-1)
+        on_s = upcast(logits.index_select(-1, safety_ids))                           # (B, T, K)
+        if temperature != 1.0:
+            on_s = on_s / temperature
+        student_on_s = on_s - log_normaliser.unsqueeze(-1)
+        per_token = (student_on_s.exp() * (student_on_s - teacher_on_s)).sum(-1)     # (B, T)
+        ctx.save_for_backward(logits, log_normaliser, student_on_s, teacher_on_s, safety_ids)
+        ctx.temperature = temperature
+        return per_token
+
+    @staticmethod
+    def backward(ctx, grad_per_token: Tensor):
+        logits, log_normaliser, student_on_s, teacher_on_s, safety_ids = ctx.saved_tensors
+        temperature = ctx.temperature
+        batch, length, vocab = logits.shape
+        p_s = student_on_s.exp()
+        weight = grad_per_token.to(p_s.dtype) / temperature                           # (B, T)
+        a = student_on_s - teacher_on_s + 1.0                                          # (B, T, K)
+        minus_c = -(weight * (p_s * a).sum(-1))                                        # (B, T)
+        on_s = weight.unsqueeze(-1) * p_s * a                                          # (B, T, K)
+        grad = torch.empty(batch, length, vocab, dtype=logits.dtype, device=logits.device)
+        for b, rows in _row_chunks(batch, length, vocab):
+            chunk = upcast(logits[b, rows])
+            if temperature != 1.0:
+                chunk = chunk / temperature
+            target = grad[b, rows]                                                     # contiguous view
+            p = target if target.dtype == chunk.dtype else None
+            p = torch.sub(chunk, log_normaliser[b, rows].unsqueeze(-1), out=p).exp_()  # p_j, (rows, V)
+            p.mul_(minus_c[b, rows].unsqueeze(-1)).index_add_(-1, safety_ids, on_s[b, rows])
+            if p is not target:
+                target.copy_(p)
+        return grad, None, None, None
 
 
 def localized_reverse_kl(
@@ -96,7 +166,24 @@ def localized_reverse_kl(
     student_logits (B, T, V) with grad; teacher_logprobs_on_s (B, T, K) full-vocabulary teacher
     log-probs gathered on S; safety_ids (K,) long; mask (B, T).
     Returns (loss scalar, per-token L_t (B, T), zero where mask is 0).
+
+    Computed by a fused autograd Function (analytic gradient, no (B, T, V) temporaries kept between
+    forward and backward); tests/bench/test_bench_fused_loss.py checks it against plain autograd.
     """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_subset_shapes(student_logits, teacher_logprobs_on_s, safety_ids, mask)
+    dtype = upcast(student_logits[:0]).dtype
+    per_token = _LocalizedReverseKL.apply(student_logits, teacher_logprobs_on_s.detach().to(dtype),
+                                          safety_ids.to(student_logits.device), float(temperature))
+    per_token = per_token * mask.to(per_token.dtype)
+    return sequence_mean(per_token, mask), per_token
+
+
+def localized_reverse_kl_autograd(
+    student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety_ids: Tensor, mask: Tensor, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """localized_reverse_kl written with plain autograd ops: the reference the fused version is tested against."""
     student_on_s, teacher_on_s = _subset_inputs(student_logits, teacher_logprobs_on_s, safety_ids, mask, temperature)
     per_token = (student_on_s.exp() * (student_on_s - teacher_on_s)).sum(-1)
     per_token = per_token * mask.to(per_token.dtype)
