@@ -92,7 +92,7 @@ def train_refusal_model(
     tokenizer: PreTrainedTokenizerBase | None = None,
     layers: int = 4,
     hidden: int = 48,
-    steps: int = 120,
+    steps: int = 80,
     lr: float = 5e-3,
     batch_size: int = 16,
     plant_layer: int | None = 1,

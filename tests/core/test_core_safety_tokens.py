@@ -11,7 +11,7 @@ from openrlhf_safesteer.safety_tokens import banned_token_mask, select_safety_to
 from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector, steer
 from openrlhf_safesteer.toy import REFUSAL_REPLY
 
-pytestmark = pytest.mark.slow  # the toy refusal model is trained once per session (~20 s on 2 idle cores)
+pytestmark = pytest.mark.slow  # the toy refusal model is trained once per session (80 small steps)
 
 
 @pytest.fixture(scope="module")
