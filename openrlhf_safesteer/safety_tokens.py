@@ -23,10 +23,26 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from openrlhf_safesteer.chat import batches, encode_left_padded, end_of_turn_ids, render_prompts
+from openrlhf_safesteer.chat import (
+    batches,
+    encode_left_padded,
+    end_of_turn_ids,
+    render_prompts,
+)
 from openrlhf_safesteer.directions import prompts_sha256
-from openrlhf_safesteer.models import left_padded_position_ids, model_device, model_name, text_config, vocab_size
-from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector, atomic_write_text, steer
+from openrlhf_safesteer.models import (
+    left_padded_position_ids,
+    model_device,
+    model_name,
+    text_config,
+    vocab_size,
+)
+from openrlhf_safesteer.steering import (
+    IncompatibleArtifactError,
+    SteeringVector,
+    atomic_write_text,
+    steer,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,12 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from openrlhf_safesteer.models import decoder_layers, hidden_size, model_name, num_layers
+from openrlhf_safesteer.models import (
+    decoder_layers,
+    hidden_size,
+    model_name,
+    num_layers,
+)
 
 logger = logging.getLogger(__name__)
 

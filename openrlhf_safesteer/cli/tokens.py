@@ -46,7 +46,11 @@ def run(args) -> int:
 
     from openrlhf_safesteer import data
     from openrlhf_safesteer.demo.model import load_model
-    from openrlhf_safesteer.safety_tokens import default_horizon, default_min_prob, select_safety_tokens
+    from openrlhf_safesteer.safety_tokens import (
+        default_horizon,
+        default_min_prob,
+        select_safety_tokens,
+    )
     from openrlhf_safesteer.steering import SteeringVector
 
     # Artifacts and prompts first: bad input fails before the model loads.

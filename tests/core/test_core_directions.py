@@ -74,7 +74,7 @@ def test_bad_prompts_fail_before_compute(chatml_tokenizer):
 
 @pytest.mark.slow
 def test_selection_recovers_the_planted_refusal_direction(toy_refusal, toy_selection):
-    model, tok, harmful, harmless = toy_refusal
+    model, tok, _harmful, _harmless = toy_refusal
     vector, table, harmful_val, harmless_val = toy_selection
     base_harmful = refusal_rate(generate(model, tok, harmful_val, max_new_tokens=6, batch_size=16))
     base_harmless = refusal_rate(generate(model, tok, harmless_val, max_new_tokens=6, batch_size=16))

@@ -42,7 +42,7 @@ def test_horizon_one_matches_an_independent_count(toy_refusal, toy_vector):
 
 def test_planted_refusal_tokens_win_and_seed_reproduces(toy_refusal, toy_vector):
     model, tok, _, harmless = toy_refusal
-    kwargs = dict(horizon=5, n_samples=2, k=12, k_prime=10, min_prob=1e-8, progress=False)
+    kwargs = {"horizon": 5, "n_samples": 2, "k": 12, "k_prime": 10, "min_prob": 1e-8, "progress": False}
     first = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
     again = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
     assert first == again

@@ -61,7 +61,7 @@ def test_attach_steering_applies_at_every_decoding_step(chatml_tokenizer):
     with torch.no_grad():
         edited.model.embed_tokens.weight += d
     prompt = IDS[:1]
-    kwargs = dict(max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=chatml_tokenizer.pad_token_id)
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "min_new_tokens": 8, "pad_token_id": chatml_tokenizer.pad_token_id}
     handle = attach_steering(model, SteeringVector(d, layer=0))
     try:
         steered = model.generate(prompt, **kwargs)  # KV cache: later steps see one new position at a time
@@ -74,9 +74,8 @@ def test_attach_steering_applies_at_every_decoding_step(chatml_tokenizer):
 def test_steer_removes_hook_on_error(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
     before = model(IDS).logits
-    with pytest.raises(RuntimeError, match="boom"):
-        with steer(model, SteeringVector(_vector(32), layer=1)):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steer(model, SteeringVector(_vector(32), layer=1)):
+        raise RuntimeError("boom")
     torch.testing.assert_close(model(IDS).logits, before)
 
 
@@ -124,12 +123,10 @@ def test_ablate_equals_weight_orthogonalisation(chatml_tokenizer):
 
 def test_ablate_rejects_bad_direction(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
-    with pytest.raises(IncompatibleArtifactError, match="hidden size is 32"):
-        with ablate(model, torch.ones(16)):
-            pass
-    with pytest.raises(ValueError, match="zero"):
-        with ablate(model, torch.zeros(32)):
-            pass
+    with pytest.raises(IncompatibleArtifactError, match="hidden size is 32"), ablate(model, torch.ones(16)):
+        pass
+    with pytest.raises(ValueError, match="zero"), ablate(model, torch.zeros(32)):
+        pass
 
 
 def test_vector_save_load_roundtrip(tmp_path):
@@ -149,9 +146,9 @@ def test_vector_incompatible_model_is_a_clear_error(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
     with pytest.raises(IncompatibleArtifactError, match="hidden size 48"):
         SteeringVector(torch.ones(48), layer=0).check_compatible(model)
-    with pytest.raises(IncompatibleArtifactError, match="layer 5 but the model has 2"):
-        with steer(model, SteeringVector(torch.ones(32), layer=5)):
-            pass
+    with pytest.raises(IncompatibleArtifactError, match="layer 5 but the model has 2"), \
+            steer(model, SteeringVector(torch.ones(32), layer=5)):
+        pass
 
 
 def test_vector_bad_input_errors(tmp_path):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from openrlhf_safesteer.chat import ChatTemplateError, encode_left_padded, render_prompts
-from openrlhf_safesteer.templates import post_instruction_ids, post_instruction_positions
+from openrlhf_safesteer.chat import (
+    ChatTemplateError,
+    encode_left_padded,
+    render_prompts,
+)
+from openrlhf_safesteer.templates import (
+    post_instruction_ids,
+    post_instruction_positions,
+)
 from openrlhf_safesteer.testing import tiny_tokenizer
 
 
