@@ -90,3 +90,27 @@ def test_token_set_bad_input(tmp_path):
     (tmp_path / "x.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="not a safety-token set"):
         SafetyTokenSet.load(tmp_path / "x.json")
+
+
+def test_sample_continuations_follow_the_model_and_skip_forbidden(chatml_tokenizer):
+    from openrlhf_safesteer.safety_tokens import sample_continuations
+    from openrlhf_safesteer.testing import tiny_model
+
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # a peaked next-token distribution, so frequencies are measurable
+    prompt = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        probs = torch.softmax(model(prompt).logits[0, -1].float(), -1)
+    top = int(probs.argmax())
+    n = 3000
+    ids, mask = prompt.repeat(n, 1), torch.ones(n, 3, dtype=torch.long)
+    drawn = sample_continuations(model, ids, mask, 1, torch.Generator().manual_seed(0))[:, 0]
+    for token in probs.topk(3).indices.tolist():  # empirical frequency within 4 standard errors
+        p = float(probs[token])
+        assert abs(float((drawn == token).float().mean()) - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3
+    # Forbidding the most likely token removes it; the same seed repeats the same draw; length is exact.
+    again = sample_continuations(model, ids[:50], mask[:50], 4, torch.Generator().manual_seed(1), forbidden_ids=[top])
+    assert again.shape == (50, 4) and not (again == top).any()
+    assert torch.equal(again, sample_continuations(model, ids[:50], mask[:50], 4, torch.Generator().manual_seed(1),
+                                                   forbidden_ids=[top]))
