@@ -30,21 +30,27 @@ class Ratio:
         return self.candidate / self.baseline if self.baseline else float("nan")
 
 
-def paired_median_seconds(candidate: Callable[[], object], baseline: Callable[[], object], repeats: int = 7,
-                          warmup: int = 2) -> tuple[float, float]:
-    """Median wall time of each callable, measured in alternation (ABAB...) so that load from other
-    processes on a shared machine hits both sides alike."""
+def alternating_medians(fns: list[Callable[[], object]], repeats: int = 7, warmup: int = 2) -> list[float]:
+    """Median wall time of each callable, measured in alternation (ABC ABC ...) so that load from
+    other processes on a shared machine hits every side alike."""
     for _ in range(warmup):
-        candidate()
-        baseline()
-    times_c, times_b = [], []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((candidate, times_c), (baseline, times_b)):
+        for fn, series in zip(fns, times):
             gc.collect()
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_c), statistics.median(times_b)
+            series.append(time.perf_counter() - start)
+    return [statistics.median(series) for series in times]
+
+
+def paired_median_seconds(candidate: Callable[[], object], baseline: Callable[[], object], repeats: int = 7,
+                          warmup: int = 2) -> tuple[float, float]:
+    """Median wall time of candidate and baseline, measured in alternation (ABAB...)."""
+    t_candidate, t_baseline = alternating_medians([candidate, baseline], repeats, warmup)
+    return t_candidate, t_baseline
 
 
 def random_llama(vocab_size: int, hidden: int, layers: int, heads: int, intermediate: int, seed: int = 0,

@@ -55,6 +55,18 @@ def run(models: list[str], only: set[int], repeats: int, device: str, demo_repor
 
     ratios: list[Ratio] = []
 
+    def measure(label: str, fn, *args, **kwargs) -> None:
+        """Run one ratio; a failure is logged and recorded, and the other ratios still run."""
+        started = time.time()
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as error:  # one broken ratio must not lose a 20-minute run
+            logger.exception("%s failed", fn.__name__)
+            number = int(fn.__doc__.strip().split(".")[0]) if fn.__doc__ else 0
+            result = [Ratio(number, fn.__name__, label, float("nan"),
+                            float("nan"), "", "", f"FAILED: {type(error).__name__}: {error}"[:300])]
+        add(result if isinstance(result, list) else [result], started)
+
     def add(new: list[Ratio], started: float) -> None:
         load = os.getloadavg()[0]
         for r in new:
@@ -68,26 +80,20 @@ def run(models: list[str], only: set[int], repeats: int, device: str, demo_repor
             model, batch, length = load(name, device)
             logger.info("model %s: %.0fM parameters", name, sum(p.numel() for p in model.parameters()) / 1e6)
             if 1 in only:
-                t = time.time()
-                add([core_ratios.ratio_steered_forward(model, name, batch, length, repeats)], t)
+                measure(name, core_ratios.ratio_steered_forward, model, name, batch, length, repeats)
             if 2 in only:
-                t = time.time()
-                add([core_ratios.ratio_exact_step(model, name, batch, length, max(3, repeats // 2))], t)
+                measure(name, core_ratios.ratio_exact_step, model, name, batch, length, max(3, repeats // 2))
             if 3 in only:
-                t = time.time()
-                add([core_ratios.ratio_teacher_bytes(model, name, batch, length)], t)
+                measure(name, core_ratios.ratio_teacher_bytes, model, name, batch, length)
             del model
             gc.collect()
         if 4 in only:
-            t = time.time()
-            add(engine_ratios.ratio_engine_vs_trl(name, device, repeats=max(2, repeats // 2)), t)
+            measure(name, engine_ratios.ratio_engine_vs_trl, name, device, repeats=max(2, repeats // 2))
             gc.collect()
         if 5 in only:
-            t = time.time()
-            add(engine_ratios.ratio_demo_share(name, device, demo_report), t)
+            measure(name, engine_ratios.ratio_demo_share, name, device, demo_report)
         if 6 in only and device == "cpu":
-            t = time.time()
-            add(engine_ratios.ratio_lora_memory(name, device), t)
+            measure(name, engine_ratios.ratio_lora_memory, name, device)
     return ratios
 
 
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="report.json of a finished `safesteer demo` run (ratio 5 reads its stage timings)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--out", default="benchmarks/results.json", help="JSON file for every measured number")
+    parser.add_argument("--update", action="store_true",
+                        help="keep the ratios already in --out that this run does not measure (subset reruns)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -127,18 +135,34 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     started = time.time()
     ratios = run(models, only, args.repeats, args.device, args.demo_report)
-    table = format_table(ratios)
+    rows = [dataclasses.asdict(r) | {"value": r.value} for r in ratios]
+    if args.update and os.path.isfile(args.out):
+        with open(args.out) as handle:
+            previous = json.load(handle)
+        measured = {(r["number"], r["model"]) for r in rows}
+        kept = [r for r in previous.get("ratios", []) if (r["number"], r["model"]) not in measured]
+        rows = sorted(kept + rows, key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99,
+                                                  r["number"]))
+    table = format_table([Ratio(**{k: v for k, v in r.items() if k != "value"}) for r in rows])
     print(table)
-    print(f"load average (1 min) {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} "
+    load_after = os.getloadavg()
+    print(f"load average (1 min) {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} "
           f"cores; torch threads {torch.get_num_threads()}; {time.time() - started:.0f} s")
-    write_json_atomic(args.out, {
+    runs = []
+    if args.update and os.path.isfile(args.out):
+        runs = previous.get("runs", [])
+    runs.append({
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
-                    "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
         "seconds": round(time.time() - started, 1),
-        "ratios": [dataclasses.asdict(r) | {"value": r.value} for r in ratios],
+        "threads": torch.get_num_threads(),
+        "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+        "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
+    })
+    write_json_atomic(args.out, {
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
+                    "torch": torch.__version__},
+        "runs": runs,
+        "ratios": rows,
         "table": table,
     })
     return 0

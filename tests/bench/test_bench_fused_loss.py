@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from openrlhf_safesteer import objectives
-from openrlhf_safesteer.objectives import localized_reverse_kl, localized_reverse_kl_autograd
+from openrlhf_safesteer.objectives import (
+    localized_reverse_kl,
+    localized_reverse_kl_autograd,
+)
 
 
 def _inputs(batch, length, vocab, k, dtype, seed=0, scale=3.0):
@@ -62,8 +65,8 @@ def test_duplicate_ids_count_twice_like_the_sum_over_the_list():
 def test_bfloat16_logits_compute_in_float32_and_return_a_bfloat16_gradient():
     base, teacher_on_s, ids, mask = _inputs(2, 5, 300, 8, torch.bfloat16, seed=5, scale=1.0)
     weights = torch.zeros(2, 5, dtype=torch.float32)
-    loss, per_token, grad = _loss_and_grad(localized_reverse_kl, base, teacher_on_s, ids, mask, 1.0, weights)
-    ref_loss, ref_per_token, ref_grad = _loss_and_grad(localized_reverse_kl_autograd, base, teacher_on_s, ids, mask,
+    loss, _, grad = _loss_and_grad(localized_reverse_kl, base, teacher_on_s, ids, mask, 1.0, weights)
+    ref_loss, _, ref_grad = _loss_and_grad(localized_reverse_kl_autograd, base, teacher_on_s, ids, mask,
                                                        1.0, weights)
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
