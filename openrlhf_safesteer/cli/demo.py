@@ -13,12 +13,16 @@ import argparse
 import json
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help, and the module docstring kept as written."""
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from openrlhf_safesteer.demo.pipeline import DemoConfig
 
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded offline model (CPU, no hub)",
-                              description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              description=__doc__, formatter_class=_Formatter)
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--model", default=d.model, help="embedded model name, HF directory or hub id")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
@@ -36,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=d.lr, help="learning rate (LoRA)")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help="LoRA rank")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N prompts of each set")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice; 1 is faster on a CPU shared with other jobs)")
     p.add_argument("--vector", default=None, help="reuse a steering-vector folder (skips the direction search)")
     p.add_argument("--tokens", default=None, help="reuse a safety-token JSON (skips the vote)")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="warm-up share of the steps")
