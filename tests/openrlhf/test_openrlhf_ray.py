@@ -77,7 +77,9 @@ def test_cpu_recipe_two_steps_exact_loss_equals_core(tiny_run, tmp_path):
     torch.testing.assert_close(batch["teacher_on_s"], teacher_on_s, atol=1e-4, rtol=1e-4)
     core_loss, _ = localized_reverse_kl(student, teacher_on_s, ids, mask)
     assert logged[0] == pytest.approx(float(core_loss), rel=1e-4, abs=1e-7)
-    assert float(core_loss) > 0  # the steered teacher really differs from the student on S
+    # The steered teacher really differs from the student on S (the subset KL itself may have either sign).
+    student_on_s = gather_logprobs(student, ids) * mask.unsqueeze(-1)
+    assert (teacher_on_s - student_on_s).abs().max() > 1e-2
 
     final = load_file(str(out / "final" / "model.safetensors"))
     initial = load_file(str(Path(tiny_run["model"]) / "model.safetensors"))
