@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,10 @@ def _pairs(values: list[str], what: str) -> dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from openrlhf_safesteer.eval.benchmarks import parse_benchmark_arg
-    from openrlhf_safesteer.eval.generation import GenerationSettings, parse_checkpoint_arg
+    from openrlhf_safesteer.eval.generation import (
+        GenerationSettings,
+        parse_checkpoint_arg,
+    )
     from openrlhf_safesteer.eval.runner import EvalConfig, EvalError, evaluate, summary
 
     checkpoints = [parse_checkpoint_arg(m) for m in args.models]
@@ -110,5 +114,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logger.info("results in %s (results.json, table.md%s)\n%s", args.out, "" if args.no_plot else ", chart.png",
                 summary(results))
-    print(open(f"{args.out}/table.md", encoding="utf-8").read())
+    print(Path(args.out, "table.md").read_text(encoding="utf-8"))
     return 1 if results.get("errors") else 0

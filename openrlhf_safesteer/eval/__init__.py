@@ -29,7 +29,24 @@ _EXPORTS = {
     "evaluate": "openrlhf_safesteer.eval.runner",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "BENCHMARKS",
+    "GENERAL_TASKS",
+    "PAPER_SAFETY_BENCHMARKS",
+    "BenchmarkUnavailableError",
+    "Checkpoint",
+    "EvalConfig",
+    "EvalError",
+    "EvalItem",
+    "GenerationSettings",
+    "JudgeUnavailableError",
+    "evaluate",
+    "load_benchmark",
+    "make_judge",
+    "markdown_table",
+    "plot_results",
+    "run_lm_eval",
+]
 
 
 def __getattr__(name: str):

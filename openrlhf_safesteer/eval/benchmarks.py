@@ -196,8 +196,7 @@ def _as_text(value: Any) -> str:
 
 def _strip_alert_wrapper(text: str) -> str:
     text = text.strip()
-    if text.startswith("### Instruction:"):
-        text = text[len("### Instruction:"):]
+    text = text.removeprefix("### Instruction:")
     if "### Response:" in text:
         text = text[:text.rindex("### Response:")]
     return text.strip()
@@ -291,7 +290,7 @@ def _load_from_hub(spec: BenchmarkSpec) -> list[dict[str, Any]]:
             f"local file ({spec.name}=PATH)") from err
     try:
         dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
-    except Exception as err:  # noqa: BLE001 - any hub failure becomes one clear error
+    except Exception as err:
         raise BenchmarkUnavailableError(
             f"benchmark {spec.name!r}: could not load {spec.hub_id} (config {spec.hub_config}, split "
             f"{spec.hub_split}) from the Hugging Face hub: {err}. Pass a local file instead "

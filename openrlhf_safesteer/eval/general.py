@@ -41,7 +41,7 @@ def headline(task: str, metrics: dict[str, Any]) -> tuple[str, float] | None:
         if key and key in numeric:
             return key, float(numeric[key])
     if numeric:
-        key = sorted(numeric)[0]
+        key = min(numeric)
         return key, float(numeric[key])
     return None
 
@@ -56,7 +56,7 @@ def local_task_names(include_path: str | None) -> set[str]:
         return set()
     names = set()
     for path in Path(include_path).rglob("*.yaml"):
-        names.update(re.findall(r"^(?:task|group):\s*['\"]?([\w.\-]+)", path.read_text(errors="ignore"), re.M))
+        names.update(re.findall(r"^(?:task|group):\s*['\"]?([\w.\-]+)", path.read_text(errors="ignore"), re.MULTILINE))
     return names
 
 
@@ -64,7 +64,7 @@ def run_lm_eval(
     model: Any,
     tokenizer: Any,
     tasks: Sequence[str],
-    limit: int | float | None = None,
+    limit: float | None = None,
     batch_size: int = 8,
     apply_chat_template: bool = True,
     include_path: str | None = None,

@@ -22,6 +22,7 @@ Layout of out_dir:
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -34,14 +35,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from openrlhf_safesteer.eval.benchmarks import BenchmarkUnavailableError, EvalItem, benchmark_kind, load_benchmark
-from openrlhf_safesteer.eval.generation import (
-    Checkpoint, GenerationSettings, append_jsonl, cached_generate, choose_backend, digest, embedded_model_name,
-    hf_generate, load_checkpoint, read_jsonl, vllm_generate,
+from openrlhf_safesteer.eval.benchmarks import (
+    BenchmarkUnavailableError,
+    EvalItem,
+    benchmark_kind,
+    load_benchmark,
 )
-from openrlhf_safesteer.eval.judges import Judge, JudgeUnavailableError, Verdict, make_judge
+from openrlhf_safesteer.eval.generation import (
+    Checkpoint,
+    GenerationSettings,
+    append_jsonl,
+    cached_generate,
+    choose_backend,
+    digest,
+    embedded_model_name,
+    hf_generate,
+    load_checkpoint,
+    read_jsonl,
+    vllm_generate,
+)
+from openrlhf_safesteer.eval.judges import (
+    Judge,
+    JudgeUnavailableError,
+    Verdict,
+    make_judge,
+)
 from openrlhf_safesteer.eval.report import (
-    alpaca_eval_records, markdown_table, plot_results, write_json_atomic, write_text_atomic,
+    alpaca_eval_records,
+    markdown_table,
+    plot_results,
+    write_json_atomic,
+    write_text_atomic,
 )
 from openrlhf_safesteer.refusal import is_refusal
 
@@ -103,6 +127,39 @@ def _load_tokenizer(checkpoint: Checkpoint):
 def _record_error(errors: list[dict[str, Any]], benchmark: str, error: Exception, checkpoint: str | None = None):
     errors.append({"benchmark": benchmark, "checkpoint": checkpoint, "error": str(error)})
     logger.error("%s", error)
+
+
+class _Policy:
+    """A checkpoint's model, loaded on first use (a fully cached run never loads it), with its
+    steering hook attached when the checkpoint asks for one."""
+
+    def __init__(self, checkpoint: Checkpoint, tokenizer) -> None:
+        self.checkpoint, self.tokenizer = checkpoint, tokenizer
+        self.model = None
+        self.handle = None
+
+    def get(self):
+        if self.model is None:
+            self.model, self.tokenizer = load_checkpoint(self.checkpoint)
+        if self.checkpoint.steer and self.handle is None:
+            from openrlhf_safesteer.steering import SteeringVector, attach_steering
+
+            vector = SteeringVector.load(self.checkpoint.steer)
+            vector.check_compatible(self.model)
+            self.handle = attach_steering(self.model, vector, self.checkpoint.steer_coeff)
+        return self.model, self.tokenizer
+
+    def release(self) -> None:
+        if self.handle is not None:  # in-memory models are the caller's: leave them unhooked
+            self.handle.remove()
+        self.model = self.handle = None
+
+
+def _generate(policy: _Policy, backend: str, settings: GenerationSettings, prompts: list[str]) -> list[str]:
+    if backend == "vllm":
+        return vllm_generate(policy.checkpoint.path, policy.tokenizer, prompts, settings)
+    model, tokenizer = policy.get()
+    return hf_generate(model, tokenizer, prompts, settings)
 
 
 def load_results(out_dir: Path) -> dict[str, Any]:
@@ -213,32 +270,13 @@ def evaluate(
     # 2. generation (and general tasks) per checkpoint.
     replies: dict[tuple[str, str], list[str]] = {}
     for ckpt in checkpoints:
-        model = tokenizer = None
-        handle = None
         cdir = _safe_name(ckpt.name)
         backend = choose_backend(settings, ckpt)
         run_key = digest([ckpt.identity(), settings.key()])
-        tokenizer = _load_tokenizer(ckpt)
+        policy = _Policy(ckpt, _load_tokenizer(ckpt))
         run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
-                                         **_template_info(tokenizer)}
-
-        def policy():
-            nonlocal model, tokenizer, handle
-            if model is None:
-                model, tokenizer = load_checkpoint(ckpt)
-            if ckpt.steer and handle is None:
-                from openrlhf_safesteer.steering import SteeringVector, attach_steering
-
-                vector = SteeringVector.load(ckpt.steer)
-                vector.check_compatible(model)
-                handle = attach_steering(model, vector, ckpt.steer_coeff)
-            return model, tokenizer
-
-        def generate_fn(prompts: list[str]) -> list[str]:
-            if backend == "vllm":
-                return vllm_generate(ckpt.path, tokenizer, prompts, settings)
-            m, t = policy()
-            return hf_generate(m, t, prompts, settings)
+                                         **_template_info(policy.tokenizer)}
+        generate_fn = functools.partial(_generate, policy, backend, settings)
 
         for name, items in data.items():
             cache = out / "generations" / cdir / f"{_safe_name(name)}.jsonl"
@@ -261,14 +299,14 @@ def evaluate(
             else:
                 from openrlhf_safesteer.eval.general import run_lm_eval
 
-                m, t = policy()
+                m, t = policy.get()
                 try:
                     scores = run_lm_eval(m, t, list(config.general), limit=config.general_limit,
                                          batch_size=config.general_batch_size,
                                          apply_chat_template=config.general_chat_template,
                                          include_path=config.general_include_path,
                                          allow_code_eval=config.allow_code_eval)
-                except Exception as err:  # noqa: BLE001 - named, recorded, safety results still written
+                except Exception as err:
                     wrapped = EvalError(f"general tasks {', '.join(config.general)} on {ckpt.name!r}: {err}")
                     if not config.skip_unavailable:
                         _finish(out, run, errors + [{"benchmark": ",".join(config.general), "checkpoint": ckpt.name,
@@ -278,9 +316,7 @@ def evaluate(
                     scores = None
                 if scores is not None:
                     write_json_atomic(general_file, {"key": gkey, "scores": scores})
-        if handle is not None:
-            handle.remove()
-        del model
+        policy.release()
         gc.collect()
 
     # 3. judging, one judge at a time (the policies are freed by now).
@@ -304,7 +340,7 @@ def evaluate(
                              / f"{_safe_name(name)}.{_safe_name(judges[spec].name)}.jsonl")
                     try:
                         verdicts = _judge_verdicts(judges[spec], cache, items, got)
-                    except Exception as err:  # noqa: BLE001 - name the benchmark; keep what is written
+                    except Exception as err:
                         wrapped = EvalError(f"benchmark {name!r}: judge {spec!r} failed: {err}")
                         if not config.skip_unavailable:
                             _finish(out, run, errors + [{"benchmark": name, "checkpoint": ckpt.name,

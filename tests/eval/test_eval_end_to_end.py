@@ -135,7 +135,12 @@ def test_steered_checkpoint_is_scored_with_the_hook_and_released(planted, plante
     import torch
 
     from openrlhf_safesteer.chat import generate
-    from openrlhf_safesteer.eval import Checkpoint, EvalConfig, GenerationSettings, evaluate
+    from openrlhf_safesteer.eval import (
+        Checkpoint,
+        EvalConfig,
+        GenerationSettings,
+        evaluate,
+    )
     from openrlhf_safesteer.steering import SteeringVector
 
     model, tok = planted_models["refuser"]

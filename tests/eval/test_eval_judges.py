@@ -8,11 +8,23 @@ import json
 
 import pytest
 
-from openrlhf_safesteer.eval import Checkpoint, EvalConfig, GenerationSettings, evaluate, load_benchmark
+from openrlhf_safesteer.eval import (
+    Checkpoint,
+    EvalConfig,
+    GenerationSettings,
+    evaluate,
+    load_benchmark,
+)
 from openrlhf_safesteer.eval.benchmarks import EvalItem, _hub_reachable
 from openrlhf_safesteer.eval.judges import (
-    HarmBenchJudge, JudgeUnavailableError, LlamaGuardJudge, SorryBenchJudge, make_judge, parse_llama_guard,
-    parse_sorry_bench, parse_yes_no,
+    HarmBenchJudge,
+    JudgeUnavailableError,
+    LlamaGuardJudge,
+    SorryBenchJudge,
+    make_judge,
+    parse_llama_guard,
+    parse_sorry_bench,
+    parse_yes_no,
 )
 from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer
 

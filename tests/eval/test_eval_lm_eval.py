@@ -8,7 +8,11 @@ import json
 import pytest
 import torch
 
-from openrlhf_safesteer.eval.general import GeneralTaskUnavailableError, headline, run_lm_eval
+from openrlhf_safesteer.eval.general import (
+    GeneralTaskUnavailableError,
+    headline,
+    run_lm_eval,
+)
 from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer
 
 DOCS = [

@@ -10,7 +10,10 @@ import time
 import pytest
 
 from openrlhf_safesteer.eval.benchmarks import (
-    BenchmarkUnavailableError, _hub_reachable, load_benchmark, parse_benchmark_arg,
+    BenchmarkUnavailableError,
+    _hub_reachable,
+    load_benchmark,
+    parse_benchmark_arg,
 )
 
 

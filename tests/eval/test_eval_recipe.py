@@ -45,7 +45,7 @@ def test_recipe_runs_on_local_copies(policy_dirs, tmp_path):
            "MAX_NEW_TOKENS": "12", "PYTHON": sys.executable, "SAFESTEER": f"{sys.executable} -m openrlhf_safesteer.cli.main",
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(["bash", str(RECIPE), f"complier={policy_dirs['complier']}", "--", "--no-plot"],
-                          env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     safety = results["checkpoints"]["complier"]["safety"]

@@ -7,7 +7,12 @@ import json
 
 import pytest
 
-from openrlhf_safesteer.eval.report import alpaca_eval_records, markdown_table, plot_results, write_json_atomic
+from openrlhf_safesteer.eval.report import (
+    alpaca_eval_records,
+    markdown_table,
+    plot_results,
+    write_json_atomic,
+)
 
 RESULTS = {
     "checkpoints": {
