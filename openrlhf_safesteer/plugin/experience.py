@@ -39,6 +39,10 @@ logger = logging.getLogger(__name__)
 
 TEACHER_SAMPLED = "safesteer_teacher_logprobs"
 
+# Every actor this driver placed, so the launcher can end them when training returns (OpenRLHF's
+# train() leaves them to the end of the driver process, which in a shared session never comes).
+LAUNCHED: list = []
+
 
 def per_sequence_safety(student_on_s: torch.Tensor, teacher_on_s: torch.Tensor, mask: torch.Tensor) -> dict:
     """Per-sequence token means (B,) of the KL over S and the mass on S of student and teacher."""
@@ -146,6 +150,10 @@ class SafeSteerActorGroup(RayActorGroup):
         return not self._actor_handlers
 
     def _initiate_actors(self, pg, num_gpus_per_actor):
+        self._place(pg, num_gpus_per_actor)
+        LAUNCHED.extend(self._actor_handlers)
+
+    def _place(self, pg, num_gpus_per_actor):
         if compat.cuda_present():
             return super()._initiate_actors(pg, num_gpus_per_actor)
         world_size = self._num_nodes * self._num_gpus_per_node
@@ -181,5 +189,33 @@ class SafeSteerPPOTrainer(_StockTrainer):
             self.kl_ctl, self.strategy, self.tokenizer)
 
 
+class _Tracked:
+    """A Ray actor class whose `.remote(...)` also records the handle in LAUNCHED."""
+
+    def __init__(self, actor_class):
+        self.actor_class = actor_class
+
+    def remote(self, *args, **kwargs):
+        handle = self.actor_class.remote(*args, **kwargs)
+        LAUNCHED.append(handle)
+        return handle
+
+    def options(self, **options):
+        return _Tracked(self.actor_class.options(**options))
+
+
 # A controller: it holds no model, so it takes no CPU share from the model actors.
-SafeSteerPPOTrainerRemote = ray.remote(num_cpus=0)(SafeSteerPPOTrainer)
+SafeSteerPPOTrainerRemote = _Tracked(ray.remote(num_cpus=0)(SafeSteerPPOTrainer))
+
+
+def end_launched_actors() -> int:
+    """ray.kill every actor recorded in LAUNCHED; returns how many."""
+    count = 0
+    while LAUNCHED:
+        handle = LAUNCHED.pop()
+        try:
+            ray.kill(handle, no_restart=True)
+            count += 1
+        except Exception as error:  # already dead, or the session is gone
+            logger.debug("could not kill %s: %s", handle, error)
+    return count

@@ -99,7 +99,11 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
         if config.dry_run:
             return
 
-        from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, SafeSteerPPOTrainerRemote
+        from openrlhf_safesteer.plugin.experience import (
+            SafeSteerActorGroup,
+            SafeSteerPPOTrainerRemote,
+            end_launched_actors,
+        )
         from openrlhf_safesteer.plugin.policy import SafeSteerPolicyActorRemote
         from openrlhf_safesteer.plugin.teacher import SteeredReferenceActorRemote
         import openrlhf.trainer.ppo_trainer as ppo_trainer
@@ -113,9 +117,13 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             namespace["create_vllm_engines"] = create_hf_rollout_engines
         _ensure_ray()
         # train() imports PPOTrainer from its module at call time.
-        with _patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):
-            namespace["_openrlhf_train"](args)
-        result["trained"] = True
+        try:
+            with _patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):
+                namespace["_openrlhf_train"](args)
+            result["trained"] = True
+        finally:
+            # The model was saved by train(); free the cluster for whatever the session does next.
+            logger.info("ended %d SafeSteer actors", end_launched_actors())
 
     return train
 

@@ -211,5 +211,8 @@ def create_hf_rollout_engines(
         engines.append(HFRolloutActorRemote.options(**options).remote(
             pretrain, seed=seed + i, max_model_len=max_model_len, agent_func_path=agent_func_path,
             remote_rm_url=remote_rm_url))
+    from openrlhf_safesteer.plugin.experience import LAUNCHED
+
+    LAUNCHED.extend(engines)
     logger.info("started %d HF-generate rollout engine(s) for %s", num_engines, pretrain)
     return engines
