@@ -40,9 +40,13 @@ def _kl(reference: torch.Tensor, other: torch.Tensor) -> float:
 def select_direction_window(
     model, tokenizer, harmful_train: Sequence[str], harmless_train: Sequence[str], harmful_val: Sequence[str],
     harmless_val: Sequence[str], layers: Sequence[int], positions: Sequence[int] = (-1,), coeff: float = 1.0,
-    kl_threshold: float = 0.1, batch_size: int = 16, progress: bool = True,
+    kl_threshold: float = 0.1, batch_size: int = 16, progress: bool = True, allow_fallback: bool = True,
 ) -> tuple[SteeringVector, list[CandidateScore]]:
-    """Like directions.select_direction, restricted to `layers` x `positions` (negative template positions)."""
+    """Like directions.select_direction, restricted to `layers` x `positions` (negative template positions).
+
+    allow_fallback: when every candidate fails the rules, take the one with the highest harmless
+    steering refusal score (logged, and recorded as source["fallback"]) instead of raising.
+    """
     depth = num_layers(model)
     layers = sorted(set(int(x) for x in layers))
     if not layers or layers[0] < 0 or layers[-1] >= depth:
@@ -68,6 +72,9 @@ def select_direction_window(
             vector = candidates[layer, j].float()
             row = CandidateScore(layer=layer, position=position, norm=float(vector.norm()))
             table.append(row)
+            if not torch.isfinite(vector).all() or row.norm == 0:   # e.g. layer 0: the same template token for all
+                row.rejected, row.steering_refusal = "zero or non-finite direction", float("-inf")
+                continue
             with ablate(model, vector):
                 ablated = last_token_logprobs(model, tokenizer, list(harmful_val) + list(harmless_val), batch_size)
             row.ablation_refusal = float(refusal_scores_from_logprobs(ablated[:len(harmful_val)], refusal_ids).mean())
@@ -81,11 +88,21 @@ def select_direction_window(
             elif row.steering_refusal <= 0:
                 row.rejected = f"steering refusal score {row.steering_refusal:.3g} <= 0"
     passed = [r for r in table if not r.rejected]
-    if not passed:
+    fallback = not passed
+    if fallback and not allow_fallback:
         raise DirectionSelectionError(
             "every candidate in the demo's window was rejected: "
             + "; ".join(f"layer {r.layer}: {r.rejected}" for r in table))
-    best = min(passed, key=lambda r: (r.ablation_refusal, r.layer))
+    if fallback:
+        # Measured on the default model (first full demo run, coefficient 1): layers 12-17 each failed one rule
+        # (ablation KL 0.13-0.52 > 0.1, or harmless steering score < 0). SafeSteer needs above all a teacher
+        # that refuses, so fall back to the candidate whose addition raises harmless refusal the most.
+        best = max(table, key=lambda r: (r.steering_refusal, -r.layer))
+        logger.warning("every candidate failed METHOD.md's rules (%s); falling back to layer %d, the strongest "
+                       "steering refusal score (%.2f)", "; ".join(f"layer {r.layer}: {r.rejected}" for r in table),
+                       best.layer, best.steering_refusal)
+    else:
+        best = min(passed, key=lambda r: (r.ablation_refusal, r.layer))
     logger.info("selected layer %d position %d (ablation refusal %.2f, steering refusal %.2f, KL %.3f)", best.layer,
                 best.position, best.ablation_refusal, best.steering_refusal, best.ablation_kl)
     source = {
@@ -93,7 +110,7 @@ def select_direction_window(
         "layers": layers, "positions": list(positions),
         "harmful_train_sha256": prompts_sha256(kept_harmful), "harmless_train_sha256": prompts_sha256(kept_harmless),
         "harmful_val_sha256": prompts_sha256(harmful_val), "harmless_val_sha256": prompts_sha256(harmless_val),
-        "selected": best.to_dict(), "kl_threshold": kl_threshold,
+        "selected": best.to_dict(), "kl_threshold": kl_threshold, "fallback": fallback,
     }
     vector = SteeringVector(candidates[best.layer, list(positions).index(best.position)].float(), layer=best.layer,
                             coeff=coeff, position=best.position, model_name=model_name(model), source=source)

@@ -43,7 +43,7 @@ class DemoConfig:
     # direction (METHOD.md section 1, reduced grid)
     layers: list[int] = field(default_factory=lambda: list(range(12, 18)))
     positions: list[int] = field(default_factory=lambda: [-1])
-    coeff: float = 1.0
+    coeff: float = 2.0                 # issue 3: coefficient 1 refuses only 4-5/8 harmless prompts on this model
     kl_threshold: float = 0.1
     # safety tokens (section 3)
     horizon: int = 7
