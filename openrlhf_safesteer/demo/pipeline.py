@@ -46,7 +46,11 @@ class DemoConfig:
     coeff: float = 2.0                 # issue 3: coefficient 1 refuses only 4-5/8 harmless prompts on this model
     kl_threshold: float = 0.1
     # safety tokens (section 3)
-    horizon: int = 7
+    # Measured on the default model (layer 15, coeff 2, 8 prompts x 4 samples): with H = 7 the 50 voted tokens are all
+    # semantic (' illegal', ' malicious', 'unsafe', ' unethical', ...), no refusal opener, and the teacher's mass on
+    # them along the student's rollouts is ~0.01-0.04. With H = 1 S is the refusal openers (METHOD.md section 3),
+    # which is what the refusal judge reads. Not yet compared by a full run: sweep --horizon 1 vs 7.
+    horizon: int = 1
     token_samples: int = 4
     token_prompts: int = 12
     k: int = 50
