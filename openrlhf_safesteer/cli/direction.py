@@ -3,7 +3,7 @@
     safesteer direction --model M --harmful harmful.json --harmless harmless.json --out vec/
 
 Writes vec/vector.safetensors + vec/steering_vector.json (the SteeringVector), vec/candidates.json
-(every candidate's scores) and vec/candidates.png (the scores by layer). Each prompt file is split
+and vec/candidates.csv (every candidate's scores) and vec/candidates.png (the scores by layer). Each prompt file is split
 with --seed into --n-val validation prompts and up to --n-train fitting prompts. Without
 --harmful/--harmless the project's own prompt sets are used (their direction and validation splits).
 """
@@ -101,6 +101,18 @@ def plot_candidates(table: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def candidates_csv(rows: list[dict]) -> str:
+    """Every candidate's scores as CSV text, one row per (layer, position), columns in table order."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["layer", "position"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def run(args) -> int:
     import torch
 
@@ -135,6 +147,7 @@ def run(args) -> int:
     vector.save(out)
     rows = [dict(r.to_dict(), selected=(r.layer == vector.layer and r.position == vector.position)) for r in table]
     atomic_write_text(out / "candidates.json", json.dumps(rows, indent=1) + "\n")
+    atomic_write_text(out / "candidates.csv", candidates_csv(rows))
     plot_candidates(rows, out / "candidates.png")
     print(f"steering vector: {out} (layer {vector.layer}, position {vector.position}, norm {vector.norm:.3f})")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -38,6 +39,10 @@ def test_direction_then_tokens(toy_dir, tmp_path, capsys):
     selected = [r for r in table if r["selected"]]
     assert len(table) == 4 and len(selected) == 1 and (selected[0]["layer"], selected[0]["position"]) == (vector.layer, vector.position)
     assert (vec / "candidates.png").stat().st_size > 1000
+    with open(vec / "candidates.csv", newline="") as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [(int(r["layer"]), int(r["position"])) for r in csv_rows] == [(r["layer"], r["position"]) for r in table]
+    assert [r["selected"] for r in csv_rows].count("True") == 1
     assert vector.model_name == str(model_dir) and vector.source["n_harmful_val"] == 16
 
     out = tmp_path / "tokens.json"
