@@ -69,6 +69,7 @@ def format_table(ratios: list[Ratio]) -> str:
     lines = ["| # | ratio | model | candidate | baseline | ratio | goal | note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in ratios:
+        value = f"{r.value:.2e}" if 0 < abs(r.value) < 0.01 else f"{r.value:.3f}"
         lines.append(f"| {r.number} | {r.name} | {r.model} | {r.candidate:.4g} {r.unit} | {r.baseline:.4g} {r.unit} "
-                     f"| {r.value:.3f} | {r.goal} | {r.note} |")
+                     f"| {value} | {r.goal} | {r.note} |")
     return "\n".join(lines)

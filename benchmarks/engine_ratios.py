@@ -263,7 +263,10 @@ def ratio_demo_share(name: str, device: str, report_path: str = DEFAULT_DEMO_REP
 
 
 def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS of this process: VmHWM where readable. ru_maxrss is not used when VmHWM exists: Linux
+    carries the forking parent's peak into it across exec, so a child of a big process reports the parent's."""
+    peak = _peak_rss_since_reset()
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _reset_peak_rss() -> bool:
@@ -305,8 +308,9 @@ def measure_memory(name: str, mode: str, steps: int, device: str) -> dict:
             stepper()
         seconds = (time.perf_counter() - start) / steps
         stepper.close()
-    return {"mode": mode, "peak_rss_bytes": _max_rss_bytes(), "rss_after_load_bytes": after_load,
-            "peak_rss_since_load_bytes": _peak_rss_since_reset() if reset else None,
+    since_load = _peak_rss_since_reset() if reset else None
+    return {"mode": mode, "peak_rss_bytes": max(after_load, since_load or _max_rss_bytes()),
+            "rss_after_load_bytes": after_load, "peak_rss_since_load_bytes": since_load,
             "model_bytes": model_bytes, "steps": steps, "seconds_per_step": seconds}
 
 
