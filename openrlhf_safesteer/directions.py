@@ -207,6 +207,7 @@ def select_direction(
     positions: Sequence[int] | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    fallback: bool = False,
 ) -> tuple[SteeringVector, list[CandidateScore]]:
     """Compute every candidate direction and select one (METHOD.md section 1).
 
@@ -218,6 +219,9 @@ def select_direction(
 
     layers / positions restrict the grid (a reduced search on big models): layers to score (still
     subject to max_layer_fraction) and negative post-instruction positions (default: all of them).
+    fallback: when every candidate is rejected, take the scored one whose addition raises the harmless
+    refusal score most (logged, and recorded as source["fallback"]) instead of raising. SafeSteer needs
+    above all a teacher that refuses; the demo uses this on its reduced grid.
     """
     for name, prompts in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
                           ("harmful_val", harmful_val), ("harmless_val", harmless_val)):
@@ -281,7 +285,9 @@ def select_direction(
             row.rejected = f"steering refusal score {row.steering_refusal:.3g} <= 0"
 
     passed = [row for row in table if not row.rejected]
-    if not passed:
+    steered = [row for row in table if row.steering_refusal is not None]
+    used_fallback = not passed and fallback and bool(steered)
+    if not passed and not used_fallback:
         scored = sorted((r for r in table if r.ablation_refusal is not None), key=lambda r: r.ablation_refusal)
         lines = "\n".join(f"  layer {r.layer} pos {r.position}: {r.rejected}" for r in scored[:5])
         raise DirectionSelectionError(
@@ -290,7 +296,14 @@ def select_direction(
             "the harmful prompts (baseline harmful refusal score "
             f"{base_harmful_refusal:.3f}, harmless {base_harmless_refusal:.3f})"
         )
-    best = min(passed, key=lambda r: (r.ablation_refusal, r.layer, r.position))
+    if used_fallback:
+        best = max(steered, key=lambda r: (r.steering_refusal, -r.layer, -r.position))
+        logger.warning("every candidate failed METHOD.md's rules (%s); falling back to layer %d position %d, the "
+                       "strongest steering refusal score (%.2f)",
+                       "; ".join(f"layer {r.layer} pos {r.position}: {r.rejected}" for r in table),
+                       best.layer, best.position, best.steering_refusal)
+    else:
+        best = min(passed, key=lambda r: (r.ablation_refusal, r.layer, r.position))
     logger.info("selected layer %d position %d: ablation refusal %.3f, steering refusal %.3f, ablation KL %.4f",
                 best.layer, best.position, best.ablation_refusal, best.steering_refusal, best.ablation_kl)
     source = {
@@ -308,6 +321,7 @@ def select_direction(
         "positions": positions,
         "baseline": {"harmful_val_refusal": base_harmful_refusal, "harmless_val_refusal": base_harmless_refusal},
         "selected": best.to_dict(),
+        "fallback": used_fallback,
         "config": {"filter_train": filter_train, "max_layer_fraction": max_layer_fraction,
                    "kl_threshold": kl_threshold, "coeff": coeff, "refusal_words": list(refusal_words),
                    "layers": layers, "positions": positions},

@@ -120,7 +120,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from openrlhf_safesteer.directions import CandidateScore
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet, select_safety_tokens
 
-    from .direction import select_direction_window
+    from openrlhf_safesteer.directions import select_direction
     from .report import write_report
 
     if cfg.threads:
@@ -148,10 +148,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             vector.coeff = cfg.coeff
             table = [CandidateScore(**r) for r in vector.source.get("candidates", [])]
         else:
-            vector, table = select_direction_window(
+            # The full grid is ~95 candidates on the 24-layer default model (over ten minutes on 2 cores):
+            # the demo scores a window of layers at the last prompt position, with the same rules, and
+            # falls back to the strongest steering candidate when the window has none that passes them.
+            vector, table = select_direction(
                 model, tokenizer, data.harmful("direction"), data.harmless("direction"), data.harmful("validation"),
                 data.harmless("validation"), layers=cfg.layers, positions=cfg.positions, coeff=cfg.coeff,
-                kl_threshold=cfg.kl_threshold, progress=cfg.progress)
+                kl_threshold=cfg.kl_threshold, progress=cfg.progress, fallback=True)
             vector.source["candidates"] = [r.to_dict() for r in table]
         vector.save(out / "vector")
         _write_json(out / "direction_candidates.json", [r.to_dict() for r in table])

@@ -47,8 +47,7 @@ def test_direction_window_scores_candidates_and_falls_back(tmp_path):
     import pytest
 
     from openrlhf_safesteer import data
-    from openrlhf_safesteer.demo.direction import select_direction_window
-    from openrlhf_safesteer.directions import DirectionSelectionError
+    from openrlhf_safesteer.directions import DirectionSelectionError, select_direction
     from openrlhf_safesteer.testing import tiny_model
 
     tok = tiny_tokenizer()
@@ -57,11 +56,12 @@ def test_direction_window_scores_candidates_and_falls_back(tmp_path):
             data.harmless("validation")[:3])
     # a random model has no refusal direction: with an impossible KL bound every candidate is rejected
     with pytest.raises(DirectionSelectionError, match="rejected"):
-        select_direction_window(*args, layers=[1, 2], kl_threshold=1e-12, allow_fallback=False, progress=False)
-    vector, table = select_direction_window(*args, layers=[0, 1, 2], kl_threshold=1e-12, progress=False)
+        select_direction(*args, layers=[1, 2], positions=[-1], kl_threshold=1e-12, progress=False)
+    vector, table = select_direction(*args, layers=[0, 1, 2], positions=[-1], kl_threshold=1e-12,
+                                     max_layer_fraction=1.0, fallback=True, progress=False)
     assert [r.layer for r in table] == [0, 1, 2] and all(r.rejected for r in table)
     assert table[0].rejected.startswith("zero")   # layer 0 input at the last position: same token everywhere
-    best = max(table, key=lambda r: r.steering_refusal)
+    best = max((r for r in table if r.steering_refusal is not None), key=lambda r: r.steering_refusal)
     assert vector.layer == best.layer and vector.source["fallback"] is True
     with pytest.raises(ValueError, match="layers"):
-        select_direction_window(*args, layers=[5], progress=False)
+        select_direction(*args, layers=[5], progress=False)
