@@ -93,14 +93,18 @@ def _subset_inputs(student_logits: Tensor, teacher_logprobs_on_s: Tensor, safety
     return student_on_s, teacher_logprobs_on_s.to(student_on_s.dtype).detach()
 
 
-# Rows of (., V) processed at a time by the fused loss: small enough that a chunk's temporaries stay
-# in cache, large enough that the per-chunk Python overhead is negligible.
+# Elements of (., V) processed at a time by the fused loss. On CPU: small enough that a chunk's
+# temporaries stay in cache, large enough that the per-chunk Python overhead is negligible. On an
+# accelerator, cache blocking buys nothing and every chunk costs kernel launches, so chunks only bound
+# the temporaries' memory (2^27 fp32 elements = 512 MiB): one chunk per sequence for 8B-70B vocabularies.
 _CHUNK_ELEMENTS = 1 << 19
+_ACCELERATOR_CHUNK_ELEMENTS = 1 << 27
 
 
-def _row_chunks(batch: int, length: int, vocab: int):
+def _row_chunks(batch: int, length: int, vocab: int, device: torch.device):
     """(b, slice of positions) pieces of a (B, T, V) tensor; each piece z[b, sl] is contiguous in the last dim."""
-    step = max(1, _CHUNK_ELEMENTS // vocab)
+    budget = _CHUNK_ELEMENTS if device.type == "cpu" else _ACCELERATOR_CHUNK_ELEMENTS
+    step = max(1, budget // vocab)
     for b in range(batch):
         for start in range(0, length, step):
             yield b, slice(start, min(start + step, length))
@@ -120,7 +124,7 @@ class _LocalizedReverseKL(torch.autograd.Function):
         batch, length, vocab = logits.shape
         dtype = upcast(logits[:0]).dtype
         log_normaliser = torch.empty(batch, length, dtype=dtype, device=logits.device)  # (B, T)
-        for b, rows in _row_chunks(batch, length, vocab):
+        for b, rows in _row_chunks(batch, length, vocab, logits.device):
             chunk = upcast(logits[b, rows])
             if temperature != 1.0:
                 chunk = chunk / temperature
@@ -145,7 +149,7 @@ class _LocalizedReverseKL(torch.autograd.Function):
         minus_c = -(weight * (p_s * a).sum(-1))                                        # (B, T)
         on_s = weight.unsqueeze(-1) * p_s * a                                          # (B, T, K)
         grad = torch.empty(batch, length, vocab, dtype=logits.dtype, device=logits.device)
-        for b, rows in _row_chunks(batch, length, vocab):
+        for b, rows in _row_chunks(batch, length, vocab, logits.device):
             chunk = upcast(logits[b, rows])
             if temperature != 1.0:
                 chunk = chunk / temperature
