@@ -206,7 +206,8 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
         teacher_logits = None
         teacher_on_s, teacher_sampled = teacher.logprobs(rollouts, safety_ids, cfg.temperature)
     logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
-    student_on_s = gather_logprobs(logits, safety_ids, cfg.temperature)
+    with torch.no_grad():  # for the metrics only: no graph through a second pass over (B, C, V)
+        student_on_s = gather_logprobs(logits.detach(), safety_ids, cfg.temperature)
     if cfg.objective in ("exact", "system_prompt"):
         loss, _ = SUBSET_OBJECTIVES["reverse"](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
     elif cfg.objective in ("forward", "renormalized"):
