@@ -14,8 +14,10 @@ _EXPORTS = {
     # models / hooks
     "decoder_layers": "openrlhf_safesteer.models",
     "hidden_size": "openrlhf_safesteer.models",
+    "unwrap_model": "openrlhf_safesteer.models",
     "SteeringVector": "openrlhf_safesteer.steering",
     "steer": "openrlhf_safesteer.steering",
+    "attach_steering": "openrlhf_safesteer.steering",
     "ablate": "openrlhf_safesteer.steering",
     # templates and directions
     "post_instruction_positions": "openrlhf_safesteer.templates",
