@@ -182,10 +182,18 @@ def vote(delta: Tensor, valid: Tensor, banned: Tensor, k_prime: int) -> Tensor:
     return votes + torch.bincount(top, minlength=delta.shape[-1])
 
 
-def top_by_votes(votes: Tensor, k: int) -> list[int]:
-    """The k ids with most votes (ties: smaller id first), zero-vote ids dropped."""
-    order = torch.sort(-votes, stable=True).indices[:k].tolist()  # stable: ascending ids within ties
-    return [i for i in order if int(votes[i]) > 0]
+def top_by_votes(votes: Tensor, k: int, tiebreak: Tensor | None = None) -> list[int]:
+    """The k ids with most votes, zero-vote ids dropped.
+
+    Ties are common (with few samples and a short horizon many ids get a vote at every position):
+    they go to the larger `tiebreak` (V,) score when given, e.g. the summed teacher/base log-ratio,
+    then to the smaller id.
+    """
+    order = torch.arange(votes.numel())
+    if tiebreak is not None:
+        order = order[torch.sort(-tiebreak.double(), stable=True).indices]
+    order = order[torch.sort(-votes[order], stable=True).indices]  # stable: keeps the tie order above
+    return [i for i in order[:k].tolist() if int(votes[i]) > 0]
 
 
 # ----------------------------------------------------------------------------- model passes
@@ -303,15 +311,18 @@ def select_safety_tokens(
 
     # 3. Vote.
     votes = torch.zeros(vocab_rows, dtype=torch.long)
+    log_ratio_sum = torch.zeros(vocab_rows, dtype=torch.float64)  # breaks ties between equal vote counts
     for teacher, base in scored_batches("vote"):
-        votes += vote(teacher - base, valid_positions(base.argmax(-1), end_ids), banned_all, k_prime)
-    ids = top_by_votes(votes, k)
+        valid = valid_positions(base.argmax(-1), end_ids)
+        votes += vote(teacher - base, valid, banned_all, k_prime)
+        log_ratio_sum += ((teacher - base).double() * valid.unsqueeze(-1)).sum(dim=(0, 1))
+    ids = top_by_votes(votes, k, tiebreak=log_ratio_sum)
     if not ids:
         raise ValueError("no token received a vote")
     config = {
         "horizon": horizon, "n_samples": n_samples, "k": k, "k_prime": k_prime, "min_prob": min_prob, "seed": seed,
         "coeff": coeff, "n_prompts": len(prompts), "prompts_sha256": prompts_sha256(prompts),
-        "n_valid_positions": n_valid,
+        "n_valid_positions": n_valid, "tie_break": "summed log p_teacher - log p_base over valid positions",
         "steering_vector": {"layer": steering_vector.layer, "position": steering_vector.position,
                             "norm": steering_vector.norm, "model_name": steering_vector.model_name},
     }

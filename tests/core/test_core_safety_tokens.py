@@ -34,7 +34,8 @@ def test_horizon_one_matches_an_independent_count(toy_refusal, toy_vector):
     counts = torch.zeros(teacher.shape[-1], dtype=torch.long)
     for row in delta:
         counts[row.topk(k_prime).indices] += n_samples
-    expected = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), i))[:5]
+    log_ratio_sum = n_samples * (teacher - base).sum(0)  # ties: larger summed log-ratio first, then smaller id
+    expected = sorted(range(len(counts)), key=lambda i: (-int(counts[i]), -float(log_ratio_sum[i]), i))[:5]
     assert result.ids == expected
     assert result.votes == [int(counts[i]) for i in expected]
     assert tok.convert_tokens_to_ids("I") in result.ids  # the refusal opener leads at the first position

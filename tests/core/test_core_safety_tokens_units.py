@@ -53,6 +53,14 @@ def test_top_by_votes_orders_and_drops_zero():
     assert top_by_votes(votes, 10) == [1, 3, 2, 5]
 
 
+def test_top_by_votes_breaks_ties_by_score_then_id():
+    votes = torch.tensor([3, 3, 3, 1, 3, 0])
+    tiebreak = torch.tensor([0.5, 2.0, 0.5, 9.0, -1.0, 9.0])
+    # among the four 3-vote ids: 1 (2.0), then 0 and 2 (0.5, smaller id first), then 4 (-1.0); zero votes dropped
+    assert top_by_votes(votes, 6, tiebreak) == [1, 0, 2, 4, 3]
+    assert top_by_votes(votes, 2, tiebreak) == [1, 0]
+
+
 def test_banned_mask(chatml_tokenizer):
     rows = len(chatml_tokenizer) + 3  # LM heads are often padded past the tokenizer
     banned = banned_token_mask(chatml_tokenizer, rows)
