@@ -29,6 +29,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", default=d.layers, help="decoder layers searched for the direction")
     p.add_argument("--coeff", type=float, default=d.coeff, help="steering coefficient of the teacher")
     p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H")
+    p.add_argument("--min-prob", type=float, default=d.min_prob,
+                   help="ban ids whose mean teacher probability is below this (METHOD.md: 1e-8 for Qwen; the demo "
+                        "uses 1e-3, measured: at 1e-8 rare ids win the vote and S holds no refusal opener)")
     p.add_argument("--token-samples", type=int, default=d.token_samples, help="steered samples per prompt for S")
     p.add_argument("--token-prompts", type=int, default=d.token_prompts, help="harmless prompts voting S")
     p.add_argument("--objectives", nargs="+", default=d.objectives,
@@ -52,7 +55,7 @@ def run(args) -> int:
     from openrlhf_safesteer.demo.pipeline import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, model=args.model, seed=args.seed, layers=args.layers, coeff=args.coeff,
-                     horizon=args.horizon, token_samples=args.token_samples, token_prompts=args.token_prompts,
+                     horizon=args.horizon, min_prob=args.min_prob, token_samples=args.token_samples, token_prompts=args.token_prompts,
                      objectives=args.objectives, steps=args.steps, prompts_per_step=args.prompts_per_step,
                      samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, lr=args.lr,
                      lora_r=args.lora_r, eval_limit=args.eval_limit, threads=args.threads, progress=args.progress,

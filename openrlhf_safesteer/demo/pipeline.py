@@ -51,6 +51,11 @@ class DemoConfig:
     # them along the student's rollouts is ~0.01-0.04. With H = 1 S is the refusal openers (METHOD.md section 3),
     # which is what the refusal judge reads. Not yet compared by a full run: sweep --horizon 1 vs 7.
     horizon: int = 1
+    # METHOD.md's min_prob is 1e-8 (Qwen). Measured on the default model (layer 15, coeff 2, H = 1, 4 prompts x 2
+    # samples): at 1e-8 the log-ratio vote goes to rare ids whose probability jumps by orders of magnitude
+    # (' contacting', '非法', ' malicious', ...) and ties at full votes; S had no refusal opener. At 1e-3 (ids the
+    # teacher actually emits) S holds 'Unfortunately', 'I', 'Sorry', 'As'; 1e-2 gives the same openers.
+    min_prob: float = 1e-3
     token_samples: int = 4
     token_prompts: int = 12
     k: int = 50
@@ -172,7 +177,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         else:
             tokens = select_safety_tokens(model, tokenizer, vector, data.harmless("validation")[:cfg.token_prompts],
                                           horizon=cfg.horizon, n_samples=cfg.token_samples, k=cfg.k, seed=cfg.seed,
-                                          progress=cfg.progress)
+                                          min_prob=cfg.min_prob, progress=cfg.progress)
         tokens.save(out / "safety_tokens.json")
         texts = tokens.texts or [tokenizer.decode([i]) for i in tokens.ids]
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
