@@ -59,6 +59,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--teacher", default=d.teacher, choices=("auto", "frozen_copy", "shared_lora"),
                    help="auto: shared_lora with LoRA (one copy of the weights), else a frozen copy")
     p.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
+    p.add_argument("--rollout-backend", default=d.rollout_backend, choices=("auto", "hf", "vllm"),
+                   help="on-policy sampler: hf generate, or vllm (needs vLLM, a CUDA GPU and --lora-r > 0); "
+                        "auto: vllm when all three hold, else hf")
+    p.add_argument("--vllm-gpu-memory-utilization", type=float, default=d.vllm_gpu_memory_utilization,
+                   help="share of the GPU the vLLM rollout engine takes (the trainer needs the rest)")
     p.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPU only)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and every random stream")
@@ -93,7 +98,8 @@ def run(args) -> int:
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, coeff=args.coeff, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         freeze_embeddings=args.freeze_embeddings, teacher=args.teacher,
-        gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, seed=args.seed,
+        gradient_checkpointing=args.gradient_checkpointing, rollout_backend=args.rollout_backend,
+        vllm_gpu_memory_utilization=args.vllm_gpu_memory_utilization, bf16=args.bf16, seed=args.seed,
         save_every=args.save_every, stop_after=args.stop_after, resume=args.resume, tensorboard=args.tensorboard,
         wandb=args.wandb, wandb_project=args.wandb_project)
     cfg.validate()

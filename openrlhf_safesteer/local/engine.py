@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 Tensor = torch.Tensor
 
 OBJECTIVES = ("exact", "sampled", "forward", "full_vocab", "renormalized", "system_prompt")
+ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 
@@ -87,6 +88,8 @@ class TrainConfig:
     freeze_embeddings: bool = False     # full fine-tuning without the (huge) embedding matrices
     teacher: str = "auto"               # auto | frozen_copy | shared_lora
     gradient_checkpointing: bool = False
+    rollout_backend: str = "auto"       # auto (vllm when usable and LoRA, else hf) | hf | vllm
+    vllm_gpu_memory_utilization: float = 0.3  # GPU share of the vLLM rollout engine; the trainer needs the rest
     bf16: bool = False                  # GPU only
     seed: int = 0
     save_every: int = 0                 # checkpoint every N steps (0: only at the end)
@@ -115,6 +118,23 @@ class TrainConfig:
             raise ValueError("bf16 training is for GPUs; on CPU train in float32")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError("need epochs > 0 or max_steps")
+        self._validate_rollout_backend()
+
+    def _validate_rollout_backend(self) -> None:
+        from .vllm_rollout import vllm_missing
+
+        if self.rollout_backend not in ROLLOUT_BACKENDS:
+            raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
+        if self.rollout_backend != "vllm":
+            return
+        if missing := vllm_missing():
+            raise ValueError(f"rollout_backend='vllm' needs vLLM installed and a CUDA GPU, but "
+                             f"{' and '.join(missing)}; use rollout_backend='hf' (--rollout-backend hf) or 'auto'")
+        if self.lora_r <= 0:
+            raise ValueError("rollout_backend='vllm' needs LoRA (lora_r > 0): full fine-tuning cannot update the "
+                             "vLLM engine's weights each step; use --lora-r > 0 or --rollout-backend hf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +194,15 @@ def prepare_student(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 def trainable_state(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def rollout_backend(cfg: TrainConfig) -> str:
+    """The rollout sampler: cfg.rollout_backend, with auto = vllm when usable and training LoRA, else hf."""
+    if cfg.rollout_backend != "auto":
+        return cfg.rollout_backend
+    from .vllm_rollout import vllm_usable
+
+    return "vllm" if cfg.lora_r > 0 and vllm_usable() else "hf"
 
 
 def teacher_mode(cfg: TrainConfig) -> str:
@@ -395,6 +424,7 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    base_path = getattr(model, "name_or_path", "")   # the base's HF directory, before any PEFT wrapping
 
     if teacher_mode(cfg) == "frozen_copy":
         teacher = make_teacher(model, tokenizer, steering_vector, cfg)   # copies the base before LoRA/training
@@ -410,6 +440,15 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
     n_steps = total_steps(len(prompts), cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(round(cfg.warmup_ratio * n_steps)), n_steps)
 
+    backend = rollout_backend(cfg)
+    logger.info("rollout backend: %s", backend)
+    sampler = None
+    if backend == "vllm":
+        from .vllm_rollout import VLLMRollout  # lazily: vllm is optional
+
+        sampler = VLLMRollout(student, base_path, cfg.lora_r,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
+
     start = 0
     if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
         start = load_checkpoint(ckpt, student, optimizer, scheduler)
@@ -423,8 +462,13 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
         for step in bar:
             t0 = time.time()
             batch_prompts = step_prompts(prompts, step, cfg.prompts_per_step, cfg.seed)
-            rollouts = sample_rollouts(student, tokenizer, batch_prompts, cfg.samples_per_prompt, cfg.max_new_tokens,
-                                       cfg.temperature, cfg.top_p, seed=step_seed(cfg.seed, step))
+            if sampler is not None:
+                rollouts = sampler.sample(batch_prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
+                                          cfg.top_p, step_seed(cfg.seed, step), tokenizer, step)
+            else:
+                rollouts = sample_rollouts(student, tokenizer, batch_prompts, cfg.samples_per_prompt,
+                                           cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                           seed=step_seed(cfg.seed, step))
             t1 = time.time()
             optimizer.zero_grad(set_to_none=True)
             torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
@@ -452,6 +496,8 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
     finally:
         metrics_log.close()
         teacher.remove()
+        if sampler is not None:
+            sampler.close()
     done = start + len(history)
     finished = done >= n_steps
     final_dir, trained = save_final(out, student, tokenizer) if cfg.save_final and finished else (None, student)
