@@ -27,11 +27,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default=d.model, help="embedded model name, HF directory or hub id")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
     p.add_argument("--layers", type=int, nargs="+", default=d.layers, help="decoder layers searched for the direction")
-    p.add_argument("--coeff", type=float, default=d.coeff, help="steering coefficient of the teacher")
-    p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H")
+    p.add_argument("--coeff", type=float, default=d.coeff,
+                   help="steering coefficient for the direction search and the safety-token vote")
+    p.add_argument("--teacher-coeff", type=float, default=d.teacher_coeff,
+                   help="steering coefficient of the teacher during training (METHOD.md's default: 1)")
+    p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H (METHOD.md: 7 for Qwen)")
     p.add_argument("--min-prob", type=float, default=d.min_prob,
-                   help="ban ids whose mean teacher probability is below this (METHOD.md: 1e-8 for Qwen; the demo "
-                        "uses 1e-3, measured: at 1e-8 rare ids win the vote and S holds no refusal opener)")
+                   help="ban ids whose mean teacher probability is below this (METHOD.md: 1e-8 for Qwen)")
     p.add_argument("--token-samples", type=int, default=d.token_samples, help="steered samples per prompt for S")
     p.add_argument("--token-prompts", type=int, default=d.token_prompts, help="harmless prompts voting S")
     p.add_argument("--objectives", nargs="+", default=d.objectives,
@@ -55,6 +57,7 @@ def run(args) -> int:
     from openrlhf_safesteer.demo.pipeline import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, model=args.model, seed=args.seed, layers=args.layers, coeff=args.coeff,
+                     teacher_coeff=args.teacher_coeff,
                      horizon=args.horizon, min_prob=args.min_prob, token_samples=args.token_samples, token_prompts=args.token_prompts,
                      objectives=args.objectives, steps=args.steps, prompts_per_step=args.prompts_per_step,
                      samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, lr=args.lr,

@@ -116,7 +116,8 @@ def write_report(out: Path, report: dict) -> Path:
     lines += [
         "", "![before/after](" + plots["before_after"] + ")", "",
         "## Steering direction",
-        f"Layer {d['layer']}, position {d['position']}, coefficient {d['coeff']}, norm {d['norm']:.2f}. "
+        f"Layer {d['layer']}, position {d['position']}, coefficient {d['coeff']} (selection and safety-token vote; "
+        f"teacher during training: {report['settings'].get('teacher_coeff') or d['coeff']}), norm {d['norm']:.2f}. "
         f"The steered teacher refuses {100 * t['teacher_harmful_refusal_rate']:.0f}% of harmful and "
         f"{100 * t['teacher_harmless_refusal_rate']:.0f}% of harmless check prompts (it is meant to over-refuse).",
     ]

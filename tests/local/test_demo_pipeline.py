@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from openrlhf_safesteer.demo.pipeline import DemoConfig, refusal_openers_in, run_demo
@@ -13,7 +14,11 @@ from openrlhf_safesteer.steering import SteeringVector
 from openrlhf_safesteer.testing import save_tiny_checkpoint, tiny_tokenizer
 
 
-def test_demo_pipeline_on_tiny_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """One tiny-checkpoint demo run (both objectives), shared by the pipeline and sweep tests."""
+    tmp_path = tmp_path_factory.mktemp("tiny_demo")
+    torch.set_num_threads(1)
     model_dir = save_tiny_checkpoint(str(tmp_path / "tiny"), "qwen2", layers=2, hidden=32)
     SteeringVector(torch.randn(32, generator=torch.Generator().manual_seed(0)) * 4, layer=1).save(tmp_path / "vec")
     tok = tiny_tokenizer()
@@ -24,7 +29,11 @@ def test_demo_pipeline_on_tiny_checkpoint(tmp_path):
                      tokens=str(tmp_path / "tokens.json"), steps=2, prompts_per_step=2, samples_per_prompt=2,
                      max_new_tokens=4, lora_r=4, eval_limit=3, refusal_tokens=4, teacher_check_prompts=2,
                      progress=False)
-    report = run_demo(cfg)
+    return tmp_path, run_demo(cfg)
+
+
+def test_demo_pipeline_on_tiny_checkpoint(tiny_demo):
+    tmp_path, report = tiny_demo
     on_disk = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert on_disk["base"] == report["base"]
     for name in ("base", "safesteer", "full_vocab"):
@@ -65,3 +74,43 @@ def test_direction_window_scores_candidates_and_falls_back(tmp_path):
     assert vector.layer == best.layer and vector.source["fallback"] is True
     with pytest.raises(ValueError, match="layers"):
         select_direction(*args, layers=[5], progress=False)
+
+
+def test_sweep_reuses_a_demo_run_and_resumes(tiny_demo, tmp_path, caplog):
+    """The sweep trains/evaluates each override on a demo folder's artifacts, appends one row per run, and
+    skips rows already on disk (an interrupted sweep resumes)."""
+    import logging
+
+    from openrlhf_safesteer.demo.pipeline import goal_check
+    from openrlhf_safesteer.demo.sweep import load_done, parse_run, run_sweep, train_config
+
+    demo = tiny_demo[0] / "demo"
+    runs = [parse_run("lr=1e-3 steps=1"), parse_run("steps=2 coeff=0.5")]
+    rows = run_sweep(demo, tmp_path / "sweep", runs)
+    assert [r["name"] for r in rows] == ["lr=0.001 steps=1", "steps=2 coeff=0.5"]
+    assert [len(r["history"]) for r in rows] == [1, 2]
+    tcfg = train_config(DemoConfig(), runs[1], tmp_path / "x")
+    assert (tcfg.max_steps, tcfg.coeff, tcfg.lr, tcfg.objective) == (2, 0.5, DemoConfig().lr, "exact")
+    base = json.loads((demo / "eval_base.json").read_text())
+    assert rows[1]["goal"] == goal_check(base, rows[1]["eval"])
+    assert rows[0]["eval"]["n"] == {"harmful": 3, "harmless": 3, "general": 3}   # the demo's eval_limit carried over
+    assert set(load_done(tmp_path / "sweep" / "sweep.jsonl")) == {r["name"] for r in rows}
+    assert "| steps=2 coeff=0.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+    with caplog.at_level(logging.INFO, logger="openrlhf_safesteer.demo.sweep"):
+        again = run_sweep(demo, tmp_path / "sweep", runs)
+    assert [r["eval"] for r in again] == [r["eval"] for r in rows]
+    assert caplog.text.count("already done, skipped") == 2
+
+
+def test_sweep_rejects_bad_specs_before_loading_anything(tmp_path):
+    from openrlhf_safesteer.demo.sweep import parse_run, run_sweep
+
+    with pytest.raises(ValueError, match="unknown sweep key 'layer'"):
+        parse_run("layer=3")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_run("lr")
+    with pytest.raises(ValueError, match="could not convert"):
+        parse_run("lr=fast")
+    with pytest.raises(FileNotFoundError, match="safesteer demo"):
+        run_sweep(tmp_path, tmp_path / "sweep", [parse_run("lr=1e-3")])

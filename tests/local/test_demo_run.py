@@ -1,8 +1,8 @@
 """A short `safesteer demo` on the real default model (Qwen2.5-Coder-0.5B-Instruct from its PyPI parts).
 
 A couple of training steps on a few prompts: it checks the mechanism (the steered teacher refuses,
-S holds refusal-opening tokens, every artifact is written and loads), not the size of the effect,
-which needs the full demo (README). The first run converts the GGUF once (about 95 s on 2 cores).
+S at the demo's H = 7 holds safety words and at H = 1 refusal-opening tokens, every artifact is
+written and loads), not the size of the effect, which needs the full demo (README). The first run converts the GGUF once (about 95 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -36,8 +36,23 @@ def test_short_demo_on_default_model(tmp_path, default_model_available):
     report = json.loads((out / "report.json").read_text())
     # the teacher (base + steering hook) refuses harmful requests
     assert report["teacher"]["teacher_harmful_refusal_rate"] >= 0.5, report["samples"]["teacher"]
-    # S holds refusal-opening tokens
-    assert report["safety_tokens"]["refusal_openers"], report["safety_tokens"]["texts"]
+    # S at H = 7 (METHOD.md for Qwen) holds safety words
+    words = {t.strip().lower() for t in report["safety_tokens"]["texts"]}
+    assert words & {"illegal", "unethical", "malicious", "unsafe", "criminal", "harmful", "dangerous"}, words
+    # and at H = 1 the vote goes to refusal openers (METHOD.md section 3)
+    import torch
+
+    from openrlhf_safesteer import data
+    from openrlhf_safesteer.demo.pipeline import refusal_openers_in
+    from openrlhf_safesteer.safety_tokens import select_safety_tokens
+    from openrlhf_safesteer.steering import SteeringVector
+
+    model, tokenizer = demo_model.load_model(demo_model.DEFAULT_MODEL)
+    with torch.no_grad():
+        openers = select_safety_tokens(model, tokenizer, SteeringVector.load(out / "vector"),
+                                       data.harmless("validation")[:4], horizon=1, n_samples=2, min_prob=1e-3,
+                                       progress=False)
+    assert refusal_openers_in(openers.texts), openers.texts
     for name in ("base", "safesteer"):
         for key in ("harmful_refusal_rate", "harmless_refusal_rate", "general_score"):
             assert key in report[name]

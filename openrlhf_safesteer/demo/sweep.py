@@ -1,0 +1,164 @@
+"""Sweep the demo's training settings, reusing one demo run's direction, safety tokens and base evaluation.
+
+    python -m openrlhf_safesteer.demo.sweep --from demo/ --out sweep/ \
+        --run lr=1e-4 --run lr=1e-3 --run "lr=3e-4 steps=20" --run "coeff=1.5 tokens=h7.json"
+
+Each --run is a space-separated list of key=value overrides of the demo's training settings
+(the keys of SWEEP_KEYS). For each run the student is trained with the chosen objective and
+evaluated on the same held-out sets as the demo; one JSON line per run is appended to
+sweep/sweep.jsonl as soon as it finishes (runs already there are skipped, so an interrupted sweep
+resumes), and sweep/sweep.md tabulates every run against the base model and the issue's goal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from openrlhf_safesteer import data
+from openrlhf_safesteer.local.engine import TrainConfig, train
+from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
+
+from .evaluate import EvalSets, evaluate
+from .model import load_model
+from .pipeline import DemoConfig, goal_check
+
+logger = logging.getLogger(__name__)
+
+# override key -> type. "coeff" is the teacher's steering coefficient during training (default: the demo's
+# teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`).
+SWEEP_KEYS = {
+    "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
+    "lora_r": int, "lora_alpha": float, "warmup_ratio": float, "objective": str, "coeff": float, "tokens": str,
+    "temperature": float, "seed": int,
+}
+
+
+def parse_run(spec: str) -> dict:
+    """'lr=1e-3 steps=20' -> {'lr': 0.001, 'steps': 20}; unknown keys and malformed pairs raise ValueError."""
+    overrides = {}
+    for pair in spec.split():
+        key, sep, value = pair.partition("=")
+        if not sep or not value:
+            raise ValueError(f"--run wants key=value pairs, got {pair!r} in {spec!r}")
+        if key not in SWEEP_KEYS:
+            raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(SWEEP_KEYS)}")
+        overrides[key] = SWEEP_KEYS[key](value)
+    if not overrides:
+        raise ValueError("empty --run")
+    return overrides
+
+
+def run_name(overrides: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
+    """The TrainConfig that `safesteer demo` would use, with this run's overrides."""
+    o = {**{k: getattr(base, k) for k in ("lr", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
+                                            "lora_r", "lora_alpha", "warmup_ratio", "seed")}, **overrides}
+    return TrainConfig(out=str(out), objective=o.get("objective", "exact"), lr=o["lr"], max_steps=o["steps"],
+                       prompts_per_step=o["prompts_per_step"], samples_per_prompt=o["samples_per_prompt"],
+                       micro_batch_size=base.micro_batch_size, max_new_tokens=o["max_new_tokens"],
+                       lora_r=o["lora_r"], lora_alpha=o["lora_alpha"], warmup_ratio=o["warmup_ratio"],
+                       temperature=o.get("temperature", 1.0), coeff=o.get("coeff", base.teacher_coeff), seed=o["seed"],
+                       progress=base.progress, save_final=False, resume=False)
+
+
+def load_done(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["name"]: r for r in rows}
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Rewrite the JSONL with the new row (atomically: an interrupted write never loses earlier runs)."""
+    old = path.read_text() if path.is_file() else ""
+    atomic_write_text(path, old + json.dumps(row) + "\n")
+
+
+def sweep_table(base: dict, rows: list[dict]) -> str:
+    lines = ["| run | harmful refusal | ASR | harmless refusal | general_score | goal met | train s |",
+             "|---|---|---|---|---|---|---|",
+             f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
+             f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | | |"]
+    for r in rows:
+        e = r["eval"]
+        lines.append(f"| {r['name']} | {100 * e['harmful_refusal_rate']:.1f}% | {100 * e['harmful_asr']:.1f}% | "
+                     f"{100 * e['harmless_refusal_rate']:.1f}% | {e['general_score']:.1f} | "
+                     f"{'yes' if r['goal']['met'] else 'no'} | {r['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = None) -> list[dict]:
+    """Train and evaluate each override set; returns the rows (also in out/sweep.jsonl and out/sweep.md)."""
+    report_path = source / "report.json"
+    settings = json.loads(report_path.read_text())["settings"] if report_path.is_file() else {}
+    base_cfg = DemoConfig(**{k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
+    base_cfg.progress = False
+    model_name = model or base_cfg.model
+    for needed in ("vector", "safety_tokens.json", "eval_base.json"):
+        if not (source / needed).exists():
+            raise FileNotFoundError(f"{source / needed} is missing: --from needs a `safesteer demo` output folder")
+    base_eval = json.loads((source / "eval_base.json").read_text())
+    vector = SteeringVector.load(source / "vector")
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "sweep.jsonl"
+    done = load_done(jsonl)
+    sets = EvalSets.default(base_cfg.eval_limit)
+    rows = []
+    for overrides in runs:
+        name = run_name(overrides)
+        if name in done:
+            logger.info("sweep: %s already done, skipped", name)
+            rows.append(done[name])
+            continue
+        tokens = SafetyTokenSet.load(overrides.get("tokens", source / "safety_tokens.json"))
+        student, tokenizer = load_model(model_name)
+        vector.check_compatible(student)
+        tcfg = train_config(base_cfg, overrides, out / "runs" / name.replace(" ", "_").replace("/", "_"))
+        t0 = time.time()
+        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), data.harmful("train"), tcfg)
+        train_seconds = time.time() - t0
+        ev = evaluate(result.model, tokenizer, sets, base_cfg.refusal_tokens, progress=False)
+        row = {"name": name, "overrides": overrides, "train_seconds": train_seconds,
+               "eval": {k: v for k, v in ev.items() if k != "samples"}, "samples": ev["samples"],
+               "history": result.history, "goal": goal_check(base_eval, ev)}
+        append_row(jsonl, row)
+        rows.append(row)
+        logger.info("sweep: %s -> harmful refusal %.2f, harmless %.2f, general %.1f", name,
+                    ev["harmful_refusal_rate"], ev["harmless_refusal_rate"], ev["general_score"])
+        del student, result
+        gc.collect()
+    atomic_write_text(out / "sweep.md", f"# Demo sweep (from {source})\n\n" + sweep_table(base_eval, rows))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--from", dest="source", required=True, help="a `safesteer demo --out` folder")
+    p.add_argument("--out", required=True, help="sweep output folder")
+    p.add_argument("--run", action="append", required=True, help="overrides, e.g. 'lr=1e-3 steps=20' (repeatable)")
+    p.add_argument("--model", default=None, help="model (default: the demo run's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    runs = [parse_run(s) for s in args.run]     # every spec is checked before any model loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rows = run_sweep(Path(args.source), Path(args.out), runs, args.model)
+    print(sweep_table(json.loads((Path(args.source) / "eval_base.json").read_text()), rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
