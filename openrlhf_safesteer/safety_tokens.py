@@ -165,10 +165,18 @@ def banned_token_mask(tokenizer: PreTrainedTokenizerBase, vocab_rows: int) -> Te
     return banned
 
 
+SCORE_CACHE_BYTES = 2 << 30   # keep scored (N, H, V) log-probs between the two passes up to this size
+
+
 def vote(delta: Tensor, valid: Tensor, banned: Tensor, k_prime: int) -> Tensor:
     """Votes (V,) long: at each valid (sample, position) the top-k_prime ids by delta get one vote.
 
     delta (N, H, V) = log p_teacher - log p_base; valid (N, H) bool; banned (V,) bool never vote.
+    Only ids the teacher favours (delta > 0) vote. With METHOD.md's min_prob (1e-8) the top k' ids
+    of a 150k vocabulary all have delta > 0 anyway; with a strict min_prob fewer than k' ids are
+    allowed, and without this rule every allowed id would vote, including the ones steering makes
+    LESS likely. Measured on the demo model (H = 1, min_prob 1e-3): S then held 'To', 'The',
+    'Here', 'Yes' (answer openers) next to 'Sorry', and training on it pushed mass to 'Sure'.
     """
     allowed = int((~banned).sum())
     if allowed == 0:
@@ -178,7 +186,8 @@ def vote(delta: Tensor, valid: Tensor, banned: Tensor, k_prime: int) -> Tensor:
     if rows.numel() == 0:
         return votes
     rows = rows.float().masked_fill(banned.to(rows.device), float("-inf"))
-    top = rows.topk(min(k_prime, allowed), dim=-1).indices.flatten().cpu()
+    values, indices = rows.topk(min(k_prime, allowed), dim=-1)        # (M, k')
+    top = indices[values > 0].cpu()
     return votes + torch.bincount(top, minlength=delta.shape[-1])
 
 
@@ -214,7 +223,7 @@ def sample_continuations(
     forbidden = list(forbidden_ids)
     for _ in range(length):
         logits = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_position_ids(mask),
-                       use_cache=False).logits[:, -1, :].float()
+                       use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
         if forbidden:
             logits[:, forbidden] = float("-inf")
         probs = F.softmax(logits / temperature, dim=-1).cpu()
@@ -231,9 +240,12 @@ def sample_continuations(
 def answer_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, horizon: int) -> Tensor:
     """Full-vocabulary log-probs (B, H, V) float32 at the H answer positions: the last prompt token
     and the H - 1 continuation tokens (each predicts the next answer token)."""
+    # logits_to_keep: only the H answer positions go through the LM head (the prompt's would be
+    # (B, P, V) floats thrown away; with P ~ 5H and V = 150k that was most of the pass)
     logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=left_padded_position_ids(attention_mask), use_cache=False).logits
-    return F.log_softmax(logits[:, -horizon:, :].float(), dim=-1)
+                   position_ids=left_padded_position_ids(attention_mask), use_cache=False,
+                   logits_to_keep=horizon).logits
+    return F.log_softmax(logits.float(), dim=-1)
 
 
 def select_safety_tokens(
@@ -286,15 +298,25 @@ def select_safety_tokens(
             sequences.append((torch.cat([input_ids, continuation], 1),
                               torch.cat([attention_mask, torch.ones_like(continuation)], 1)))
 
+    # The vote needs min_prob's ban list, i.e. one pass over every sample, before the first vote.
+    # Small runs keep the (N, H, V) teacher/base log-probs of that pass for the vote; large ones
+    # (METHOD's 128 prompts x 8 samples at V = 150k: 8 GB) score everything twice instead.
+    keep_scores = 2 * len(texts) * horizon * vocab_rows * 4 <= SCORE_CACHE_BYTES
+    cache: list[tuple[Tensor, Tensor]] = []
+
     def scored_batches(desc: str):
+        if cache:
+            yield from cache
+            return
         for input_ids, attention_mask in tqdm(sequences, desc=desc, disable=not progress):
             with steer(model, steering_vector, coeff):
                 teacher = answer_logprobs(model, input_ids, attention_mask, horizon)
             base = answer_logprobs(model, input_ids, attention_mask, horizon)
+            if keep_scores:
+                cache.append((teacher.cpu(), base.cpu()))
             yield teacher.cpu(), base.cpu()
 
     # 2. Mean teacher probability over valid positions (needed before any vote can be cast).
-    # Two passes instead of keeping (N, H, V) tensors: at V = 150k that would be gigabytes.
     prob_sum = torch.zeros(vocab_rows, dtype=torch.float64)
     n_valid = 0
     for teacher, base in scored_batches("teacher probabilities"):

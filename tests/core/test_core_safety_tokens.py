@@ -41,10 +41,12 @@ def test_horizon_one_matches_an_independent_count(toy_refusal, toy_vector):
     assert tok.convert_tokens_to_ids("I") in result.ids  # the refusal opener leads at the first position
 
 
-def test_planted_refusal_tokens_win_and_seed_reproduces(toy_refusal, toy_vector):
+def test_planted_refusal_tokens_win_and_seed_reproduces(toy_refusal, toy_vector, monkeypatch):
     model, tok, _, harmless = toy_refusal
     kwargs = {"horizon": 5, "n_samples": 2, "k": 12, "k_prime": 10, "min_prob": 1e-8, "progress": False}
     first = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
+    # the same vote when the scores do not fit the in-memory cache and are recomputed in a second pass
+    monkeypatch.setattr("openrlhf_safesteer.safety_tokens.SCORE_CACHE_BYTES", 0)
     again = select_safety_tokens(model, tok, toy_vector, harmless[:8], seed=3, **kwargs)
     assert first == again
     # The steered model says "I'm sorry, but I can't help ..." where the base says "Sure! Here are ...":

@@ -34,12 +34,20 @@ def test_vote_matches_brute_force():
             if not valid[i, j]:
                 continue
             allowed = [(float(delta[i, j, t]), t) for t in range(v) if not banned[t]]
-            for _, t in sorted(allowed, reverse=True)[:k_prime]:
-                expected[t] += 1
+            for d, t in sorted(allowed, reverse=True)[:k_prime]:
+                expected[t] += d > 0          # only ids the teacher favours vote
     votes = vote(delta, valid, banned, k_prime)
     assert votes.tolist() == expected
     assert int(votes[[0, 3, 17]].sum()) == 0
-    assert int(votes.sum()) == k_prime * int(valid.sum())
+    assert int(votes.sum()) <= k_prime * int(valid.sum())
+
+
+def test_vote_ignores_ids_the_teacher_makes_less_likely():
+    """With fewer allowed ids than k', ids with delta <= 0 must not vote (they are not safety tokens)."""
+    delta = torch.tensor([[[2.0, -1.0, 0.5, -3.0, 0.0]]])
+    banned = torch.tensor([False, False, False, False, False])
+    votes = vote(delta, torch.ones(1, 1, dtype=torch.bool), banned, k_prime=200)
+    assert votes.tolist() == [1, 0, 1, 0, 0]
 
 
 def test_vote_with_everything_banned_is_an_error():
