@@ -73,9 +73,12 @@ def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] =
 
 
 def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Logits (B, 1, V) at the last position only: every caller reads the next-token distribution
+    (or only the layer inputs, through hooks), and projecting all T positions onto a 150k vocabulary
+    cost more than the decoder layers of a 0.5B model."""
     return model(
         input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=left_padded_position_ids(attention_mask), use_cache=False,
+        position_ids=left_padded_position_ids(attention_mask), use_cache=False, logits_to_keep=1,
     ).logits
 
 

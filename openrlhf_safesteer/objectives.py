@@ -51,19 +51,23 @@ def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
 
 
-def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0,
+                    log_normaliser: Tensor | None = None) -> Tensor:
     """Full-vocabulary log-softmax of logits / temperature, read only at `ids`.
 
     logits (B, T, V); ids (K,) -> (B, T, K), or ids (B, T) -> (B, T). Computed as
     logit - logsumexp(logit) so no (B, T, V) log-prob tensor is kept for backward beyond the logits.
     Not renormalised over the ids (METHOD.md: "do NOT renormalise over S").
+    log_normaliser (B, T, 1): logsumexp of the scaled logits when the caller already has it
+    (reading two id sets from one tensor needs one pass over V, not two).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     scaled = upcast(logits)
     if temperature != 1.0:
         scaled = scaled / temperature
-    log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, T, 1)
+    if log_normaliser is None:
+        log_normaliser = torch.logsumexp(scaled, dim=-1, keepdim=True)  # (B, T, 1)
     if ids.dim() == 1:
         check_safety_ids(ids, logits.shape[-1])
         return scaled.index_select(-1, ids.to(logits.device)) - log_normaliser

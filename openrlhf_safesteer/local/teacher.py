@@ -35,13 +35,15 @@ def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     """Logits at the completion-predicting positions P-1 .. P+C-2 only: (B, C, V).
 
     Asking the model for just these positions (logits_to_keep) skips the (B, P, V) prompt logits,
-    which on a 150k vocabulary cost as much as the rest of the forward pass.
+    which on a 150k vocabulary cost as much as the rest of the forward pass. The positions go in as
+    an index range, not a count: keeping C + 1 and slicing off the last would project one more
+    position and, in backward, zero-fill and copy a (B, C + 1, V) gradient.
     """
-    completion_len = input_ids.shape[1] - prompt_len
+    positions = torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)   # (C,)
     out = model(input_ids=input_ids, attention_mask=attention_mask,
                 position_ids=left_padded_position_ids(attention_mask), use_cache=False,
-                logits_to_keep=completion_len + 1)
-    return out.logits[:, :-1]
+                logits_to_keep=positions)
+    return out.logits
 
 
 class Teacher:
@@ -114,8 +116,13 @@ class Teacher:
     def logprobs(self, rollouts: Rollouts, safety_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """(teacher log-probs on S (B, C, K), teacher log-probs of the sampled tokens (B, C)), full-vocabulary softmax."""
         logits = self.logits(rollouts)
-        sampled = rollouts.input_ids[:, rollouts.prompt_len:]
-        return gather_logprobs(logits, safety_ids, temperature), gather_logprobs(logits, sampled, temperature)
+        if temperature != 1.0:
+            logits = logits / temperature
+        # one log-normaliser pass over (B, C, V) serves both reads (it costs as much as a gather-free softmax)
+        log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)                 # (B, C, 1)
+        sampled = rollouts.input_ids[:, rollouts.prompt_len:]                           # (B, C)
+        on_s = gather_logprobs(logits, safety_ids, log_normaliser=log_normaliser)
+        return on_s, gather_logprobs(logits, sampled, log_normaliser=log_normaliser)
 
     def remove(self) -> None:
         if self._handle is not None:
