@@ -216,23 +216,29 @@ def sample_continuations(
 
     forbidden_ids (end-of-turn, pad) get probability 0, which forces the length like HF's
     min_new_tokens. Sampling draws on the CPU generator so a seed gives the same tokens on any
-    device. No KV cache: the horizon is a handful of tokens and full re-encoding keeps this simple.
+    device. One prompt pass, then one token per step against the KV cache (re-encoding the whole
+    sequence at every step made this the slowest part of the vote).
     """
+    if length == 0:
+        return input_ids.new_zeros((input_ids.shape[0], 0))
     out = []
-    ids, mask = input_ids, attention_mask
+    mask = attention_mask
+    positions = left_padded_position_ids(mask)                                  # (B, P)
+    step_ids, past = input_ids, None
     forbidden = list(forbidden_ids)
     for _ in range(length):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_position_ids(mask),
-                       use_cache=False, logits_to_keep=1).logits[:, -1, :].float()
+        result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                       use_cache=True, logits_to_keep=1)
+        past = result.past_key_values
+        logits = result.logits[:, -1, :].float()                                # (B, V)
         if forbidden:
             logits[:, forbidden] = float("-inf")
         probs = F.softmax(logits / temperature, dim=-1).cpu()
-        token = torch.multinomial(probs, 1, generator=generator).to(ids.device)  # (B, 1)
+        token = torch.multinomial(probs, 1, generator=generator).to(input_ids.device)  # (B, 1)
         out.append(token)
-        ids = torch.cat([ids, token], dim=1)
+        step_ids = token
+        positions = positions[:, -1:] + 1
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-    if not out:
-        return input_ids.new_zeros((input_ids.shape[0], 0))
     return torch.cat(out, dim=1)
 
 

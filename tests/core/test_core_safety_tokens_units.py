@@ -130,3 +130,36 @@ def test_sample_continuations_follow_the_model_and_skip_forbidden(chatml_tokeniz
     assert again.shape == (50, 4) and not (again == top).any()
     assert torch.equal(again, sample_continuations(model, ids[:50], mask[:50], 4, torch.Generator().manual_seed(1),
                                                    forbidden_ids=[top]))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_cached_sampling_draws_what_a_full_re_encoding_draws(chatml_tokenizer, architecture):
+    """The KV-cached sampler equals a plain loop that re-encodes the whole left-padded sequence at every
+    step (same generator, same steering hook): same tokens, on ragged prompts (positions matter for GPT-2)."""
+    import torch.nn.functional as F
+
+    from openrlhf_safesteer.models import left_padded_position_ids
+    from openrlhf_safesteer.safety_tokens import sample_continuations
+    from openrlhf_safesteer.steering import SteeringVector, steer
+    from openrlhf_safesteer.testing import tiny_model
+
+    model = tiny_model(architecture, chatml_tokenizer, layers=2, hidden=32)
+    ids = torch.tensor([[0, 0, 5, 17, 42], [3, 9, 11, 12, 13], [0, 7, 8, 21, 30]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    vector = SteeringVector(torch.randn(32, generator=torch.Generator().manual_seed(0)), layer=1)
+
+    def reference(length: int, generator: torch.Generator) -> torch.Tensor:
+        seq, m, out = ids, mask, []
+        for _ in range(length):
+            with torch.no_grad():
+                logits = model(input_ids=seq, attention_mask=m, position_ids=left_padded_position_ids(m)).logits[:, -1]
+            token = torch.multinomial(F.softmax(logits.float(), -1), 1, generator=generator)
+            out.append(token)
+            seq, m = torch.cat([seq, token], 1), torch.cat([m, torch.ones_like(token)], 1)
+        return torch.cat(out, 1)
+
+    with steer(model, vector, 4.0):
+        cached = sample_continuations(model, ids, mask, 6, torch.Generator().manual_seed(7))
+        expected = reference(6, torch.Generator().manual_seed(7))
+    assert torch.equal(cached, expected)
+    assert sample_continuations(model, ids, mask, 0, torch.Generator()).shape == (3, 0)
