@@ -20,10 +20,8 @@ This module imports without vLLM; `vllm` is imported when a `VLLMRollout` is bui
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,17 +30,13 @@ import torch
 from torch import nn
 
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
+from openrlhf_safesteer.optional import really_installed
 
 from .rollout import Rollouts, build_rollouts
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-
-# openrlhf_safesteer.plugin.compat marks its import stand-ins with this attribute. The constant is
-# repeated here, not imported: importing openrlhf_safesteer.plugin registers those stand-ins as a
-# side effect, which the local engine must not do.
-_STAND_IN_MARK = "__safesteer_stand_in__"
 
 # vLLM accepts only these values for max_lora_rank (its LoRAConfig validates them); an adapter of
 # rank r runs under any max_lora_rank >= r, so the engine uses the smallest allowed value >= r.
@@ -51,13 +45,7 @@ VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 def vllm_installed() -> bool:
     """True when the real vLLM package is importable (not openrlhf_safesteer.plugin.compat's stand-in)."""
-    module = sys.modules.get("vllm")
-    if module is not None:
-        return not getattr(module, _STAND_IN_MARK, False)
-    try:
-        return importlib.util.find_spec("vllm") is not None
-    except (ImportError, ValueError):
-        return False
+    return really_installed("vllm")
 
 
 def cuda_available() -> bool:

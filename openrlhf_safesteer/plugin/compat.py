@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import importlib.machinery
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import sys
@@ -33,10 +32,11 @@ import types
 import uuid
 from typing import Any
 
+from openrlhf_safesteer.optional import STAND_IN_MARK, really_installed
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPENRLHF = ("0.11.2",)
-STAND_IN_MARK = "__safesteer_stand_in__"
 
 
 class UnsupportedOpenRLHFError(RuntimeError):
@@ -68,22 +68,12 @@ def check_openrlhf_version() -> str:
     return version
 
 
-def _really_installed(name: str) -> bool:
-    module = sys.modules.get(name)
-    if module is not None:
-        return not getattr(module, STAND_IN_MARK, False)
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def vllm_available() -> bool:
-    return _really_installed("vllm")
+    return really_installed("vllm")
 
 
 def flash_attn_available() -> bool:
-    return _really_installed("flash_attn")
+    return really_installed("flash_attn")
 
 
 def _stand_in_module(name: str, **attrs: Any) -> types.ModuleType:
