@@ -137,12 +137,21 @@ def goal_check(base: dict, trained: dict) -> dict:
     return goal
 
 
+def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = True) -> TrainConfig:
+    """The local engine's settings for one of the demo's training runs (a fresh run, never resumed)."""
+    return TrainConfig(
+        out=str(out), objective=objective, lr=cfg.lr, max_steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
+        samples_per_prompt=cfg.samples_per_prompt, micro_batch_size=cfg.micro_batch_size,
+        max_new_tokens=cfg.max_new_tokens, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed, progress=cfg.progress,
+        save_final=save_final, resume=False)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns the report dict (also written to out/report.json)."""
-    from openrlhf_safesteer.directions import CandidateScore
+    from openrlhf_safesteer.directions import CandidateScore, select_direction
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet, select_safety_tokens
 
-    from openrlhf_safesteer.directions import select_direction
     from .report import write_report
 
     if cfg.threads:
@@ -208,12 +217,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         name = "safesteer" if objective == "exact" else objective
         with _timed(timings, f"train {name}"):
             student, tokenizer = load_model(cfg.model)
-            tcfg = TrainConfig(
-                out=str(out / f"train_{name}"), objective=objective, lr=cfg.lr, max_steps=cfg.steps,
-                prompts_per_step=cfg.prompts_per_step, samples_per_prompt=cfg.samples_per_prompt,
-                micro_batch_size=cfg.micro_batch_size, max_new_tokens=cfg.max_new_tokens, lora_r=cfg.lora_r,
-                lora_alpha=cfg.lora_alpha, warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed,
-                progress=cfg.progress, save_final=True, resume=False)
+            tcfg = train_config(cfg, objective, out / f"train_{name}")
             result = train(student, tokenizer, vector, torch.tensor(tokens.ids), data.harmful("train"), tcfg)
         with _timed(timings, f"evaluate {name}"):
             runs[name] = {"eval": evaluate(result.model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),

@@ -30,6 +30,7 @@ from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 from .evaluate import EvalSets, evaluate
 from .model import load_model
 from .pipeline import DemoConfig, goal_check
+from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +63,14 @@ def run_name(overrides: dict) -> str:
 
 
 def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
-    """The TrainConfig that `safesteer demo` would use, with this run's overrides."""
-    o = {**{k: getattr(base, k) for k in ("lr", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens",
-                                            "lora_r", "lora_alpha", "warmup_ratio", "seed")}, **overrides}
-    return TrainConfig(out=str(out), objective=o.get("objective", "exact"), lr=o["lr"], max_steps=o["steps"],
-                       prompts_per_step=o["prompts_per_step"], samples_per_prompt=o["samples_per_prompt"],
-                       micro_batch_size=base.micro_batch_size, max_new_tokens=o["max_new_tokens"],
-                       lora_r=o["lora_r"], lora_alpha=o["lora_alpha"], warmup_ratio=o["warmup_ratio"],
-                       temperature=o.get("temperature", 1.0), coeff=o.get("coeff", base.teacher_coeff), seed=o["seed"],
-                       progress=base.progress, save_final=False, resume=False)
+    """The TrainConfig that `safesteer demo` would use (pipeline.train_config), with this run's overrides."""
+    demo_fields = {f.name for f in dataclasses.fields(DemoConfig)}
+    renamed = {"teacher_coeff" if key == "coeff" else key: value for key, value in overrides.items()}
+    demo = dataclasses.replace(base, **{k: v for k, v in renamed.items() if k in demo_fields})
+    tcfg = demo_train_config(demo, overrides.get("objective", "exact"), out, save_final=False)
+    if "temperature" in overrides:      # the demo always samples at temperature 1
+        tcfg = dataclasses.replace(tcfg, temperature=overrides["temperature"])
+    return tcfg
 
 
 def load_done(path: Path) -> dict[str, dict]:
@@ -87,10 +87,11 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def sweep_table(base: dict, rows: list[dict]) -> str:
-    lines = ["| run | harmful refusal | ASR | harmless refusal | general_score | goal met | train s |",
-             "|---|---|---|---|---|---|---|",
-             f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
-             f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | | |"]
+    header = ["| run | harmful refusal | ASR | harmless refusal | general_score | goal met | train s |",
+              "|---|---|---|---|---|---|---|"]
+    base_row = (f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
+                f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | | |")
+    lines = [*header, base_row]
     for r in rows:
         e = r["eval"]
         lines.append(f"| {r['name']} | {100 * e['harmful_refusal_rate']:.1f}% | {100 * e['harmful_asr']:.1f}% | "
