@@ -317,10 +317,10 @@ def select_safety_tokens(
         for input_ids, attention_mask in tqdm(sequences, desc=desc, disable=not progress):
             with steer(model, steering_vector, coeff):
                 teacher = answer_logprobs(model, input_ids, attention_mask, horizon)
-            base = answer_logprobs(model, input_ids, attention_mask, horizon)
+            scores = teacher.cpu(), answer_logprobs(model, input_ids, attention_mask, horizon).cpu()
             if keep_scores:
-                cache.append((teacher.cpu(), base.cpu()))
-            yield teacher.cpu(), base.cpu()
+                cache.append(scores)
+            yield scores
 
     # 2. Mean teacher probability over valid positions (needed before any vote can be cast).
     prob_sum = torch.zeros(vocab_rows, dtype=torch.float64)
@@ -342,8 +342,9 @@ def select_safety_tokens(
     log_ratio_sum = torch.zeros(vocab_rows, dtype=torch.float64)  # breaks ties between equal vote counts
     for teacher, base in scored_batches("vote"):
         valid = valid_positions(base.argmax(-1), end_ids)
-        votes += vote(teacher - base, valid, banned_all, k_prime)
-        log_ratio_sum += ((teacher - base).double() * valid.unsqueeze(-1)).sum(dim=(0, 1))
+        delta = teacher - base                                                     # (b, H, V)
+        votes += vote(delta, valid, banned_all, k_prime)
+        log_ratio_sum += (delta.double() * valid.unsqueeze(-1)).sum(dim=(0, 1))
     ids = top_by_votes(votes, k, tiebreak=log_ratio_sum)
     if not ids:
         raise ValueError("no token received a vote")
