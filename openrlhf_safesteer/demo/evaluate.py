@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from openrlhf_safesteer import data
 from openrlhf_safesteer.chat import generate
+from openrlhf_safesteer.directions import refusal_score
 from openrlhf_safesteer.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
@@ -31,9 +32,13 @@ class EvalSets:
 
 def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general_tokens: int = 6,
              batch_size: int = 25, progress: bool = True) -> dict:
-    """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100), samples, seconds}.
+    """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100),
+    harmful_refusal_score, harmless_refusal_score, samples, seconds}.
 
-    Rates are fractions in [0, 1]; general_score is a percentage.
+    Rates are fractions in [0, 1]; general_score is a percentage. The two refusal scores are the mean
+    METHOD.md refusal score (logit of the refusal openers' next-token probability at the end of the prompt):
+    a greedy refusal flips at a threshold, the score shows how far each set moved (a training run that is
+    selective raises the harmful score more than the harmless one).
     """
     start = time.time()
     was_training = model.training
@@ -42,6 +47,8 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     harmless = generate(model, tokenizer, sets.harmless, refusal_tokens, batch_size, progress=progress)
     general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
                        progress=progress)
+    harmful_scores = refusal_score(model, tokenizer, sets.harmful, batch_size=batch_size)
+    harmless_scores = refusal_score(model, tokenizer, sets.harmless, batch_size=batch_size)
     model.train(was_training)
     harmful_refusals = [is_refusal(r) for r in harmful]
     harmless_refusals = [is_refusal(r) for r in harmless]
@@ -51,18 +58,20 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
         "harmful_asr": 1 - sum(harmful_refusals) / len(harmful),
         "harmless_refusal_rate": sum(harmless_refusals) / len(harmless),
         "general_score": 100.0 * sum(correct) / len(correct),
+        "harmful_refusal_score": harmful_scores.mean().item(),
+        "harmless_refusal_score": harmless_scores.mean().item(),
         "n": {"harmful": len(harmful), "harmless": len(harmless), "general": len(correct)},
         "samples": {
-            "harmful": [{"prompt": p, "reply": r, "refusal": f} for p, r, f in zip(sets.harmful, harmful,
-                                                                                    harmful_refusals)],
-            "harmless": [{"prompt": p, "reply": r, "refusal": f} for p, r, f in zip(sets.harmless, harmless,
-                                                                                    harmless_refusals)],
+            "harmful": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
+                        zip(sets.harmful, harmful, harmful_refusals, harmful_scores.tolist())],
+            "harmless": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
+                         zip(sets.harmless, harmless, harmless_refusals, harmless_scores.tolist())],
             "general": [{"question": q["question"], "reply": r, "correct": c}
                         for q, r, c in zip(sets.general, general, correct)],
         },
         "seconds": time.time() - start,
     }
-    logger.info("harmful refusal %.2f, harmless refusal %.2f, general_score %.1f (%.0f s)",
-                result["harmful_refusal_rate"], result["harmless_refusal_rate"], result["general_score"],
-                result["seconds"])
+    logger.info("harmful refusal %.2f (score %.2f), harmless refusal %.2f (score %.2f), general_score %.1f (%.0f s)",
+                result["harmful_refusal_rate"], result["harmful_refusal_score"], result["harmless_refusal_rate"],
+                result["harmless_refusal_score"], result["general_score"], result["seconds"])
     return result

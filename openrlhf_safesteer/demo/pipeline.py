@@ -71,8 +71,11 @@ class DemoConfig:
     samples_per_prompt: int = 2
     max_new_tokens: int = 24
     lr: float = 1e-4                   # measured: 3e-4 raises harmful refusal to 79% but harmless to 46%
-    lora_r: int = 16
+    lora_r: int = 16                   # 0: full fine-tuning (METHOD.md's setting; needs freeze_embeddings on 24 GB)
     lora_alpha: float = 32.0
+    lora_targets: list[str] = field(default_factory=lambda: list(TrainConfig().lora_targets))
+    lora_layers: list[int] | None = None  # decoder layers with adapters (None: all)
+    freeze_embeddings: bool = False    # full fine-tuning only
     warmup_ratio: float = 0.1
     micro_batch_size: int = 8
     # evaluation
@@ -143,7 +146,7 @@ def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = 
         out=str(out), objective=objective, lr=cfg.lr, max_steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
         samples_per_prompt=cfg.samples_per_prompt, micro_batch_size=cfg.micro_batch_size,
         max_new_tokens=cfg.max_new_tokens, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed, progress=cfg.progress,
+        lora_targets=list(cfg.lora_targets), lora_layers=cfg.lora_layers, freeze_embeddings=cfg.freeze_embeddings, warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed, progress=cfg.progress,
         save_final=save_final, resume=False)
 
 

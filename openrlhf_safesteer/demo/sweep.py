@@ -34,12 +34,33 @@ from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
 
-# override key -> type. "coeff" is the teacher's steering coefficient during training (default: the demo's
-# teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`).
+
+def _flag(value: str) -> bool:
+    if value.lower() not in ("0", "1", "true", "false"):
+        raise ValueError(f"expected 0/1/true/false, got {value!r}")
+    return value.lower() in ("1", "true")
+
+
+def _names(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def _layers(value: str) -> list[int]:
+    """'16-23' or '15,18,20' -> layer indices."""
+    first, dash, last = value.partition("-")
+    if dash:
+        return list(range(int(first), int(last) + 1))
+    return [int(v) for v in value.split(",") if v]
+
+
+# override key -> parser. "coeff" is the teacher's steering coefficient during training (default: the demo's
+# teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`);
+# "lora_r=0 freeze_embeddings=1" is full fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list;
+# "lora_layers=16-23" puts adapters on those decoder layers only.
 SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
-    "lora_r": int, "lora_alpha": float, "warmup_ratio": float, "objective": str, "coeff": float, "tokens": str,
-    "temperature": float, "seed": int,
+    "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag, "warmup_ratio": float,
+    "objective": str, "coeff": float, "tokens": str, "temperature": float, "seed": int,
 }
 
 
@@ -52,14 +73,19 @@ def parse_run(spec: str) -> dict:
             raise ValueError(f"--run wants key=value pairs, got {pair!r} in {spec!r}")
         if key not in SWEEP_KEYS:
             raise ValueError(f"unknown sweep key {key!r}; choose from {sorted(SWEEP_KEYS)}")
-        overrides[key] = SWEEP_KEYS[key](value)
+        try:
+            overrides[key] = SWEEP_KEYS[key](value)
+        except ValueError as e:
+            raise ValueError(f"bad value for {key} in {spec!r}: {e}") from None
     if not overrides:
         raise ValueError("empty --run")
     return overrides
 
 
 def run_name(overrides: dict) -> str:
-    return " ".join(f"{k}={v}" for k, v in overrides.items())
+    def text(v) -> str:
+        return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    return " ".join(f"{k}={text(v)}" for k, v in overrides.items())
 
 
 def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
@@ -87,17 +113,47 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def sweep_table(base: dict, rows: list[dict]) -> str:
-    header = ["| run | harmful refusal | ASR | harmless refusal | general_score | goal met | train s |",
-              "|---|---|---|---|---|---|---|"]
+    """Markdown table; the score columns are the mean refusal scores' shift from the base model (rows from
+    before the scores existed show '-')."""
+    header = ["| run | harmful refusal | ASR | harmless refusal | general_score | harmful score shift | "
+              "harmless score shift | goal met | train s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     base_row = (f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
-                f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | | |")
+                f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | 0 | 0 | | |")
     lines = [*header, base_row]
+
+    def shift(e: dict, key: str) -> str:
+        if key not in e or key not in base:
+            return "-"
+        return f"{e[key] - base[key]:+.2f}"
+
     for r in rows:
         e = r["eval"]
         lines.append(f"| {r['name']} | {100 * e['harmful_refusal_rate']:.1f}% | {100 * e['harmful_asr']:.1f}% | "
                      f"{100 * e['harmless_refusal_rate']:.1f}% | {e['general_score']:.1f} | "
+                     f"{shift(e, 'harmful_refusal_score')} | {shift(e, 'harmless_refusal_score')} | "
                      f"{'yes' if r['goal']['met'] else 'no'} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSets) -> dict:
+    """The demo's base evaluation, plus the base model's mean refusal scores when that demo predates them
+    (computed once, kept in out/base_scores.json)."""
+    base_eval = json.loads((source / "eval_base.json").read_text())
+    keys = ("harmful_refusal_score", "harmless_refusal_score")
+    if all(k in base_eval for k in keys):
+        return base_eval
+    cache = out / "base_scores.json"
+    if not cache.is_file():
+        from openrlhf_safesteer.directions import refusal_score
+
+        model, tokenizer = load_model(model_name)
+        scores = {keys[0]: refusal_score(model, tokenizer, sets.harmful).mean().item(),
+                  keys[1]: refusal_score(model, tokenizer, sets.harmless).mean().item()}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(scores) + "\n")
+        del model
+    return {**base_eval, **json.loads(cache.read_text())}
 
 
 def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = None) -> list[dict]:
@@ -110,12 +166,12 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
     for needed in ("vector", "safety_tokens.json", "eval_base.json"):
         if not (source / needed).exists():
             raise FileNotFoundError(f"{source / needed} is missing: --from needs a `safesteer demo` output folder")
-    base_eval = json.loads((source / "eval_base.json").read_text())
+    sets = EvalSets.default(base_cfg.eval_limit)
+    base_eval = base_eval_with_scores(source, out, model_name, sets)
     vector = SteeringVector.load(source / "vector")
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "sweep.jsonl"
     done = load_done(jsonl)
-    sets = EvalSets.default(base_cfg.eval_limit)
     rows = []
     for overrides in runs:
         name = run_name(overrides)

@@ -44,6 +44,7 @@ from openrlhf_safesteer.objectives import (
     sampled_advantages,
     sequence_mean,
 )
+from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.refusal import refusal_rate
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
@@ -85,6 +86,7 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"])
+    lora_layers: list[int] | None = None  # decoder layers that get adapters (None: all)
     freeze_embeddings: bool = False     # full fine-tuning without the (huge) embedding matrices
     teacher: str = "auto"               # auto | frozen_copy | shared_lora
     gradient_checkpointing: bool = False
@@ -176,8 +178,14 @@ def prepare_student(model: nn.Module, cfg: TrainConfig) -> nn.Module:
         targets = [t for t in cfg.lora_targets if t in present]
         if not targets:
             raise ValueError(f"none of the LoRA target modules {cfg.lora_targets} exist in this model")
+        if cfg.lora_layers is not None:
+            n_layers = len(decoder_layers(model))
+            bad = [i for i in cfg.lora_layers if not 0 <= i < n_layers]
+            if bad or not cfg.lora_layers:
+                raise ValueError(f"lora_layers must be a non-empty list of layer indices in [0, {n_layers}), "
+                                 f"got {cfg.lora_layers}")
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
-                          task_type="CAUSAL_LM")
+                          layers_to_transform=cfg.lora_layers, task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
     elif cfg.freeze_embeddings:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):

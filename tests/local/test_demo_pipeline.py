@@ -4,6 +4,7 @@ report.json / report.md / plots / final come out. The real-model run is tests/lo
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -38,6 +39,7 @@ def test_demo_pipeline_on_tiny_checkpoint(tiny_demo):
     assert on_disk["base"] == report["base"]
     for name in ("base", "safesteer", "full_vocab"):
         assert set(on_disk[name]) >= {"harmful_refusal_rate", "harmless_refusal_rate", "general_score"}
+    _check_refusal_scores(tmp_path / "demo")
     assert len(on_disk["training"]["safesteer"]) == 2 and len(on_disk["training"]["full_vocab"]) == 2
     assert set(on_disk["goal"]) == {"asr_halved", "harmless_refusal_rise_points", "general_score_drop_points", "met"}
     assert (tmp_path / "demo" / "final" / "config.json").is_file()
@@ -46,6 +48,29 @@ def test_demo_pipeline_on_tiny_checkpoint(tiny_demo):
     assert "| safesteer |" in md and "| full_vocab |" in md
     for plot in ("before_after", "safety_tokens", "training"):
         assert (tmp_path / "demo" / "plots" / f"{plot}.png").is_file()
+
+
+def _check_refusal_scores(demo_dir):
+    """The eval's mean refusal scores equal METHOD.md's score recomputed here from the saved model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from openrlhf_safesteer.chat import render_prompts
+    from openrlhf_safesteer.directions import refusal_token_ids
+
+    ev = json.loads((demo_dir / "eval_safesteer.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "final").eval()
+    tok = tiny_tokenizer()
+    refusal_ids = refusal_token_ids(tok)
+    for split in ("harmful", "harmless"):
+        scores = []
+        for sample in ev["samples"][split]:
+            ids = tok(render_prompts(tok, [sample["prompt"]])[0], return_tensors="pt", add_special_tokens=False)
+            with torch.no_grad():
+                probs = model(**ids).logits[0, -1].double().softmax(-1)
+            p_refuse = probs[refusal_ids].sum().item()
+            scores.append(math.log(p_refuse) - math.log1p(-p_refuse))
+            assert sample["score"] == pytest.approx(scores[-1], abs=1e-4)
+        assert ev[f"{split}_refusal_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-4)
 
 
 def test_refusal_openers_are_recognised_in_decoded_tokens():
@@ -91,11 +116,18 @@ def test_sweep_reuses_a_demo_run_and_resumes(tiny_demo, tmp_path, caplog):
     assert [len(r["history"]) for r in rows] == [1, 2]
     tcfg = train_config(DemoConfig(), runs[1], tmp_path / "x")
     assert (tcfg.max_steps, tcfg.coeff, tcfg.lr, tcfg.objective) == (2, 0.5, DemoConfig().lr, "exact")
+    knobs = parse_run("lora_r=0 freeze_embeddings=1 lora_targets=q_proj,v_proj lora_layers=1-3")
+    tcfg = train_config(DemoConfig(), knobs, tmp_path / "y")
+    assert (tcfg.lora_r, tcfg.freeze_embeddings, tcfg.lora_targets, tcfg.lora_layers) == (
+        0, True, ["q_proj", "v_proj"], [1, 2, 3])
     base = json.loads((demo / "eval_base.json").read_text())
     assert rows[1]["goal"] == goal_check(base, rows[1]["eval"])
     assert rows[0]["eval"]["n"] == {"harmful": 3, "harmless": 3, "general": 3}   # the demo's eval_limit carried over
     assert set(load_done(tmp_path / "sweep" / "sweep.jsonl")) == {r["name"] for r in rows}
-    assert "| steps=2 coeff=0.5 |" in (tmp_path / "sweep" / "sweep.md").read_text()
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "| steps=2 coeff=0.5 |" in table
+    shift = rows[1]["eval"]["harmful_refusal_score"] - base["harmful_refusal_score"]
+    assert f"| {shift:+.2f} |" in table.splitlines()[-1]
 
     with caplog.at_level(logging.INFO, logger="openrlhf_safesteer.demo.sweep"):
         again = run_sweep(demo, tmp_path / "sweep", runs)
@@ -112,5 +144,7 @@ def test_sweep_rejects_bad_specs_before_loading_anything(tmp_path):
         parse_run("lr")
     with pytest.raises(ValueError, match="could not convert"):
         parse_run("lr=fast")
+    with pytest.raises(ValueError, match="bad value for freeze_embeddings.*'maybe'"):
+        parse_run("freeze_embeddings=maybe")
     with pytest.raises(FileNotFoundError, match="safesteer demo"):
         run_sweep(tmp_path, tmp_path / "sweep", [parse_run("lr=1e-3")])

@@ -205,3 +205,15 @@ def test_checkpoint_is_hf_format_and_final_is_merged(tmp_path, tok):
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x).logits, result.model(x).logits, rtol=1e-5, atol=1e-5)
     assert not list(tmp_path.glob("**/.*tmp*"))           # no temporary leftovers
+
+
+def test_lora_layers_confine_the_adapters(tok):
+    """lora_layers puts adapters on those decoder layers only; an index outside the model fails before training."""
+    from openrlhf_safesteer.local.engine import prepare_student
+
+    model = tiny_model("llama", tok, layers=3, hidden=32)
+    student = prepare_student(model, TrainConfig(lora_r=4, lora_layers=[2], progress=False))
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, p in student.named_parameters() if p.requires_grad}
+    assert adapted == {"2"}
+    with pytest.raises(ValueError, match=r"lora_layers .* \[0, 3\), got \[3\]"):
+        prepare_student(tiny_model("llama", tok, layers=3, hidden=32), TrainConfig(lora_r=4, lora_layers=[3]))
