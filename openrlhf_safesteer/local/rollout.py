@@ -71,6 +71,24 @@ def build_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
 
 
 @torch.no_grad()
+@torch.no_grad()
+def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, samples_per_prompt: int):
+    """KV cache of each distinct prompt but its last token, computed once and repeated for its samples.
+
+    prompt_ids, prompt_mask: (N, P) left-padded distinct prompts. Returns a cache for N * samples_per_prompt
+    rows (row i * M + j is sample j of prompt i), so generate only encodes the last prompt token per row:
+    the M samples of a prompt share one prefill instead of M (on a CPU the prefill was about a fifth of a
+    rollout at M = 2; METHOD.md's M = 8 saves 7/8 of it).
+    """
+    head_mask = prompt_mask[:, :-1]
+    out = model(input_ids=prompt_ids[:, :-1], attention_mask=head_mask,
+                position_ids=left_padded_position_ids(head_mask), use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    if samples_per_prompt > 1:
+        cache.batch_repeat_interleave(samples_per_prompt)
+    return cache
+
+
 def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                     system_prompt: str | None = None) -> Rollouts:
@@ -81,19 +99,20 @@ def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: in
     """
     texts = render_prompts(tokenizer, prompts, system_prompt)
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = encode_left_padded(tokenizer, texts, device)
-    prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
-    prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
+    distinct_ids, distinct_mask = encode_left_padded(tokenizer, texts, device)
+    prompt_ids = distinct_ids.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_mask = distinct_mask.repeat_interleave(samples_per_prompt, dim=0)
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     stop_ids = end_of_turn_ids(tokenizer)
     was_training = model.training
     model.eval()
+    cache = shared_prompt_cache(model, distinct_ids, distinct_mask, samples_per_prompt)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=True,
-            temperature=temperature, top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
+            input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=stop_ids,
         )
     model.train(was_training)

@@ -65,6 +65,28 @@ def test_rollout_layout_and_seeded_sampling(tok):
     assert a.loss_mask[:, :a.prompt_len - 1].sum() == 0
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_prompt_prefill_draws_what_plain_generate_draws(tok, arch):
+    """Rollouts prefill each distinct prompt once and repeat its KV cache for the M samples; the draws must equal
+    HF generate over the repeated prompts, token for token (ragged prompts: left padding and, for GPT-2,
+    absolute positions must line up)."""
+    from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
+
+    model = tiny_model(arch, tok, layers=2, hidden=32).eval()
+    prompts = [PROMPTS[0], "Hi", PROMPTS[5]]
+    got = sample_rollouts(model, tok, prompts, 3, max_new_tokens=6, seed=5)
+    ids, mask = encode_left_padded(tok, render_prompts(tok, prompts), torch.device("cpu"))
+    assert len(set(mask.sum(1).tolist())) == 3                      # really ragged
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        want = model.generate(input_ids=ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0),
+                              max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                              pad_token_id=tok.pad_token_id, eos_token_id=end_of_turn_ids(tok))
+    width = min(want.shape[1], got.input_ids.shape[1])
+    assert torch.equal(got.input_ids[:, :width], want[:, :width])
+    assert len({tuple(r) for r in got.input_ids[:, ids.shape[1]:].tolist()}) > 3   # samples of a prompt differ
+
+
 def test_lora_shared_teacher_equals_frozen_copy_teacher(tok):
     from peft import LoraConfig, get_peft_model
 
