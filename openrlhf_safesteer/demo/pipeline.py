@@ -195,7 +195,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with _timed(timings, "teacher check"):
         n = cfg.teacher_check_prompts
-        teacher = teacher_check(model, tokenizer, vector, data.harmful("train")[:n], data.harmless("validation")[:n])
+        # the judge reads the reply's opening, so the eval's reply length suffices (24 tokens cost 10 s more)
+        teacher = teacher_check(model, tokenizer, vector, data.harmful("train")[:n], data.harmless("validation")[:n],
+                                max_new_tokens=cfg.refusal_tokens)
         logger.info("teacher refuses %.0f%% of harmful and %.0f%% of harmless check prompts",
                     100 * teacher["teacher_harmful_refusal_rate"], 100 * teacher["teacher_harmless_refusal_rate"])
 
@@ -220,11 +222,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         name = "safesteer" if objective == "exact" else objective
         with _timed(timings, f"train {name}"):
             student, tokenizer = load_model(cfg.model)
-            tcfg = train_config(cfg, objective, out / f"train_{name}")
+            # only SafeSteer's model is kept (DIR/final); the ablation's 2 GB merged copy is not written
+            tcfg = train_config(cfg, objective, out / f"train_{name}", save_final=name == "safesteer")
             result = train(student, tokenizer, vector, torch.tensor(tokens.ids), data.harmful("train"), tcfg)
         with _timed(timings, f"evaluate {name}"):
             runs[name] = {"eval": evaluate(result.model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
-                          "history": result.history, "final_dir": str(result.final_dir)}
+                          "history": result.history,
+                          "final_dir": str(result.final_dir) if result.final_dir else None}
         _write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":
             final = out / "final"
