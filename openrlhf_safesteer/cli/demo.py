@@ -38,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--token-prompts", type=int, default=d.token_prompts, help="harmless prompts voting S")
     p.add_argument("--objectives", nargs="+", default=d.objectives,
                    help="engine objectives to train (exact = SafeSteer; full_vocab = the ablation)")
+    p.add_argument("--train-splits", nargs="+", default=d.train_splits,
+                   help="harmful prompt splits to train on (openrlhf_safesteer/data/harmful.json; never 'test')")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps per training run")
     p.add_argument("--prompts-per-step", type=int, default=d.prompts_per_step, help="prompts per step")
     p.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt, help="completions per prompt")
@@ -62,7 +64,8 @@ def run(args) -> int:
                      objectives=args.objectives, steps=args.steps, prompts_per_step=args.prompts_per_step,
                      samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, lr=args.lr,
                      lora_r=args.lora_r, eval_limit=args.eval_limit, threads=args.threads, progress=args.progress,
-                     vector=args.vector, tokens=args.tokens, warmup_ratio=args.warmup_ratio)
+                     vector=args.vector, tokens=args.tokens, warmup_ratio=args.warmup_ratio,
+                     train_splits=args.train_splits)
     print("safesteer demo settings:\n" + cfg.summary(), flush=True)
     report = run_demo(cfg)
     names = [n for n in ("base", "safesteer", "full_vocab") if n in report]

@@ -29,7 +29,7 @@ from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
 from .evaluate import EvalSets, evaluate
 from .model import load_model
-from .pipeline import DemoConfig, goal_check
+from .pipeline import DemoConfig, goal_check, train_prompts
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
@@ -56,10 +56,11 @@ def _layers(value: str) -> list[int]:
 # override key -> parser. "coeff" is the teacher's steering coefficient during training (default: the demo's
 # teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`);
 # "lora_r=0 freeze_embeddings=1" is full fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list;
-# "lora_layers=16-23" puts adapters on those decoder layers only.
+# "lora_layers=16-23" puts adapters on those decoder layers only; "train_splits=train,direction,validation"
+# trains on more harmful prompts (every split but the held-out test).
 SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
-    "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag, "warmup_ratio": float,
+    "lora_r": int, "lora_alpha": float, "train_splits": _names, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag, "warmup_ratio": float,
     "objective": str, "coeff": float, "tokens": str, "temperature": float, "seed": int,
 }
 
@@ -88,11 +89,16 @@ def run_name(overrides: dict) -> str:
     return " ".join(f"{k}={text(v)}" for k, v in overrides.items())
 
 
-def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
-    """The TrainConfig that `safesteer demo` would use (pipeline.train_config), with this run's overrides."""
+def demo_config(base: DemoConfig, overrides: dict) -> DemoConfig:
+    """The demo's settings with this run's overrides (those that are demo settings)."""
     demo_fields = {f.name for f in dataclasses.fields(DemoConfig)}
     renamed = {"teacher_coeff" if key == "coeff" else key: value for key, value in overrides.items()}
-    demo = dataclasses.replace(base, **{k: v for k, v in renamed.items() if k in demo_fields})
+    return dataclasses.replace(base, **{k: v for k, v in renamed.items() if k in demo_fields})
+
+
+def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
+    """The TrainConfig that `safesteer demo` would use (pipeline.train_config), with this run's overrides."""
+    demo = demo_config(base, overrides)
     tcfg = demo_train_config(demo, overrides.get("objective", "exact"), out, save_final=False)
     if "temperature" in overrides:      # the demo always samples at temperature 1
         tcfg = dataclasses.replace(tcfg, temperature=overrides["temperature"])
@@ -184,7 +190,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         vector.check_compatible(student)
         tcfg = train_config(base_cfg, overrides, out / "runs" / name.replace(" ", "_").replace("/", "_"))
         t0 = time.time()
-        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), data.harmful("train"), tcfg)
+        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(demo_config(base_cfg, overrides)),
+                       tcfg)
         train_seconds = time.time() - t0
         ev = evaluate(result.model, tokenizer, sets, base_cfg.refusal_tokens, progress=False)
         row = {"name": name, "overrides": overrides, "train_seconds": train_seconds,

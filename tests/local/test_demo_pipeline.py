@@ -120,6 +120,15 @@ def test_sweep_reuses_a_demo_run_and_resumes(tiny_demo, tmp_path, caplog):
     tcfg = train_config(DemoConfig(), knobs, tmp_path / "y")
     assert (tcfg.lora_r, tcfg.freeze_embeddings, tcfg.lora_targets, tcfg.lora_layers) == (
         0, True, ["q_proj", "v_proj"], [1, 2, 3])
+    from openrlhf_safesteer import data
+    from openrlhf_safesteer.demo.pipeline import train_prompts
+    from openrlhf_safesteer.demo.sweep import demo_config
+
+    wider = demo_config(DemoConfig(), parse_run("train_splits=train,direction"))
+    assert train_prompts(wider) == data.harmful("train") + data.harmful("direction")
+    assert not set(train_prompts(wider)) & set(data.harmful("test"))
+    with pytest.raises(ValueError, match="other than 'test'"):
+        train_prompts(demo_config(DemoConfig(), parse_run("train_splits=train,test")))
     base = json.loads((demo / "eval_base.json").read_text())
     assert rows[1]["goal"] == goal_check(base, rows[1]["eval"])
     assert rows[0]["eval"]["n"] == {"harmful": 3, "harmless": 3, "general": 3}   # the demo's eval_limit carried over
