@@ -87,6 +87,29 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p,
+              system_prompt, progress, first_logprobs: bool) -> tuple[list[str], list[torch.Tensor]]:
+    from tqdm.auto import tqdm
+
+    texts = render_prompts(tokenizer, prompts, system_prompt)
+    device = model_device(model)
+    replies: list[str] = []
+    first: list[torch.Tensor] = []
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    for chunk in tqdm(list(batches(texts, batch_size)), desc="generate", disable=not progress):
+        input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer),
+            output_logits=first_logprobs, return_dict_in_generate=True, **sampling,
+        )
+        replies.extend(tokenizer.batch_decode(out.sequences[:, input_ids.shape[1]:], skip_special_tokens=True))
+        if first_logprobs:
+            # raw (unprocessed) logits of the first step = the next-token distribution at the prompt's end
+            first.append(torch.log_softmax(out.logits[0].float(), dim=-1).cpu())
+    return replies, first
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -101,18 +124,23 @@ def generate(
     progress: bool = False,
 ) -> list[str]:
     """Answer each user prompt with the model's chat template (greedy by default); returns decoded replies."""
-    from tqdm.auto import tqdm
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p,
+                     system_prompt, progress, first_logprobs=False)[0]
 
-    texts = render_prompts(tokenizer, prompts, system_prompt)
-    device = model_device(model)
-    replies: list[str] = []
-    chunks = list(batches(texts, batch_size))
-    for chunk in tqdm(chunks, desc="generate", disable=not progress):
-        input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer), **sampling,
-        )
-        replies.extend(tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True))
-    return replies
+
+@torch.no_grad()
+def generate_with_first_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    system_prompt: str | None = None,
+    progress: bool = False,
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy replies, plus the next-token log-probs (N, V) float32 at the end of each prompt, read from the
+    first generation step (no extra forward pass; `directions.refusal_scores_from_logprobs` turns them into
+    refusal scores)."""
+    replies, first = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, False, 1.0, 1.0,
+                               system_prompt, progress, first_logprobs=True)
+    return replies, torch.cat(first)

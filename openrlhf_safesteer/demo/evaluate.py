@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass
 
 from openrlhf_safesteer import data
-from openrlhf_safesteer.chat import generate
-from openrlhf_safesteer.directions import refusal_score
+from openrlhf_safesteer.chat import generate, generate_with_first_logprobs
+from openrlhf_safesteer.directions import refusal_scores_from_logprobs, refusal_token_ids
 from openrlhf_safesteer.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
@@ -43,12 +43,15 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     start = time.time()
     was_training = model.training
     model.eval()
-    harmful = generate(model, tokenizer, sets.harmful, refusal_tokens, batch_size, progress=progress)
-    harmless = generate(model, tokenizer, sets.harmless, refusal_tokens, batch_size, progress=progress)
+    harmful, harmful_first = generate_with_first_logprobs(model, tokenizer, sets.harmful, refusal_tokens, batch_size,
+                                                          progress=progress)
+    harmless, harmless_first = generate_with_first_logprobs(model, tokenizer, sets.harmless, refusal_tokens,
+                                                            batch_size, progress=progress)
     general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
                        progress=progress)
-    harmful_scores = refusal_score(model, tokenizer, sets.harmful, batch_size=batch_size)
-    harmless_scores = refusal_score(model, tokenizer, sets.harmless, batch_size=batch_size)
+    refusal_ids = refusal_token_ids(tokenizer)
+    harmful_scores = refusal_scores_from_logprobs(harmful_first, refusal_ids)
+    harmless_scores = refusal_scores_from_logprobs(harmless_first, refusal_ids)
     model.train(was_training)
     harmful_refusals = [is_refusal(r) for r in harmful]
     harmless_refusals = [is_refusal(r) for r in harmless]

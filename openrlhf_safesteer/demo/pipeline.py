@@ -41,9 +41,9 @@ class DemoConfig:
     model: str = DEFAULT_MODEL
     seed: int = 0
     # direction (METHOD.md section 1, reduced grid). Measured over layers 12-17 at coefficient 2: only 13 and 15
-    # pass the rules (12, 14, 16, 17: ablation KL 0.52, 0.24, 0.13, 0.32 > 0.1) and 15 is selected; the demo
-    # scores 13-16 to save a minute and a half.
-    layers: list[int] = field(default_factory=lambda: list(range(13, 17)))
+    # pass the rules (12, 14, 16, 17: ablation KL 0.52, 0.24, 0.13, 0.32 > 0.1) and 15 is selected (its ablation
+    # drops harmful refusal most: -3.91 vs -2.35 for 13); the demo scores 14-16 (same vector, 2 minutes less).
+    layers: list[int] = field(default_factory=lambda: list(range(14, 17)))
     positions: list[int] = field(default_factory=lambda: [-1])
     # Selection and the safety-token vote use coefficient 2: at METHOD.md's 1, every candidate in layers 12-17
     # failed the rules (ablation KL > 0.1, or harmless prompts not refused when steered).
@@ -67,11 +67,14 @@ class DemoConfig:
     # training (section 4, sized for a CPU). train_splits: the harmful splits trained on (never "test").
     train_splits: list[str] = field(default_factory=lambda: ["train"])
     objectives: list[str] = field(default_factory=lambda: ["exact", "full_vocab"])
+    # 8 distinct prompts x 1 sample per step (same compute as 4 x 2): measured, the update then follows what the
+    # harmful prompts share rather than each prompt, and is selective (held-out harmful refusal score +1.04 vs
+    # harmless +0.66; at 4 x 2, +0.59 vs +0.85). lr 6e-5: at 1e-4 harmless refusal rose to 21% (sweep, README).
     steps: int = 10
-    prompts_per_step: int = 4
-    samples_per_prompt: int = 2
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 1
     max_new_tokens: int = 24
-    lr: float = 1e-4                   # measured: 3e-4 raises harmful refusal to 79% but harmless to 46%
+    lr: float = 6e-5
     lora_r: int = 16                   # 0: full fine-tuning (METHOD.md's setting; needs freeze_embeddings on 24 GB)
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: list(TrainConfig().lora_targets))
