@@ -29,7 +29,7 @@ from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
 from .evaluate import EvalSets, evaluate
 from .model import load_model
-from .pipeline import DemoConfig, goal_check, train_prompts
+from .pipeline import DemoConfig, goal_check, merged, train_prompts
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(demo_config(base_cfg, overrides)),
                        tcfg)
         train_seconds = time.time() - t0
-        ev = evaluate(result.model, tokenizer, sets, base_cfg.refusal_tokens, progress=False)
+        ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)
         row = {"name": name, "overrides": overrides, "train_seconds": train_seconds,
                "eval": {k: v for k, v in ev.items() if k != "samples"}, "samples": ev["samples"],
                "history": result.history, "goal": goal_check(base_eval, ev)}
