@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DemoConfig:
-    """Everything the demo does, sized for 2 CPU cores (measured: 21 min 53 s, README; stage times in report.md)."""
+    """Everything the demo does, sized for 2 CPU cores (measured 23 min 9 s; ~19 min 30 s at quieter speeds: README)."""
 
     out: str = "safesteer_demo"
     model: str = DEFAULT_MODEL
