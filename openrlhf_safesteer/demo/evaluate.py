@@ -12,7 +12,10 @@ from dataclasses import dataclass
 
 from openrlhf_safesteer import data
 from openrlhf_safesteer.chat import generate, generate_with_first_logprobs
-from openrlhf_safesteer.directions import refusal_scores_from_logprobs, refusal_token_ids
+from openrlhf_safesteer.directions import (
+    refusal_scores_from_logprobs,
+    refusal_token_ids,
+)
 from openrlhf_safesteer.refusal import is_refusal
 
 logger = logging.getLogger(__name__)

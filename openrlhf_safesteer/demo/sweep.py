@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from openrlhf_safesteer import data
 from openrlhf_safesteer.local.engine import TrainConfig, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
@@ -60,8 +59,9 @@ def _layers(value: str) -> list[int]:
 # trains on more harmful prompts (every split but the held-out test).
 SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
-    "lora_r": int, "lora_alpha": float, "train_splits": _names, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag, "warmup_ratio": float,
-    "objective": str, "coeff": float, "tokens": str, "temperature": float, "seed": int,
+    "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag,
+    "train_splits": _names, "warmup_ratio": float, "objective": str, "coeff": float, "tokens": str,
+    "temperature": float, "seed": int,
 }
 
 
@@ -121,8 +121,8 @@ def append_row(path: Path, row: dict) -> None:
 def sweep_table(base: dict, rows: list[dict]) -> str:
     """Markdown table; the score columns are the mean refusal scores' shift from the base model (rows from
     before the scores existed show '-')."""
-    header = ["| run | harmful refusal | ASR | harmless refusal | general_score | harmful score shift | "
-              "harmless score shift | goal met | train s |",
+    header = [("| run | harmful refusal | ASR | harmless refusal | general_score | harmful score shift | "
+               "harmless score shift | goal met | train s |"),
               "|---|---|---|---|---|---|---|---|---|"]
     base_row = (f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
                 f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | 0 | 0 | | |")
@@ -190,8 +190,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         vector.check_compatible(student)
         tcfg = train_config(base_cfg, overrides, out / "runs" / name.replace(" ", "_").replace("/", "_"))
         t0 = time.time()
-        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(demo_config(base_cfg, overrides)),
-                       tcfg)
+        prompts = train_prompts(demo_config(base_cfg, overrides))
+        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), prompts, tcfg)
         train_seconds = time.time() - t0
         ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)
         row = {"name": name, "overrides": overrides, "train_seconds": train_seconds,

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.objectives import (
     SUBSET_OBJECTIVES,
     full_vocab_reverse_kl,
@@ -44,7 +45,6 @@ from openrlhf_safesteer.objectives import (
     sampled_advantages,
     sequence_mean,
 )
-from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.refusal import refusal_rate
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 

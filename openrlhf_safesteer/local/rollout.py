@@ -71,7 +71,6 @@ def build_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
 
 
 @torch.no_grad()
-@torch.no_grad()
 def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, samples_per_prompt: int):
     """KV cache of each distinct prompt but its last token, computed once and repeated for its samples.
 
@@ -89,6 +88,7 @@ def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, samples_
     return cache
 
 
+@torch.no_grad()
 def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                     system_prompt: str | None = None) -> Rollouts:

@@ -107,7 +107,12 @@ def test_sweep_reuses_a_demo_run_and_resumes(tiny_demo, tmp_path, caplog):
     import logging
 
     from openrlhf_safesteer.demo.pipeline import goal_check
-    from openrlhf_safesteer.demo.sweep import load_done, parse_run, run_sweep, train_config
+    from openrlhf_safesteer.demo.sweep import (
+        load_done,
+        parse_run,
+        run_sweep,
+        train_config,
+    )
 
     demo = tiny_demo[0] / "demo"
     runs = [parse_run("lr=1e-3 steps=1"), parse_run("steps=2 coeff=0.5")]
