@@ -22,7 +22,7 @@ import torch
 
 from openrlhf_safesteer import data
 from openrlhf_safesteer.chat import generate
-from openrlhf_safesteer.local.engine import TrainConfig, train
+from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.refusal import refusal_rate
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, steer
 
@@ -144,12 +144,6 @@ def goal_check(base: dict, trained: dict) -> dict:
     goal["met"] = (goal["asr_halved"] and goal["harmless_refusal_rise_points"] <= 5
                    and goal["general_score_drop_points"] <= 1)
     return goal
-
-
-def merged(model):
-    """The trained model with any LoRA adapter merged into its weights (in place; the run is over), so the
-    evaluation's generation does not pay the adapter's two extra matmuls per projection at every token."""
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def train_prompts(cfg: DemoConfig) -> list[str]:

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from openrlhf_safesteer.local.engine import TrainConfig, train
+from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
 from .evaluate import EvalSets, evaluate
 from .model import load_model
-from .pipeline import DemoConfig, goal_check, merged, train_prompts
+from .pipeline import DemoConfig, goal_check, train_prompts
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)

@@ -381,10 +381,16 @@ def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int
     return int(json.loads((state_dir / "state.json").read_text())["step"])
 
 
+def merged(model: nn.Module) -> nn.Module:
+    """The model with any LoRA adapter merged into its weights (in place: call when training is over), so
+    generation does not pay the adapter's two extra matmuls per projection at every token."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def save_final(out: Path, student: nn.Module, tokenizer) -> tuple[Path, nn.Module]:
     """out/final: a plain HF checkpoint (LoRA merged into the weights), atomically. Returns (dir, plain model)."""
     final = out / "final"
-    model = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student  # the run is over
+    model = merged(student)  # the run is over
     model.eval()
 
     def write(tmp: Path) -> None:
