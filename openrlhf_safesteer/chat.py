@@ -64,6 +64,96 @@ def encode_left_padded(
     return input_ids.to(device), attention_mask.to(device)
 
 
+def shared_prefix_length(encoded: Sequence[Sequence[int]], keep: int = 1) -> int:
+    """Tokens every sequence starts with, leaving each at least `keep` tokens of its own (0 for one sequence)."""
+    if len(encoded) < 2:
+        return 0
+    limit = max(min(len(ids) for ids in encoded) - keep, 0)
+    length = 0
+    while length < limit and all(ids[length] == encoded[0][length] for ids in encoded):
+        length += 1
+    return length
+
+
+def encode_shared_prefix(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], device: torch.device | str = "cpu", keep: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokenise rendered texts as [shared prefix | pads | each text's rest], so the prefix can be encoded once.
+
+    Chat templates open every prompt with the same header (Qwen's default system prompt is 24 of the
+    demo prompts' ~44 tokens), and on a CPU a batch's prefill costs about as much as its decoding.
+    Returns input_ids (B, c + S), attention_mask (B, c + S) and c, the shared prefix length: columns
+    [0, c) are the same c tokens in every row, the rest of each row is left-padded so position -1 is
+    still every prompt's last token, and the last `keep` columns are real tokens of every row. Position
+    ids must come from the attention mask (HF generate and `models.left_padded_position_ids` do), which
+    numbers each row's tokens 0, 1, ... over the pads.
+    """
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before batching")
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    if not encoded:
+        raise ValueError("no texts to encode")
+    shared = shared_prefix_length(encoded, keep)
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    input_ids[:, :shared] = torch.tensor(encoded[0][:shared], dtype=torch.long)
+    attention_mask[:, :shared] = 1
+    for row, ids in enumerate(encoded):
+        rest = ids[shared:]
+        if rest:
+            input_ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, width - len(rest):] = 1
+    return input_ids.to(device), attention_mask.to(device), shared
+
+
+def prefill_shared_prefix(model: PreTrainedModel, input_ids: torch.Tensor, shared: int):
+    """KV cache of the first `shared` columns of input_ids (B, T) (identical in every row): encoded once at
+    batch 1 and repeated B times. Pass it to generate (or a forward) with the full attention mask and
+    input_ids (generate) or input_ids[:, shared:] (forward); only columns [shared, T) are then encoded.
+    Returns None when there is nothing to share. Gradients flow through the cache when they are enabled
+    (the training loss); callers that only read the model run it under torch.no_grad."""
+    if shared == 0:
+        return None
+    cache = model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
+    cache.batch_repeat_interleave(input_ids.shape[0])
+    return cache
+
+
+def shared_prefix_layout(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Reorder LEFT-padded rows (B, T) whose prompts end at column prompt_len into the layout of
+    `encode_shared_prefix`: [the c tokens every prompt starts with | pads | the rest].
+
+    Columns from prompt_len on (completions, right-padded) do not move. Each row keeps at least one prompt
+    token after the prefix. Returns input_ids, attention_mask (B, T) and c (0 when rows share nothing).
+    """
+    starts = (attention_mask[:, :prompt_len].cumsum(-1) == 0).sum(-1)                     # (B,) first real column
+    width = prompt_len - int(starts.max()) - 1                   # the shortest prompt, less the token it keeps
+    if input_ids.shape[0] < 2 or width <= 0:
+        return input_ids, attention_mask, 0
+    heads = input_ids.gather(1, starts[:, None] + torch.arange(width, device=input_ids.device))   # (B, width)
+    shared = int((heads == heads[:1]).all(0).long().cumprod(0).sum())
+    if shared == 0:
+        return input_ids, attention_mask, 0
+    column = torch.arange(input_ids.shape[1], device=input_ids.device)
+    # sort key: 0 = the shared prefix, 1 = left pads, 2 = everything after it (a stable sort keeps their order)
+    key = torch.full_like(input_ids, 2)
+    key[column < starts[:, None]] = 1
+    key[(column >= starts[:, None]) & (column < starts[:, None] + shared)] = 0
+    order = torch.argsort(key, dim=1, stable=True)
+    return input_ids.gather(1, order), attention_mask.gather(1, order), shared
+
+
+def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move each row's pads to the front (the layout of `encode_left_padded`), keeping token order.
+
+    input_ids, attention_mask: (B, T), e.g. from `encode_shared_prefix`. Returns the same shapes."""
+    order = torch.argsort(attention_mask, dim=1, stable=True)  # pads (0) first, then real tokens in order
+    return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+
 def batches(items: Sequence, batch_size: int) -> Iterator[Sequence]:
     """Consecutive slices of at most batch_size items."""
     if batch_size < 1:
@@ -97,9 +187,10 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, 
     first: list[torch.Tensor] = []
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     for chunk in tqdm(list(batches(texts, batch_size)), desc="generate", disable=not progress):
-        input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
+        input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device)
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            past_key_values=prefill_shared_prefix(model, input_ids, shared),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer),
             output_logits=first_logprobs, return_dict_in_generate=True, **sampling,
         )

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from openrlhf_safesteer.chat import batches, encode_left_padded, render_prompts
+from openrlhf_safesteer.chat import batches, encode_shared_prefix, prefill_shared_prefix, render_prompts
 from openrlhf_safesteer.models import (
     decoder_layers,
     left_padded_position_ids,
@@ -72,13 +72,19 @@ def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] =
     return sorted(ids)
 
 
-def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, shared: int = 0,
+                    past=None) -> Tensor:
     """Logits (B, 1, V) at the last position only: every caller reads the next-token distribution
     (or only the layer inputs, through hooks), and projecting all T positions onto a 150k vocabulary
-    cost more than the decoder layers of a 0.5B model."""
+    cost more than the decoder layers of a 0.5B model.
+
+    input_ids, attention_mask (B, T) as laid out by `chat.encode_shared_prefix`; `past` is the KV cache
+    of the first `shared` columns (`chat.prefill_shared_prefix`), so only columns [shared, T) are encoded.
+    """
     return model(
-        input_ids=input_ids, attention_mask=attention_mask,
-        position_ids=left_padded_position_ids(attention_mask), use_cache=False, logits_to_keep=1,
+        input_ids=input_ids[:, shared:], attention_mask=attention_mask,
+        position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
+        use_cache=past is not None, logits_to_keep=1,
     ).logits
 
 
@@ -91,8 +97,9 @@ def last_token_logprobs(
     device = model_device(model)
     out = []
     for chunk in batches(texts, batch_size):
-        input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
-        logits = _forward_logits(model, input_ids, attention_mask)[:, -1, :]
+        input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device)
+        past = prefill_shared_prefix(model, input_ids, shared)
+        logits = _forward_logits(model, input_ids, attention_mask, shared, past)[:, -1, :]
         out.append(F.log_softmax(logits.float(), dim=-1).cpu())
     return torch.cat(out)
 
@@ -136,8 +143,12 @@ def mean_activations(
     index = list(positions)
     total: list[Tensor | None] = [None] * len(layers)
 
+    collecting = [True]   # off while the chunk's shared chat header is encoded: it is no prompt's last tokens
+
     def make_hook(i: int):
         def hook(module, args, kwargs):
+            if not collecting[0]:
+                return
             hidden = args[0] if args else kwargs["hidden_states"]
             batch_sum = hidden[:, index, :].double().sum(dim=0).cpu()  # (P, H)
             total[i] = batch_sum if total[i] is None else total[i] + batch_sum
@@ -148,10 +159,13 @@ def mean_activations(
     device = model_device(model)
     try:
         for chunk in tqdm(list(batches(texts, batch_size)), desc=desc, disable=not progress):
-            input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
+            input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device, keep=len(index))
             if input_ids.shape[1] < len(index):
                 raise ValueError("a rendered prompt is shorter than the post-instruction template")
-            _forward_logits(model, input_ids, attention_mask)
+            collecting[0] = False
+            past = prefill_shared_prefix(model, input_ids, shared)
+            collecting[0] = True
+            _forward_logits(model, input_ids, attention_mask, shared, past)
     finally:
         for handle in handles:
             handle.remove()

@@ -25,8 +25,9 @@ from transformers import PreTrainedTokenizerBase
 
 from openrlhf_safesteer.chat import (
     batches,
-    encode_left_padded,
+    encode_shared_prefix,
     end_of_turn_ids,
+    prefill_shared_prefix,
     render_prompts,
 )
 from openrlhf_safesteer.directions import prompts_sha256
@@ -210,21 +211,22 @@ def top_by_votes(votes: Tensor, k: int, tiebreak: Tensor | None = None) -> list[
 @torch.no_grad()
 def sample_continuations(
     model: nn.Module, input_ids: Tensor, attention_mask: Tensor, length: int, generator: torch.Generator,
-    forbidden_ids: Sequence[int] = (), temperature: float = 1.0,
+    forbidden_ids: Sequence[int] = (), temperature: float = 1.0, shared: int = 0,
 ) -> Tensor:
     """Sample exactly `length` tokens per row (temperature, top_p 1, no top-k) -> (B, length) long.
 
     forbidden_ids (end-of-turn, pad) get probability 0, which forces the length like HF's
     min_new_tokens. Sampling draws on the CPU generator so a seed gives the same tokens on any
     device. One prompt pass, then one token per step against the KV cache (re-encoding the whole
-    sequence at every step made this the slowest part of the vote).
+    sequence at every step made this the slowest part of the vote). The first `shared` columns, the same
+    in every row (`chat.encode_shared_prefix`), are encoded once.
     """
     if length == 0:
         return input_ids.new_zeros((input_ids.shape[0], 0))
     out = []
     mask = attention_mask
-    positions = left_padded_position_ids(mask)                                  # (B, P)
-    step_ids, past = input_ids, None
+    positions = left_padded_position_ids(mask)[:, shared:]                      # (B, P - shared)
+    step_ids, past = input_ids[:, shared:], prefill_shared_prefix(model, input_ids, shared)
     forbidden = list(forbidden_ids)
     for _ in range(length):
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
@@ -243,14 +245,17 @@ def sample_continuations(
 
 
 @torch.no_grad()
-def answer_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, horizon: int) -> Tensor:
+def answer_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, horizon: int,
+                    shared: int = 0) -> Tensor:
     """Full-vocabulary log-probs (B, H, V) float32 at the H answer positions: the last prompt token
-    and the H - 1 continuation tokens (each predicts the next answer token)."""
+    and the H - 1 continuation tokens (each predicts the next answer token). The first `shared` columns,
+    the same in every row (`chat.encode_shared_prefix`), are encoded once."""
     # logits_to_keep: only the H answer positions go through the LM head (the prompt's would be
     # (B, P, V) floats thrown away; with P ~ 5H and V = 150k that was most of the pass)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask,
-                   position_ids=left_padded_position_ids(attention_mask), use_cache=False,
-                   logits_to_keep=horizon).logits
+    past = prefill_shared_prefix(model, input_ids, shared)
+    logits = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
+                   position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
+                   use_cache=past is not None, logits_to_keep=horizon).logits
     return F.log_softmax(logits.float(), dim=-1)
 
 
@@ -296,13 +301,14 @@ def select_safety_tokens(
 
     # 1. Sample continuations from the steered model; each prompt repeated n_samples times.
     texts = [t for t in render_prompts(tokenizer, prompts) for _ in range(n_samples)]
-    sequences: list[tuple[Tensor, Tensor]] = []
+    sequences: list[tuple[Tensor, Tensor, int]] = []
     with steer(model, steering_vector, coeff):
         for chunk in tqdm(list(batches(texts, batch_size)), desc="sample steered continuations", disable=not progress):
-            input_ids, attention_mask = encode_left_padded(tokenizer, chunk, device)
-            continuation = sample_continuations(model, input_ids, attention_mask, horizon - 1, generator, forbidden)
+            input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device)
+            continuation = sample_continuations(model, input_ids, attention_mask, horizon - 1, generator, forbidden,
+                                                shared=shared)
             sequences.append((torch.cat([input_ids, continuation], 1),
-                              torch.cat([attention_mask, torch.ones_like(continuation)], 1)))
+                              torch.cat([attention_mask, torch.ones_like(continuation)], 1), shared))
 
     # The vote needs min_prob's ban list, i.e. one pass over every sample, before the first vote.
     # Small runs keep the (N, H, V) teacher/base log-probs of that pass for the vote; large ones
@@ -314,10 +320,10 @@ def select_safety_tokens(
         if cache:
             yield from cache
             return
-        for input_ids, attention_mask in tqdm(sequences, desc=desc, disable=not progress):
+        for input_ids, attention_mask, shared in tqdm(sequences, desc=desc, disable=not progress):
             with steer(model, steering_vector, coeff):
-                teacher = answer_logprobs(model, input_ids, attention_mask, horizon)
-            scores = teacher.cpu(), answer_logprobs(model, input_ids, attention_mask, horizon).cpu()
+                teacher = answer_logprobs(model, input_ids, attention_mask, horizon, shared)
+            scores = teacher.cpu(), answer_logprobs(model, input_ids, attention_mask, horizon, shared).cpu()
             if keep_scores:
                 cache.append(scores)
             yield scores

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
+from openrlhf_safesteer.chat import (
+    encode_shared_prefix,
+    end_of_turn_ids,
+    prefill_shared_prefix,
+    render_prompts,
+    to_left_padded,
+)
 from openrlhf_safesteer.models import left_padded_position_ids
 
 Tensor = torch.Tensor
@@ -71,19 +77,22 @@ def build_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
 
 
 @torch.no_grad()
-def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, samples_per_prompt: int):
+def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, shared: int, samples_per_prompt: int):
     """KV cache of each distinct prompt but its last token, computed once and repeated for its samples.
 
-    prompt_ids, prompt_mask: (N, P) left-padded distinct prompts. Returns a cache for N * samples_per_prompt
-    rows (row i * M + j is sample j of prompt i), so generate only encodes the last prompt token per row:
-    the M samples of a prompt share one prefill instead of M (on a CPU the prefill was about a fifth of a
-    rollout at M = 2; METHOD.md's M = 8 saves 7/8 of it).
+    prompt_ids, prompt_mask: (N, P) distinct prompts laid out by `chat.encode_shared_prefix`: the first
+    `shared` columns (the chat header) are the same in every row and are encoded once at batch 1, the rest
+    once per distinct prompt. Returns a cache for N * samples_per_prompt rows (row i * M + j is sample j
+    of prompt i), so generate only encodes the last prompt token per row. On a CPU a rollout's prefill
+    costs about as much as its decoding; METHOD.md's M = 8 samples share 7/8 of it.
     """
+    cache = prefill_shared_prefix(model, prompt_ids, shared)
     head_mask = prompt_mask[:, :-1]
-    out = model(input_ids=prompt_ids[:, :-1], attention_mask=head_mask,
-                position_ids=left_padded_position_ids(head_mask), use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    if samples_per_prompt > 1:
+    if prompt_ids.shape[1] - 1 > shared:
+        positions = left_padded_position_ids(head_mask)[:, shared:]
+        cache = model(input_ids=prompt_ids[:, shared:-1], attention_mask=head_mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    if cache is not None and samples_per_prompt > 1:
         cache.batch_repeat_interleave(samples_per_prompt)
     return cache
 
@@ -99,14 +108,14 @@ def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: in
     """
     texts = render_prompts(tokenizer, prompts, system_prompt)
     device = next(model.parameters()).device
-    distinct_ids, distinct_mask = encode_left_padded(tokenizer, texts, device)
+    distinct_ids, distinct_mask, shared = encode_shared_prefix(tokenizer, texts, device)
     prompt_ids = distinct_ids.repeat_interleave(samples_per_prompt, dim=0)
     prompt_mask = distinct_mask.repeat_interleave(samples_per_prompt, dim=0)
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     stop_ids = end_of_turn_ids(tokenizer)
     was_training = model.training
     model.eval()
-    cache = shared_prompt_cache(model, distinct_ids, distinct_mask, samples_per_prompt)
+    cache = shared_prompt_cache(model, distinct_ids, distinct_mask, shared, samples_per_prompt)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -120,4 +129,5 @@ def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: in
     if completion_ids.shape[1] == 0:
         raise RuntimeError("generate returned no new tokens")
     completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    prompt_ids, prompt_mask = to_left_padded(prompt_ids, prompt_mask)   # the Rollouts layout
     return build_rollouts(prompt_ids, prompt_mask, completion_ids, stop_ids, repeated, completions)

@@ -16,7 +16,7 @@ import copy
 import torch
 from torch import nn
 
-from openrlhf_safesteer.chat import encode_left_padded, render_prompts
+from openrlhf_safesteer.chat import encode_left_padded, prefill_shared_prefix, render_prompts, shared_prefix_layout
 from openrlhf_safesteer.models import left_padded_position_ids
 from openrlhf_safesteer.objectives import gather_logprobs
 from openrlhf_safesteer.steering import SteeringVector, attach_steering, steer
@@ -39,10 +39,14 @@ def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     an index range, not a count: keeping C + 1 and slicing off the last would project one more
     position and, in backward, zero-fill and copy a (B, C + 1, V) gradient.
     """
-    positions = torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)   # (C,)
-    out = model(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=left_padded_position_ids(attention_mask), use_cache=False,
-                logits_to_keep=positions)
+    # The chat header every prompt starts with (Qwen's default system prompt: a third of a demo sequence) is
+    # encoded once and shared by all rows through the KV cache; gradients reach it through the cache.
+    input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, prompt_len)
+    past = prefill_shared_prefix(model, input_ids, shared)
+    positions = torch.arange(prompt_len - 1 - shared, input_ids.shape[1] - 1 - shared, device=input_ids.device)
+    out = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
+                position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
+                use_cache=past is not None, logits_to_keep=positions)
     return out.logits
 
 

@@ -66,16 +66,17 @@ def test_rollout_layout_and_seeded_sampling(tok):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_shared_prompt_prefill_draws_what_plain_generate_draws(tok, arch):
-    """Rollouts prefill each distinct prompt once and repeat its KV cache for the M samples; the draws must equal
-    HF generate over the repeated prompts, token for token (ragged prompts: left padding and, for GPT-2,
-    absolute positions must line up)."""
+@pytest.mark.parametrize("system", [None, "You are a careful assistant who answers briefly."])
+def test_shared_prompt_prefill_draws_what_plain_generate_draws(tok, arch, system):
+    """Rollouts encode the prompts' shared chat header once, each distinct prompt once, and repeat the KV cache
+    for the M samples; the draws must equal HF generate over the repeated left-padded prompts, token for token
+    (ragged prompts: the pads between header and prompt and, for GPT-2, absolute positions must line up)."""
     from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
 
     model = tiny_model(arch, tok, layers=2, hidden=32).eval()
     prompts = [PROMPTS[0], "Hi", PROMPTS[5]]
-    got = sample_rollouts(model, tok, prompts, 3, max_new_tokens=6, seed=5)
-    ids, mask = encode_left_padded(tok, render_prompts(tok, prompts), torch.device("cpu"))
+    got = sample_rollouts(model, tok, prompts, 3, max_new_tokens=6, seed=5, system_prompt=system)
+    ids, mask = encode_left_padded(tok, render_prompts(tok, prompts, system), torch.device("cpu"))
     assert len(set(mask.sum(1).tolist())) == 3                      # really ragged
     with torch.random.fork_rng():
         torch.manual_seed(5)
