@@ -65,7 +65,7 @@ def run(args) -> int:
                      samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens, lr=args.lr,
                      lora_r=args.lora_r, eval_limit=args.eval_limit, threads=args.threads, progress=args.progress,
                      vector=args.vector, tokens=args.tokens, warmup_ratio=args.warmup_ratio,
-                     train_splits=args.train_splits)
+                     train_splits=args.train_splits, onednn=not getattr(args, "no_onednn", False))
     print("safesteer demo settings:\n" + cfg.summary(), flush=True)
     report = run_demo(cfg)
     names = [n for n in ("base", "safesteer", "full_vocab") if n in report]

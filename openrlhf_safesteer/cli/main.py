@@ -33,6 +33,8 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="keep PyTorch's default CPU matrix products for inference (oneDNN is faster on a CPU)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if a in SUBCOMMANDS), None)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
@@ -54,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    from openrlhf_safesteer.cpu_kernels import onednn_linear
+
+    with onednn_linear(not args.no_onednn):
+        return int(module.run(args) or 0)
 
 
 if __name__ == "__main__":

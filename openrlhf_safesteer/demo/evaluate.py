@@ -34,7 +34,7 @@ class EvalSets:
 
 
 def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general_tokens: int = 6,
-             batch_size: int = 25, progress: bool = True) -> dict:
+             batch_size: int = 50, progress: bool = True) -> dict:
     """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100),
     harmful_refusal_score, harmless_refusal_score, samples, seconds}.
 
@@ -46,10 +46,12 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     start = time.time()
     was_training = model.training
     model.eval()
-    harmful, harmful_first = generate_with_first_logprobs(model, tokenizer, sets.harmful, refusal_tokens, batch_size,
-                                                          progress=progress)
-    harmless, harmless_first = generate_with_first_logprobs(model, tokenizer, sets.harmless, refusal_tokens,
-                                                            batch_size, progress=progress)
+    # One batch of harmful + harmless prompts: on a CPU a decoding step costs about the same for 8 rows as for
+    # 24 (small-M matrix products are far from the memory bound), so 48 rows in one batch beat 2 x 24.
+    replies, first = generate_with_first_logprobs(model, tokenizer, sets.harmful + sets.harmless, refusal_tokens,
+                                                  batch_size, progress=progress)
+    n = len(sets.harmful)
+    harmful, harmless, harmful_first, harmless_first = replies[:n], replies[n:], first[:n], first[n:]
     general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
                        progress=progress)
     refusal_ids = refusal_token_ids(tokenizer)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
@@ -219,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rows = run_sweep(Path(args.source), Path(args.out), runs, args.model)
+    with onednn_linear():
+        rows = run_sweep(Path(args.source), Path(args.out), runs, args.model)
     print(sweep_table(json.loads((Path(args.source) / "eval_base.json").read_text()), rows))
     return 0
 
