@@ -44,9 +44,13 @@ def matmul_rows(rows: list[int]) -> list[dict]:
             x = torch.randn(m, n_in, generator=g)
             repeats = 10 if name == "lm_head" else 50
             with torch.no_grad():
-                def fast():   # the op itself: onednn_linear leaves matrices below MIN_WEIGHT_ELEMENTS on MKL
+                def mkl(x=x, weight=weight):
+                    F.linear(x, weight)
+
+                def fast(x=x, weight=weight):   # the op itself: onednn_linear keeps small matrices on MKL
                     torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-                stock, onednn = paired_ms(lambda: F.linear(x, weight), fast, repeats)
+
+                stock, onednn = paired_ms(mkl, fast, repeats)
             out.append({"matrix": name, "rows": m, "mkl_ms": round(stock, 3), "onednn_ms": round(onednn, 3),
                         "speedup": round(stock / onednn, 2)})
     return out

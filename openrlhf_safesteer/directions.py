@@ -22,7 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from openrlhf_safesteer.chat import batches, encode_shared_prefix, prefill_shared_prefix, render_prompts
+from openrlhf_safesteer.chat import (
+    batches,
+    encode_shared_prefix,
+    prefill_shared_prefix,
+    render_prompts,
+)
 from openrlhf_safesteer.models import (
     decoder_layers,
     left_padded_position_ids,

@@ -90,8 +90,8 @@ class DemoConfig:
     refusal_tokens: int = 12
     teacher_check_prompts: int = 6
     threads: int | None = None
-    # inference (generation, teacher, evaluation) on oneDNN's matrix products: the same replies on every eval
-    # prompt, evaluation 66 s -> 47 s (cpu_kernels.py)
+    # inference (generation, teacher, evaluation) on oneDNN's matrix products: the same 148 eval replies,
+    # base evaluation 64.9 s -> 44.2 s (`python -m benchmarks.cpu_linear --eval`; cpu_kernels.py)
     onednn: bool = True
     progress: bool = True
     # reuse artifacts of an earlier run (sweeps): skip the direction / safety-token stages

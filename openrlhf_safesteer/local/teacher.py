@@ -16,7 +16,12 @@ import copy
 import torch
 from torch import nn
 
-from openrlhf_safesteer.chat import encode_left_padded, prefill_shared_prefix, render_prompts, shared_prefix_layout
+from openrlhf_safesteer.chat import (
+    encode_left_padded,
+    prefill_shared_prefix,
+    render_prompts,
+    shared_prefix_layout,
+)
 from openrlhf_safesteer.models import left_padded_position_ids
 from openrlhf_safesteer.objectives import gather_logprobs
 from openrlhf_safesteer.steering import SteeringVector, attach_steering, steer
