@@ -12,6 +12,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from openrlhf_safesteer.models import left_padded_position_ids
+
 
 class ChatTemplateError(ValueError):
     """The tokenizer cannot render a chat (no chat template)."""
@@ -49,18 +51,31 @@ def encode_left_padded(
     Returns input_ids (B, T) and attention_mask (B, T). Special tokens are not added again: the
     chat template already holds them.
     """
+    return _pad_rows(tokenizer, _tokenise(tokenizer, texts), 0, device)
+
+
+def _tokenise(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before batching")
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     if not encoded:
         raise ValueError("no texts to encode")
+    return encoded
+
+
+def _pad_rows(tokenizer: PreTrainedTokenizerBase, encoded: list[list[int]], shared: int,
+              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[the `shared` tokens every row starts with | pads | each row's rest]; shared = 0 is plain left padding."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    input_ids[:, :shared] = torch.tensor(encoded[0][:shared], dtype=torch.long)
+    attention_mask[:, :shared] = 1
     for row, ids in enumerate(encoded):
-        if ids:
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
+        rest = ids[shared:]
+        if rest:
+            input_ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, width - len(rest):] = 1
     return input_ids.to(device), attention_mask.to(device)
 
 
@@ -88,23 +103,9 @@ def encode_shared_prefix(
     ids must come from the attention mask (HF generate and `models.left_padded_position_ids` do), which
     numbers each row's tokens 0, 1, ... over the pads.
     """
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before batching")
-    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-    if not encoded:
-        raise ValueError("no texts to encode")
+    encoded = _tokenise(tokenizer, texts)
     shared = shared_prefix_length(encoded, keep)
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    input_ids[:, :shared] = torch.tensor(encoded[0][:shared], dtype=torch.long)
-    attention_mask[:, :shared] = 1
-    for row, ids in enumerate(encoded):
-        rest = ids[shared:]
-        if rest:
-            input_ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            attention_mask[row, width - len(rest):] = 1
-    return input_ids.to(device), attention_mask.to(device), shared
+    return *_pad_rows(tokenizer, encoded, shared, device), shared
 
 
 def prefill_shared_prefix(model: PreTrainedModel, input_ids: torch.Tensor, shared: int):
@@ -118,6 +119,17 @@ def prefill_shared_prefix(model: PreTrainedModel, input_ids: torch.Tensor, share
     cache = model(input_ids=input_ids[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
     cache.batch_repeat_interleave(input_ids.shape[0])
     return cache
+
+
+def forward_after_prefix(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared: int,
+                         past, logits_to_keep):
+    """Forward columns [shared, T) of input_ids (B, T) laid out as by `encode_shared_prefix` (or
+    `shared_prefix_layout`), after `past` = `prefill_shared_prefix(model, input_ids, shared)` (None when
+    shared = 0); positions come from the full attention mask (B, T). logits_to_keep counts or indexes
+    positions of the encoded columns. Returns the model output."""
+    return model(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
+                 position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
+                 use_cache=past is not None, logits_to_keep=logits_to_keep)
 
 
 def shared_prefix_layout(

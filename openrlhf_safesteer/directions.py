@@ -25,12 +25,12 @@ from transformers import PreTrainedTokenizerBase
 from openrlhf_safesteer.chat import (
     batches,
     encode_shared_prefix,
+    forward_after_prefix,
     prefill_shared_prefix,
     render_prompts,
 )
 from openrlhf_safesteer.models import (
     decoder_layers,
-    left_padded_position_ids,
     model_device,
     model_name,
     num_layers,
@@ -86,11 +86,7 @@ def _forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     input_ids, attention_mask (B, T) as laid out by `chat.encode_shared_prefix`; `past` is the KV cache
     of the first `shared` columns (`chat.prefill_shared_prefix`), so only columns [shared, T) are encoded.
     """
-    return model(
-        input_ids=input_ids[:, shared:], attention_mask=attention_mask,
-        position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
-        use_cache=past is not None, logits_to_keep=1,
-    ).logits
+    return forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=1).logits
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from openrlhf_safesteer.chat import (
     batches,
     encode_shared_prefix,
     end_of_turn_ids,
+    forward_after_prefix,
     prefill_shared_prefix,
     render_prompts,
 )
@@ -253,9 +254,7 @@ def answer_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
     # logits_to_keep: only the H answer positions go through the LM head (the prompt's would be
     # (B, P, V) floats thrown away; with P ~ 5H and V = 150k that was most of the pass)
     past = prefill_shared_prefix(model, input_ids, shared)
-    logits = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
-                   position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
-                   use_cache=past is not None, logits_to_keep=horizon).logits
+    logits = forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=horizon).logits
     return F.log_softmax(logits.float(), dim=-1)
 
 

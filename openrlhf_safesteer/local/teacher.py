@@ -18,11 +18,11 @@ from torch import nn
 
 from openrlhf_safesteer.chat import (
     encode_left_padded,
+    forward_after_prefix,
     prefill_shared_prefix,
     render_prompts,
     shared_prefix_layout,
 )
-from openrlhf_safesteer.models import left_padded_position_ids
 from openrlhf_safesteer.objectives import gather_logprobs
 from openrlhf_safesteer.steering import SteeringVector, attach_steering, steer
 
@@ -49,10 +49,7 @@ def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tenso
     input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, prompt_len)
     past = prefill_shared_prefix(model, input_ids, shared)
     positions = torch.arange(prompt_len - 1 - shared, input_ids.shape[1] - 1 - shared, device=input_ids.device)
-    out = model(input_ids=input_ids[:, shared:], attention_mask=attention_mask,
-                position_ids=left_padded_position_ids(attention_mask)[:, shared:], past_key_values=past,
-                use_cache=past is not None, logits_to_keep=positions)
-    return out.logits
+    return forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=positions).logits
 
 
 class Teacher:
