@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag's help, and the module docstring kept as written."""
+from openrlhf_safesteer.cli import HelpFormatter
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,7 +20,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     d = DemoConfig()
     p = subparsers.add_parser("demo", help="run the whole pipeline on the embedded offline model (CPU, no hub)",
-                              description=__doc__, formatter_class=_Formatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--out", default=d.out, help="output directory")
     p.add_argument("--model", default=d.model, help="embedded model name, HF directory or hub id")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of every random choice")
@@ -30,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--coeff", type=float, default=d.coeff,
                    help="steering coefficient for the direction search and the safety-token vote")
     p.add_argument("--teacher-coeff", type=float, default=d.teacher_coeff,
-                   help="steering coefficient of the teacher during training (METHOD.md's default: 1)")
+                   help="steering coefficient of the teacher during training (METHOD.md: 1)")
     p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H (METHOD.md: 7 for Qwen)")
     p.add_argument("--min-prob", type=float, default=d.min_prob,
                    help="ban ids whose mean teacher probability is below this (METHOD.md: 1e-8 for Qwen)")

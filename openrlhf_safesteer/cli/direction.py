@@ -16,13 +16,15 @@ import logging
 import random
 from pathlib import Path
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "direction", help="compute and select the refusal direction (steering vector)",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="HF directory, hub id, or an embedded model name")
     p.add_argument("--harmful", default=None, help="harmful prompts: JSON list / JSONL with 'prompt' / text file, "
                    "one prompt a line; default: the project's harmful direction + validation splits")

@@ -11,6 +11,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BENCHMARKS = ["safesteer_harmful", "safesteer_xstest"]
@@ -26,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Generate replies (greedy, the model's chat template, no system prompt), judge them, run "
                     "lm-eval tasks, and write results.json, table.md (benchmarks x checkpoints) and chart.png. "
                     "Re-running with the same settings and --out resumes from the cache.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--models", nargs="+", required=True, metavar="NAME=PATH",
                    help="checkpoints to compare: NAME=PATH (HF directory, hub id, LoRA adapter directory, or an "
                         "embedded demo model such as qwen2.5-coder-0.5b); a bare PATH uses its basename as NAME")

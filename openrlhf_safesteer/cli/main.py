@@ -17,6 +17,8 @@ import importlib
 import logging
 import sys
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 SUBCOMMANDS = {
     "direction": ("openrlhf_safesteer.cli.direction", "compute and select the refusal direction (steering vector)"),
     "tokens": ("openrlhf_safesteer.cli.tokens", "vote the safety-token set S from teacher/base disagreement"),
@@ -30,7 +32,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safesteer",
         description="SafeSteer: safety alignment by localized on-policy distillation from a steered teacher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     parser.add_argument("--no-onednn", action="store_true",

@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import logging
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "tokens", help="vote the safety-token set S from teacher/base disagreement",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="HF directory, hub id, or an embedded model name (the base model)")
     p.add_argument("--vector", required=True, help="steering-vector folder from `safesteer direction`")
     p.add_argument("--prompts", default=None, help="harmless prompts: JSON list / JSONL with 'prompt' / text file; "

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after each flag's help, and the module docstring kept as written."""
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,7 +22,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train the student with localized on-policy distillation (local engine)",
-        description=__doc__, formatter_class=_Formatter)
+        description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True,
                    help="student = teacher base: HF directory, hub id, or an embedded model name (qwen2.5-coder-0.5b)")
     p.add_argument("--vector", help="steering-vector folder from `safesteer direction` (not needed for "

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
+from openrlhf_safesteer.cli import HelpFormatter
+
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("exact", "sampled")
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
             "model. Takes every flag of `python -m openrlhf.cli.train_ppo_ray` unchanged, plus the "
             "--safesteer.* flags below. No reward model, reward function or critic is needed."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
         add_help=False,
     )
     parser.add_argument("--safesteer.help", action="help", help="show the --safesteer.* flags and exit")

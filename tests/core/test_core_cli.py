@@ -70,3 +70,15 @@ def test_help_lists_flags_with_defaults(command, capsys):
         main([command, "--help"])
     text = capsys.readouterr().out
     assert "--model" in text and "--out" in text and "default:" in text
+
+
+@pytest.mark.parametrize("command", ["direction", "tokens", "train", "demo", "eval"])
+def test_help_gives_each_default_once_and_never_none(command, capsys):
+    """A default that is decided at run time, or already said in the help's words, is not repeated."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    options = " ".join(capsys.readouterr().out.split()).split(" --")  # one chunk per flag, lines unwrapped
+    assert not [o for o in options if "(default: None)" in o or "(default: False)" in o]
+    assert not [o for o in options if o.count("default") > 1], "a flag gives its default twice"
+    if command == "tokens":
+        assert any(o.startswith("k K ") and "(default: 50)" in o for o in options)

@@ -125,3 +125,8 @@ def test_safesteer_flags_are_split_from_openrlhfs():
     assert (parsed.objective, parsed.dry_run, parsed.coeff) == ("sampled", True, 2.5)
     with pytest.raises(SystemExit):
         config.split_argv(["--safesteer.objective", "nope"])
+
+def test_ray_help_gives_each_default_once():
+    options = " ".join(config.build_parser().format_help().split()).split(" --")
+    assert not [o for o in options if "(default: None)" in o or o.count("default") > 1]
+    assert any("safesteer.objective" in o and "(default: exact)" in o for o in options)
