@@ -1,8 +1,8 @@
 """The project's own prompt sets (written for this project, shipped as JSON).
 
     harmful("train")       # 32 harmful requests the demo trains on
-    harmful("test")        # 24 held-out harmful requests on topics absent from every other split
-    harmless("test")       # 24 harmless requests (over-refusal)
+    harmful("test")        # 48 held-out harmful requests on topics absent from every other split
+    harmless("test")       # 100 harmless requests (over-refusal)
     general_questions()    # 100 short arithmetic / factual questions for general_score
 
 Splits: harmful direction / validation / train / test; harmless direction / validation / test.

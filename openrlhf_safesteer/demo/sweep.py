@@ -143,10 +143,29 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_same_prompts(base_eval: dict, sets: EvalSets, source: Path) -> None:
+    """Raise unless the demo's base evaluation used exactly these eval prompts.
+
+    A sweep row is compared with the base row, so both must be measured on the same held-out prompts; a demo
+    folder written before the project's prompt sets changed is refused rather than compared silently.
+    """
+    samples = base_eval.get("samples", {})
+    used = {"harmful": [s["prompt"] for s in samples.get("harmful", [])],
+            "harmless": [s["prompt"] for s in samples.get("harmless", [])],
+            "general": [s["question"] for s in samples.get("general", [])]}
+    now = {"harmful": sets.harmful, "harmless": sets.harmless, "general": [q["question"] for q in sets.general]}
+    changed = [f"{name} ({len(used[name])} prompts there, {len(now[name])} now)"
+               for name in now if used[name] != list(now[name])]
+    if changed:
+        raise ValueError(f"{source / 'eval_base.json'} was measured on other eval prompts than the current ones: "
+                         f"{', '.join(changed)}; run `safesteer demo` again for a base to compare with")
+
+
 def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSets) -> dict:
     """The demo's base evaluation, plus the base model's mean refusal scores when that demo predates them
     (computed once, kept in out/base_scores.json)."""
     base_eval = json.loads((source / "eval_base.json").read_text())
+    check_same_prompts(base_eval, sets, source)
     keys = ("harmful_refusal_score", "harmless_refusal_score")
     if all(k in base_eval for k in keys):
         return base_eval

@@ -162,3 +162,19 @@ def test_sweep_rejects_bad_specs_before_loading_anything(tmp_path):
         parse_run("freeze_embeddings=maybe")
     with pytest.raises(FileNotFoundError, match="safesteer demo"):
         run_sweep(tmp_path, tmp_path / "sweep", [parse_run("lr=1e-3")])
+
+
+def test_sweep_refuses_a_base_measured_on_other_prompts(tiny_demo, tmp_path):
+    """A demo folder from before the prompt sets changed cannot be the sweep's base: the comparison would mix sets."""
+    import shutil
+
+    from openrlhf_safesteer.demo.sweep import parse_run, run_sweep
+
+    demo = tmp_path / "old_demo"
+    shutil.copytree(tiny_demo[0] / "demo", demo)
+    base = json.loads((demo / "eval_base.json").read_text())
+    base["samples"]["harmless"] = base["samples"]["harmless"][:2]     # as if the harmless test set had grown since
+    (demo / "eval_base.json").write_text(json.dumps(base))
+    with pytest.raises(ValueError, match=r"other eval prompts.*harmless \(2 prompts there, 3 now\)"):
+        run_sweep(demo, tmp_path / "sweep", [parse_run("steps=1")])
+    assert not (tmp_path / "sweep" / "sweep.jsonl").exists()
