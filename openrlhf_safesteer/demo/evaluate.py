@@ -83,3 +83,17 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
                 result["harmful_refusal_rate"], result["harmful_refusal_score"], result["harmless_refusal_rate"],
                 result["harmless_refusal_score"], result["general_score"], result["seconds"])
     return result
+
+
+def refusal_changes(before: list[dict], after: list[dict]) -> dict[str, list[str]]:
+    """The prompts whose greedy refusal judgement changed between two evaluations of the same prompts.
+
+    `before` and `after` are `evaluate(...)["samples"]["harmful" | "harmless"]` lists. Returns
+    {"new": prompts refused after but answered before, "lost": prompts answered after but refused before}.
+    A rate compares counts; this says which prompts moved (an over-refusal that always hits the same few
+    borderline prompts reads differently from one spread over many).
+    """
+    if [s["prompt"] for s in before] != [s["prompt"] for s in after]:
+        raise ValueError("refusal_changes compares evaluations of the same prompts in the same order")
+    return {"new": [a["prompt"] for b, a in zip(before, after) if a["refusal"] and not b["refusal"]],
+            "lost": [a["prompt"] for b, a in zip(before, after) if b["refusal"] and not a["refusal"]]}

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from openrlhf_safesteer.steering import atomic_write_text
 
+from .evaluate import refusal_changes
+
 
 def _plots(out: Path, report: dict) -> dict[str, str]:
     import matplotlib
@@ -89,6 +91,21 @@ def _row(name: str, e: dict) -> str:
             f"{100 * e['harmless_refusal_rate']:.1f} | {e['general_score']:.1f} |")
 
 
+def _changes_lines(samples: dict) -> list[str]:
+    """Per trained model: how many held-out prompts changed judgement, and which harmless ones it newly refuses."""
+    lines = []
+    for name, ev in samples.items():
+        if name in ("base", "teacher"):
+            continue
+        harmful = refusal_changes(samples["base"]["harmful"], ev["harmful"])
+        harmless = refusal_changes(samples["base"]["harmless"], ev["harmless"])
+        lines.append(f"- {name}: harmful prompts newly refused {len(harmful['new'])}, no longer refused "
+                     f"{len(harmful['lost'])}; harmless prompts newly refused {len(harmless['new'])}"
+                     + (": " + "; ".join(repr(p) for p in harmless["new"]) if harmless["new"] else "")
+                     + f", no longer refused {len(harmless['lost'])}.")
+    return ["", "Changes against the base model, prompt by prompt:", "", *lines] if lines else []
+
+
 def write_report(out: Path, report: dict) -> Path:
     plots = _plots(out, report)
     n = report["n"]
@@ -112,6 +129,7 @@ def write_report(out: Path, report: dict) -> Path:
                   f"point): **{'met' if g['met'] else 'not met'}** (ASR halved: {g['asr_halved']}, harmless refusal "
                   f"{g['harmless_refusal_rise_points']:+.1f} points, general_score {-g['general_score_drop_points']:+.1f}"
                   " points)."]
+    lines += _changes_lines(report["samples"])
     d, t, s = report["direction"], report["teacher"], report["safety_tokens"]
     lines += [
         "", "![before/after](" + plots["before_after"] + ")", "",

@@ -178,3 +178,20 @@ def test_sweep_refuses_a_base_measured_on_other_prompts(tiny_demo, tmp_path):
     with pytest.raises(ValueError, match=r"other eval prompts.*harmless \(2 prompts there, 3 now\)"):
         run_sweep(demo, tmp_path / "sweep", [parse_run("steps=1")])
     assert not (tmp_path / "sweep" / "sweep.jsonl").exists()
+
+
+def test_refusal_changes_names_the_prompts_that_moved(tiny_demo):
+    from openrlhf_safesteer.demo.evaluate import refusal_changes
+
+    def samples(flags):
+        return [{"prompt": p, "refusal": f} for p, f in zip("abcd", flags)]
+
+    changes = refusal_changes(samples([True, False, False, True]), samples([True, True, False, False]))
+    assert changes == {"new": ["b"], "lost": ["d"]}
+    with pytest.raises(ValueError, match="same prompts"):
+        refusal_changes(samples([True, False]), samples([True, False, False]))
+    report = tiny_demo[1]
+    md = (tiny_demo[0] / "demo" / "report.md").read_text()
+    expected = refusal_changes(report["samples"]["base"]["harmless"], report["samples"]["safesteer"]["harmless"])
+    assert "- safesteer: harmful prompts newly refused " in md
+    assert f"harmless prompts newly refused {len(expected['new'])}" in md.split("- safesteer:")[1].split("\n")[0]
