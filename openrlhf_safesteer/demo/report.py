@@ -91,6 +91,12 @@ def _row(name: str, e: dict) -> str:
             f"{100 * e['harmless_refusal_rate']:.1f} | {e['general_score']:.1f} |")
 
 
+def _some(prompts: list[str], shown: int = 10) -> str:
+    """The first `shown` prompts quoted, then how many more (an over-refusing ablation can list half the set)."""
+    more = f"; ... and {len(prompts) - shown} more" if len(prompts) > shown else ""
+    return "; ".join(repr(p) for p in prompts[:shown]) + more
+
+
 def _changes_lines(samples: dict) -> list[str]:
     """Per trained model: how many held-out prompts changed judgement, and which harmless ones it newly refuses."""
     lines = []
@@ -101,7 +107,7 @@ def _changes_lines(samples: dict) -> list[str]:
         harmless = refusal_changes(samples["base"]["harmless"], ev["harmless"])
         lines.append(f"- {name}: harmful prompts newly refused {len(harmful['new'])}, no longer refused "
                      f"{len(harmful['lost'])}; harmless prompts newly refused {len(harmless['new'])}"
-                     + (": " + "; ".join(repr(p) for p in harmless["new"]) if harmless["new"] else "")
+                     + (": " + _some(harmless["new"]) if harmless["new"] else "")
                      + f", no longer refused {len(harmless['lost'])}.")
     return ["", "Changes against the base model, prompt by prompt:", "", *lines] if lines else []
 
