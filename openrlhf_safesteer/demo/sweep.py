@@ -121,7 +121,8 @@ def append_row(path: Path, row: dict) -> None:
 
 def sweep_table(base: dict, rows: list[dict]) -> str:
     """Markdown table; the score columns are the mean refusal scores' shift from the base model (rows from
-    before the scores existed show '-')."""
+    before the scores existed show '-'). "goal met" is recomputed from each row's eval, not read from the row,
+    so rows written before a fix of `goal_check` are judged by the current rule."""
     header = [("| run | harmful refusal | ASR | harmless refusal | general_score | harmful score shift | "
                "harmless score shift | goal met | train s |"),
               "|---|---|---|---|---|---|---|---|---|"]
@@ -139,7 +140,7 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {100 * e['harmful_refusal_rate']:.1f}% | {100 * e['harmful_asr']:.1f}% | "
                      f"{100 * e['harmless_refusal_rate']:.1f}% | {e['general_score']:.1f} | "
                      f"{shift(e, 'harmful_refusal_score')} | {shift(e, 'harmless_refusal_score')} | "
-                     f"{'yes' if r['goal']['met'] else 'no'} | {r['train_seconds']:.0f} |")
+                     f"{'yes' if goal_check(base, e)['met'] else 'no'} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
