@@ -51,43 +51,19 @@ def encode_left_padded(
     Returns input_ids (B, T) and attention_mask (B, T). Special tokens are not added again: the
     chat template already holds them.
     """
-    return _pad_rows(tokenizer, _tokenise(tokenizer, texts), 0, device)
-
-
-def _tokenise(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token; set tokenizer.pad_token before batching")
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     if not encoded:
         raise ValueError("no texts to encode")
-    return encoded
-
-
-def _pad_rows(tokenizer: PreTrainedTokenizerBase, encoded: list[list[int]], shared: int,
-              device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[the `shared` tokens every row starts with | pads | each row's rest]; shared = 0 is plain left padding."""
     width = max(len(ids) for ids in encoded)
     input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    input_ids[:, :shared] = torch.tensor(encoded[0][:shared], dtype=torch.long)
-    attention_mask[:, :shared] = 1
     for row, ids in enumerate(encoded):
-        rest = ids[shared:]
-        if rest:
-            input_ids[row, width - len(rest):] = torch.tensor(rest, dtype=torch.long)
-            attention_mask[row, width - len(rest):] = 1
+        if ids:
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def shared_prefix_length(encoded: Sequence[Sequence[int]], keep: int = 1) -> int:
-    """Tokens every sequence starts with, leaving each at least `keep` tokens of its own (0 for one sequence)."""
-    if len(encoded) < 2:
-        return 0
-    limit = max(min(len(ids) for ids in encoded) - keep, 0)
-    length = 0
-    while length < limit and all(ids[length] == encoded[0][length] for ids in encoded):
-        length += 1
-    return length
 
 
 def encode_shared_prefix(
@@ -103,9 +79,8 @@ def encode_shared_prefix(
     ids must come from the attention mask (HF generate and `models.left_padded_position_ids` do), which
     numbers each row's tokens 0, 1, ... over the pads.
     """
-    encoded = _tokenise(tokenizer, texts)
-    shared = shared_prefix_length(encoded, keep)
-    return *_pad_rows(tokenizer, encoded, shared, device), shared
+    input_ids, attention_mask = encode_left_padded(tokenizer, texts, device)
+    return shared_prefix_layout(input_ids, attention_mask, input_ids.shape[1], keep)
 
 
 def prefill_shared_prefix(model: PreTrainedModel, input_ids: torch.Tensor, shared: int):
@@ -133,16 +108,17 @@ def forward_after_prefix(model: PreTrainedModel, input_ids: torch.Tensor, attent
 
 
 def shared_prefix_layout(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, keep: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Reorder LEFT-padded rows (B, T) whose prompts end at column prompt_len into the layout of
     `encode_shared_prefix`: [the c tokens every prompt starts with | pads | the rest].
 
-    Columns from prompt_len on (completions, right-padded) do not move. Each row keeps at least one prompt
-    token after the prefix. Returns input_ids, attention_mask (B, T) and c (0 when rows share nothing).
+    Columns from prompt_len on (completions, right-padded) do not move. Each row keeps at least `keep`
+    prompt tokens after the prefix. Returns input_ids, attention_mask (B, T) and c (0 when the rows share
+    nothing, or for a single row: there is nothing to share with).
     """
     starts = (attention_mask[:, :prompt_len].cumsum(-1) == 0).sum(-1)                     # (B,) first real column
-    width = prompt_len - int(starts.max()) - 1                   # the shortest prompt, less the token it keeps
+    width = prompt_len - int(starts.max()) - keep            # the shortest prompt, less the tokens it keeps
     if input_ids.shape[0] < 2 or width <= 0:
         return input_ids, attention_mask, 0
     heads = input_ids.gather(1, starts[:, None] + torch.arange(width, device=input_ids.device))   # (B, width)
@@ -197,7 +173,7 @@ def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, 
     device = model_device(model)
     replies: list[str] = []
     first: list[torch.Tensor] = []
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     for chunk in tqdm(list(batches(texts, batch_size)), desc="generate", disable=not progress):
         input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device)
         out = model.generate(

@@ -12,7 +12,7 @@ from openrlhf_safesteer.chat import (
     end_of_turn_ids,
     generate_with_first_logprobs,
     render_prompts,
-    shared_prefix_length,
+    shared_prefix_layout,
     to_left_padded,
 )
 from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer
@@ -26,12 +26,21 @@ def tok():
     return tiny_tokenizer()
 
 
-def test_shared_prefix_length_leaves_every_row_a_token():
-    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2       # the shorter row keeps its last token
-    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
-    assert shared_prefix_length([[7, 2], [1, 2]]) == 0
-    assert shared_prefix_length([[1, 2, 3]]) == 0                     # nothing to share with
+def _shared(rows: list[list[int]], keep: int = 1) -> int:
+    """shared_prefix_layout's prefix length for token lists, left-padded with 0 by hand."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return shared_prefix_layout(ids, mask, width, keep)[2]
+
+
+def test_shared_prefix_leaves_every_row_its_own_tokens():
+    assert _shared([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert _shared([[1, 2, 3], [1, 2, 3, 4]]) == 2                    # the shorter row keeps its last token
+    assert _shared([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _shared([[1, 2, 3, 4], [1, 2, 3, 4]], keep=3) == 1         # keep = 3 of each row's own tokens
+    assert _shared([[7, 2], [1, 2]]) == 0
+    assert _shared([[1, 2, 3]]) == 0                                  # nothing to share with
 
 
 def test_shared_layout_holds_the_left_padded_tokens(tok):
@@ -121,20 +130,22 @@ def test_steered_continuations_with_shared_prefix_equal_plain_ones(tok, arch):
 
 
 def test_shared_prefix_layout_of_a_rollout_batch(tok):
-    """A left-padded [prompt | completion] batch reordered in place: the prompt part becomes encode_shared_prefix's
+    """A left-padded [prompt | completion] batch reordered in place: the prompt part becomes the shared-prefix
     layout, the completion columns (right pads included) stay where they were."""
-    from openrlhf_safesteer.chat import shared_prefix_layout
-
     texts = render_prompts(tok, PROMPTS, SYSTEM)
     ids, mask = encode_left_padded(tok, texts)
     completion = torch.tensor([[9, 8, 2, 0], [7, 7, 7, 7], [5, 2, 0, 0], [6, 6, 6, 2]])
     completion_mask = (completion != 0).long()
     got_ids, got_mask, shared = shared_prefix_layout(torch.cat([ids, completion], 1),
                                                      torch.cat([mask, completion_mask], 1), ids.shape[1])
-    want_ids, want_mask, want_shared = encode_shared_prefix(tok, texts)
-    assert shared == want_shared > 10
-    assert torch.equal(got_ids, torch.cat([want_ids, completion], 1))
-    assert torch.equal(got_mask, torch.cat([want_mask, completion_mask], 1))
+    prompt_len = ids.shape[1]
+    header = tok(render_prompts(tok, ["x"], SYSTEM)[0], add_special_tokens=False)["input_ids"]
+    assert 10 < shared < len(header) and got_ids[0, :shared].tolist() == header[:shared]   # the system header
+    assert (got_ids[:, :shared] == got_ids[0, :shared]).all() and got_mask[:, :shared].all()
+    assert got_mask[:, prompt_len - 1].all()                 # every prompt still ends at the same column
+    assert torch.equal(got_ids[:, prompt_len:], completion) and torch.equal(got_mask[:, prompt_len:], completion_mask)
+    back_ids, back_mask = to_left_padded(got_ids[:, :prompt_len], got_mask[:, :prompt_len])
+    assert torch.equal(back_ids, ids) and torch.equal(back_mask, mask)
     # nothing shared: unchanged
     lone = shared_prefix_layout(ids[:1], mask[:1], ids.shape[1])
     assert lone[2] == 0 and torch.equal(lone[0], ids[:1])
