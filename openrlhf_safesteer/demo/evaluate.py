@@ -32,6 +32,15 @@ class EvalSets:
         """The held-out harmful and harmless test splits and the general questions (first `limit` of each)."""
         return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit])
 
+    @classmethod
+    def dev(cls, limit: int | None = None) -> EvalSets:
+        """Prompts for choosing settings without looking at the test splits: the harmful and harmless direction
+        and validation splits (never trained on; they fit the direction and vote S, so they are not independent
+        of those artifacts) and the general questions (there is one general set)."""
+        return cls((data.harmful("direction") + data.harmful("validation"))[:limit],
+                   (data.harmless("direction") + data.harmless("validation"))[:limit],
+                   data.general_questions()[:limit])
+
 
 def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general_tokens: int = 6,
              batch_size: int = 50, progress: bool = True) -> dict:

@@ -8,6 +8,9 @@ Each --run is a space-separated list of key=value overrides of the demo's traini
 evaluated on the same held-out sets as the demo; one JSON line per run is appended to
 sweep/sweep.jsonl as soon as it finishes (runs already there are skipped, so an interrupted sweep
 resumes), and sweep/sweep.md tabulates every run against the base model and the issue's goal.
+
+`--eval-sets dev` evaluates on the direction and validation splits instead (`EvalSets.dev`; the base model
+is measured there once): settings chosen on the test splits make the test numbers optimistic.
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def _layers(value: str) -> list[int]:
 # "lora_r=0 freeze_embeddings=1" is full fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list;
 # "lora_layers=16-23" puts adapters on those decoder layers only; "train_splits=train,direction,validation"
 # trains on more harmful prompts (every split but the held-out test).
+EVAL_SETS = ("test", "dev")
+
 SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
     "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag,
@@ -144,7 +149,7 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def check_same_prompts(base_eval: dict, sets: EvalSets, source: Path) -> None:
+def check_same_prompts(base_eval: dict, sets: EvalSets, path: Path) -> None:
     """Raise unless the demo's base evaluation used exactly these eval prompts.
 
     A sweep row is compared with the base row, so both must be measured on the same held-out prompts; a demo
@@ -158,15 +163,15 @@ def check_same_prompts(base_eval: dict, sets: EvalSets, source: Path) -> None:
     changed = [f"{name} ({len(used[name])} prompts there, {len(now[name])} now)"
                for name in now if used[name] != list(now[name])]
     if changed:
-        raise ValueError(f"{source / 'eval_base.json'} was measured on other eval prompts than the current ones: "
-                         f"{', '.join(changed)}; run `safesteer demo` again for a base to compare with")
+        raise ValueError(f"{path} was measured on other eval prompts than the current ones: "
+                         f"{', '.join(changed)}; measure the base again (`safesteer demo` for the test sets)")
 
 
 def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSets) -> dict:
     """The demo's base evaluation, plus the base model's mean refusal scores when that demo predates them
     (computed once, kept in out/base_scores.json)."""
     base_eval = json.loads((source / "eval_base.json").read_text())
-    check_same_prompts(base_eval, sets, source)
+    check_same_prompts(base_eval, sets, source / "eval_base.json")
     keys = ("harmful_refusal_score", "harmless_refusal_score")
     if all(k in base_eval for k in keys):
         return base_eval
@@ -183,8 +188,30 @@ def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSe
     return {**base_eval, **json.loads(cache.read_text())}
 
 
-def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = None) -> list[dict]:
-    """Train and evaluate each override set; returns the rows (also in out/sweep.jsonl and out/sweep.md)."""
+def dev_base_eval(out: Path, model_name: str, sets: EvalSets, refusal_tokens: int) -> dict:
+    """The base model's evaluation on the dev sets, measured once and kept in out/base_eval_dev.json."""
+    cache = out / "base_eval_dev.json"
+    if cache.is_file():
+        base_eval = json.loads(cache.read_text())
+        check_same_prompts(base_eval, sets, cache)
+        return base_eval
+    model, tokenizer = load_model(model_name)
+    base_eval = evaluate(model, tokenizer, sets, refusal_tokens, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cache, json.dumps(base_eval) + "\n")
+    del model
+    return base_eval
+
+
+def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = None,
+              eval_sets: str = "test") -> list[dict]:
+    """Train and evaluate each override set; returns the rows (also in out/sweep.jsonl and out/sweep.md).
+
+    eval_sets "test" compares with the demo's own base evaluation on the held-out test splits; "dev"
+    evaluates on `EvalSets.dev` (base measured once in out/), for choosing settings without the test splits.
+    One output folder holds rows of one kind."""
+    if eval_sets not in EVAL_SETS:
+        raise ValueError(f"eval_sets must be one of {EVAL_SETS}, got {eval_sets!r}")
     report_path = source / "report.json"
     settings = json.loads(report_path.read_text())["settings"] if report_path.is_file() else {}
     base_cfg = DemoConfig(**{k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
@@ -193,12 +220,20 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
     for needed in ("vector", "safety_tokens.json", "eval_base.json"):
         if not (source / needed).exists():
             raise FileNotFoundError(f"{source / needed} is missing: --from needs a `safesteer demo` output folder")
-    sets = EvalSets.default(base_cfg.eval_limit)
-    base_eval = base_eval_with_scores(source, out, model_name, sets)
-    vector = SteeringVector.load(source / "vector")
-    out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "sweep.jsonl"
     done = load_done(jsonl)
+    other = {r.get("eval_sets", "test") for r in done.values()} - {eval_sets}
+    if other:
+        raise ValueError(f"{jsonl} holds rows evaluated on the {', '.join(sorted(other))} sets; "
+                         f"use another --out for --eval-sets {eval_sets}")
+    if eval_sets == "test":
+        sets = EvalSets.default(base_cfg.eval_limit)
+        base_eval = base_eval_with_scores(source, out, model_name, sets)
+    else:
+        sets = EvalSets.dev(base_cfg.eval_limit)
+        base_eval = dev_base_eval(out, model_name, sets, base_cfg.refusal_tokens)
+    vector = SteeringVector.load(source / "vector")
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for overrides in runs:
         name = run_name(overrides)
@@ -215,7 +250,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         result = train(student, tokenizer, vector, torch.tensor(tokens.ids), prompts, tcfg)
         train_seconds = time.time() - t0
         ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)
-        row = {"name": name, "overrides": overrides, "train_seconds": train_seconds,
+        row = {"name": name, "overrides": overrides, "eval_sets": eval_sets, "train_seconds": train_seconds,
                "eval": {k: v for k, v in ev.items() if k != "samples"}, "samples": ev["samples"],
                "history": result.history, "goal": goal_check(base_eval, ev)}
         append_row(jsonl, row)
@@ -224,7 +259,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
                     ev["harmful_refusal_rate"], ev["harmless_refusal_rate"], ev["general_score"])
         del student, result
         gc.collect()
-    atomic_write_text(out / "sweep.md", f"# Demo sweep (from {source})\n\n" + sweep_table(base_eval, rows))
+    atomic_write_text(out / "sweep.md", f"# Demo sweep (from {source}; {eval_sets} sets)\n\n"
+                      + sweep_table(base_eval, rows))
     return rows
 
 
@@ -233,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from", dest="source", required=True, help="a `safesteer demo --out` folder")
     p.add_argument("--out", required=True, help="sweep output folder")
     p.add_argument("--run", action="append", required=True, help="overrides, e.g. 'lr=1e-3 steps=20' (repeatable)")
+    p.add_argument("--eval-sets", choices=EVAL_SETS, default="test",
+                   help="test: the demo's held-out sets (default); dev: the direction and validation splits, "
+                        "for choosing settings without the test sets")
     p.add_argument("--model", default=None, help="model (default: the demo run's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -241,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     with onednn_linear():
-        rows = run_sweep(Path(args.source), Path(args.out), runs, args.model)
-    print(sweep_table(json.loads((Path(args.source) / "eval_base.json").read_text()), rows))
+        run_sweep(Path(args.source), Path(args.out), runs, args.model, args.eval_sets)
+    print((Path(args.out) / "sweep.md").read_text())
     return 0
 
 

@@ -211,3 +211,23 @@ def test_goal_check_counts_a_bound_reached_exactly_as_met():
     assert not goal_check(base, ev(36, 14, 83.0))["met"]               # ASR 12/48 > 11/48
     assert not goal_check(base, ev(37, 15, 83.0))["met"]               # +6 points
     assert not goal_check(base, ev(37, 14, 82.0))["met"]               # -2 points
+
+
+def test_sweep_on_dev_sets_never_touches_the_test_prompts(tiny_demo, tmp_path):
+    """--eval-sets dev measures base and runs on the direction + validation splits, and one output folder never
+    mixes dev and test rows."""
+    from openrlhf_safesteer import data
+    from openrlhf_safesteer.demo.sweep import parse_run, run_sweep
+
+    demo, out = tiny_demo[0] / "demo", tmp_path / "dev"
+    rows = run_sweep(demo, out, [parse_run("steps=1")], eval_sets="dev")
+    dev_harmful = (data.harmful("direction") + data.harmful("validation"))[:3]      # the demo's eval_limit
+    assert [s["prompt"] for s in rows[0]["samples"]["harmful"]] == dev_harmful
+    assert not {s["prompt"] for s in rows[0]["samples"]["harmless"]} & set(data.harmless("test"))
+    base = json.loads((out / "base_eval_dev.json").read_text())
+    assert [s["prompt"] for s in base["samples"]["harmful"]] == dev_harmful
+    assert rows[0]["eval_sets"] == "dev" and "dev sets" in (out / "sweep.md").read_text()
+    with pytest.raises(ValueError, match="holds rows evaluated on the dev sets"):
+        run_sweep(demo, out, [parse_run("steps=2")], eval_sets="test")
+    with pytest.raises(ValueError, match="eval_sets must be one of"):
+        run_sweep(demo, out, [parse_run("steps=2")], eval_sets="train")
