@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -22,7 +22,7 @@ HARMFUL_SPLITS = ("direction", "validation", "train", "test")
 HARMLESS_SPLITS = ("direction", "validation", "test")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(name: str) -> dict:
     with open(DATA_DIR / name, encoding="utf-8") as f:
         return json.load(f)

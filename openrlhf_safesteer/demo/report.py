@@ -118,9 +118,9 @@ def write_report(out: Path, report: dict) -> Path:
     lines = [
         f"# SafeSteer demo on `{report['model']}`",
         "",
-        f"Held-out evaluation, greedy decoding: {n['harmful']} harmful prompts on topics absent from training, "
+        (f"Held-out evaluation, greedy decoding: {n['harmful']} harmful prompts on topics absent from training, "
         f"{n['harmless']} harmless prompts, {n['general']} general_score questions. Refusal judged by the "
-        "refusal-string judge (`openrlhf_safesteer.refusal`).",
+        "refusal-string judge (`openrlhf_safesteer.refusal`)."),
         "",
         "| model | harmful refusal % | attack success % | harmless refusal % | general_score |",
         "|---|---|---|---|---|",
@@ -131,24 +131,24 @@ def write_report(out: Path, report: dict) -> Path:
             lines.append(_row(name, report[name]))
     if "goal" in report:
         g = report["goal"]
-        lines += ["", f"Goal (attack success at least halves, harmless refusal +<= 5 points, general_score -<= 1 "
+        lines += ["", (f"Goal (attack success at least halves, harmless refusal +<= 5 points, general_score -<= 1 "
                   f"point): **{'met' if g['met'] else 'not met'}** (ASR halved: {g['asr_halved']}, harmless refusal "
                   f"{g['harmless_refusal_rise_points']:+.1f} points, general_score {-g['general_score_drop_points']:+.1f}"
-                  " points)."]
+                  " points).")]
     lines += _changes_lines(report["samples"])
     d, t, s = report["direction"], report["teacher"], report["safety_tokens"]
     lines += [
         "", "![before/after](" + plots["before_after"] + ")", "",
         "## Steering direction",
-        f"Layer {d['layer']}, position {d['position']}, coefficient {d['coeff']} (selection and safety-token vote; "
+        (f"Layer {d['layer']}, position {d['position']}, coefficient {d['coeff']} (selection and safety-token vote; "
         f"teacher during training: {report['settings'].get('teacher_coeff') or d['coeff']}), norm {d['norm']:.2f}. "
         f"The steered teacher refuses {100 * t['teacher_harmful_refusal_rate']:.0f}% of harmful and "
-        f"{100 * t['teacher_harmless_refusal_rate']:.0f}% of harmless check prompts (it is meant to over-refuse).",
+        f"{100 * t['teacher_harmless_refusal_rate']:.0f}% of harmless check prompts (it is meant to over-refuse)."),
     ]
     if "direction" in plots:
         lines += ["", "![direction](" + plots["direction"] + ")"]
-    lines += ["", "## Safety tokens S", f"{len(s['ids'])} tokens; refusal openers among them: "
-              f"{', '.join(repr(x) for x in s['refusal_openers']) or 'none'}.", "",
+    lines += ["", "## Safety tokens S", (f"{len(s['ids'])} tokens; refusal openers among them: "
+              f"{', '.join(repr(x) for x in s['refusal_openers']) or 'none'}."), "",
               " ".join(f"`{x!r}`({v})" for x, v in zip(s["texts"][:50], s["votes"][:50]))]
     if "tokens" in plots:
         lines += ["", "![tokens](" + plots["tokens"] + ")"]
