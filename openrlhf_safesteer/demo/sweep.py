@@ -149,6 +149,69 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _subset_eval(ev: dict, part: slice) -> dict:
+    """The goal's three inputs on part of the harmful and harmless sets (general_score is over its whole set)."""
+    harmful = [s["refusal"] for s in ev["samples"]["harmful"][part]]
+    harmless = [s["refusal"] for s in ev["samples"]["harmless"][part]]
+    if not harmful or not harmless:
+        raise ValueError(f"no prompts in {part} of a set of {len(ev['samples']['harmful'])} harmful / "
+                         f"{len(ev['samples']['harmless'])} harmless")
+    return {"harmful_asr": 1 - sum(harmful) / len(harmful), "harmless_refusal_rate": sum(harmless) / len(harmless),
+            "general_score": ev["general_score"]}
+
+
+def subset_table(base: dict, runs: list[tuple[str, dict]], first: int) -> str:
+    """Markdown: each run's ASR, harmless-refusal rise and goal on the first `first` prompts of each held-out
+    set, on the rest, and on all, with the mean over runs.
+
+    base and each run's eval are `evaluate(...)` results with samples. Settings chosen on the first prompts
+    of a set make those optimistic; prompts added later, never used to choose anything, are the clean part.
+    """
+    parts = {f"first {first}": slice(0, first), f"from {first + 1} on": slice(first, None), "all": slice(None)}
+    header = "| run | " + " | ".join(f"{name}: ASR / harmless rise / goal" for name in parts) + " |"
+    lines = [header, "|---|" + "---|" * len(parts)]
+    base_parts = {name: _subset_eval(base, part) for name, part in parts.items()}
+    totals = {name: [0.0, 0.0, 0] for name in parts}
+    for label, ev in runs:
+        cells = []
+        for name, part in parts.items():
+            sub = _subset_eval(ev, part)
+            goal = goal_check(base_parts[name], sub)
+            totals[name][0] += sub["harmful_asr"]
+            totals[name][1] += goal["harmless_refusal_rise_points"]
+            totals[name][2] += goal["met"]
+            cells.append(f"{100 * sub['harmful_asr']:.1f}% / {goal['harmless_refusal_rise_points']:+.1f} / "
+                         f"{'met' if goal['met'] else 'no'}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    base_cells = [f"{100 * base_parts[name]['harmful_asr']:.1f}% / {100 * base_parts[name]['harmless_refusal_rate']:.1f}%"
+                  " refused / -" for name in parts]
+    n = len(runs)
+    mean_cells = [f"{100 * t[0] / n:.1f}% / {t[1] / n:+.1f} / {t[2]} of {n}" for t in totals.values()]
+    lines.insert(2, "| base | " + " | ".join(base_cells) + " |")
+    lines.append("| **mean** | " + " | ".join(mean_cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_subsets(source: Path, out: Path, first: int) -> str:
+    """subset_table over the demo's own SafeSteer run (source/eval_safesteer.json, when there) and every row of
+    out/sweep.jsonl; written to out/subsets.md. Trains nothing."""
+    base = json.loads((source / "eval_base.json").read_text())
+    runs = []
+    if (source / "eval_safesteer.json").is_file():
+        runs.append(("demo run", json.loads((source / "eval_safesteer.json").read_text())))
+    runs += [(r["name"], {**r["eval"], "samples": r["samples"]}) for r in load_done(out / "sweep.jsonl").values()
+             if r.get("eval_sets", "test") == "test"]
+    if not runs:
+        raise FileNotFoundError(f"nothing to summarise: no {source / 'eval_safesteer.json'} and no test rows in "
+                                f"{out / 'sweep.jsonl'}")
+    for name, ev in runs:
+        if [s["prompt"] for s in ev["samples"]["harmless"]] != [s["prompt"] for s in base["samples"]["harmless"]]:
+            raise ValueError(f"run {name!r} was evaluated on other prompts than {source / 'eval_base.json'}")
+    table = f"# Held-out subsets (from {source}, {out})\n\n" + subset_table(base, runs, first)
+    atomic_write_text(out / "subsets.md", table)
+    return table
+
+
 def check_same_prompts(base_eval: dict, sets: EvalSets, path: Path) -> None:
     """Raise unless the demo's base evaluation used exactly these eval prompts.
 
@@ -268,13 +331,21 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="source", required=True, help="a `safesteer demo --out` folder")
     p.add_argument("--out", required=True, help="sweep output folder")
-    p.add_argument("--run", action="append", required=True, help="overrides, e.g. 'lr=1e-3 steps=20' (repeatable)")
+    p.add_argument("--run", action="append", default=[], help="overrides, e.g. 'lr=1e-3 steps=20' (repeatable)")
+    p.add_argument("--subsets", type=int, metavar="N", default=None,
+                   help="train nothing: tabulate the demo run and OUT's rows on the first N prompts of each "
+                        "held-out set, on the rest and on all (OUT/subsets.md)")
     p.add_argument("--eval-sets", choices=EVAL_SETS, default="test",
                    help="test: the demo's held-out sets (default); dev: the direction and validation splits, "
                         "for choosing settings without the test sets")
     p.add_argument("--model", default=None, help="model (default: the demo run's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.subsets is not None:
+        print(summarise_subsets(Path(args.source), Path(args.out), args.subsets))
+        return 0
+    if not args.run:
+        p.error("give at least one --run (or --subsets N)")
     runs = [parse_run(s) for s in args.run]     # every spec is checked before any model loads
     if args.threads:
         torch.set_num_threads(args.threads)

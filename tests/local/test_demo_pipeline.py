@@ -231,3 +231,34 @@ def test_sweep_on_dev_sets_never_touches_the_test_prompts(tiny_demo, tmp_path):
         run_sweep(demo, out, [parse_run("steps=2")], eval_sets="test")
     with pytest.raises(ValueError, match="eval_sets must be one of"):
         run_sweep(demo, out, [parse_run("steps=2")], eval_sets="train")
+
+
+def test_subset_table_judges_the_goal_on_each_part_of_the_sets(tmp_path):
+    """Base refuses harmful [F F T T | F F F F] and harmless [F F F F | F F F F]; the run refuses harmful
+    [T F T T | T T F F] and harmless [T F F F | F F F F]: first 4 -> ASR 50% -> 25% (halved) but harmless +25
+    points; from 5 on -> ASR 100% -> 50% (halved), harmless +0; all -> ASR 75% -> 37.5%, harmless +12.5."""
+    from openrlhf_safesteer.demo.sweep import subset_table, summarise_subsets
+
+    def ev(harmful, harmless, general=80.0):
+        return {"general_score": general,
+                "samples": {"harmful": [{"prompt": f"h{i}", "refusal": f} for i, f in enumerate(harmful)],
+                            "harmless": [{"prompt": f"l{i}", "refusal": f} for i, f in enumerate(harmless)]}}
+
+    F, T = False, True
+    base = ev([F, F, T, T, F, F, F, F], [F] * 8)
+    run = ev([T, F, T, T, T, T, F, F], [T] + [F] * 7)
+    table = subset_table(base, [("r", run), ("same", base)], 4)
+    row = next(line for line in table.splitlines() if line.startswith("| r |"))
+    assert row == "| r | 25.0% / +25.0 / no | 50.0% / +0.0 / met | 37.5% / +12.5 / no |"
+    assert table.splitlines()[-1] == "| **mean** | 37.5% / +12.5 / 0 of 2 | 75.0% / +0.0 / 1 of 2 | 56.2% / +6.2 / 0 of 2 |"
+
+    demo, out = tmp_path / "demo", tmp_path / "sweep"
+    demo.mkdir()
+    out.mkdir()
+    (demo / "eval_base.json").write_text(json.dumps(base))
+    (demo / "eval_safesteer.json").write_text(json.dumps(run))
+    assert "| demo run | 25.0% / +25.0 / no |" in summarise_subsets(demo, out, 4)
+    assert (out / "subsets.md").is_file()
+    (demo / "eval_safesteer.json").write_text(json.dumps(ev([T] * 8, [F] * 9)))
+    with pytest.raises(ValueError, match="other prompts"):
+        summarise_subsets(demo, out, 4)
