@@ -56,13 +56,14 @@ def _layers(value: str) -> list[int]:
     return [int(v) for v in value.split(",") if v]
 
 
+# which held-out sets a sweep evaluates on: the demo's test splits, or the direction + validation splits
+EVAL_SETS = ("test", "dev")
+
 # override key -> parser. "coeff" is the teacher's steering coefficient during training (default: the demo's
 # teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`);
 # "lora_r=0 freeze_embeddings=1" is full fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list;
 # "lora_layers=16-23" puts adapters on those decoder layers only; "train_splits=train,direction,validation"
 # trains on more harmful prompts (every split but the held-out test).
-EVAL_SETS = ("test", "dev")
-
 SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
     "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag,
@@ -213,7 +214,7 @@ def summarise_subsets(source: Path, out: Path, first: int) -> str:
 
 
 def check_same_prompts(base_eval: dict, sets: EvalSets, path: Path) -> None:
-    """Raise unless the demo's base evaluation used exactly these eval prompts.
+    """Raise unless the base evaluation read from `path` used exactly these eval prompts.
 
     A sweep row is compared with the base row, so both must be measured on the same held-out prompts; a demo
     folder written before the project's prompt sets changed is refused rather than compared silently.
