@@ -150,6 +150,13 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _eval_prompts(samples: dict) -> dict[str, list[str]]:
+    """The prompts of an evaluation's samples, per set, in order (what two evaluations must share to compare)."""
+    return {"harmful": [s["prompt"] for s in samples.get("harmful", [])],
+            "harmless": [s["prompt"] for s in samples.get("harmless", [])],
+            "general": [s["question"] for s in samples.get("general", [])]}
+
+
 def _subset_eval(ev: dict, part: slice) -> dict:
     """The goal's three inputs on part of the harmful and harmless sets (general_score is over its whole set)."""
     harmful = [s["refusal"] for s in ev["samples"]["harmful"][part]]
@@ -206,7 +213,7 @@ def summarise_subsets(source: Path, out: Path, first: int) -> str:
         raise FileNotFoundError(f"nothing to summarise: no {source / 'eval_safesteer.json'} and no test rows in "
                                 f"{out / 'sweep.jsonl'}")
     for name, ev in runs:
-        if [s["prompt"] for s in ev["samples"]["harmless"]] != [s["prompt"] for s in base["samples"]["harmless"]]:
+        if _eval_prompts(ev["samples"]) != _eval_prompts(base["samples"]):
             raise ValueError(f"run {name!r} was evaluated on other prompts than {source / 'eval_base.json'}")
     table = f"# Held-out subsets (from {source}, {out})\n\n" + subset_table(base, runs, first)
     atomic_write_text(out / "subsets.md", table)
@@ -219,10 +226,7 @@ def check_same_prompts(base_eval: dict, sets: EvalSets, path: Path) -> None:
     A sweep row is compared with the base row, so both must be measured on the same held-out prompts; a demo
     folder written before the project's prompt sets changed is refused rather than compared silently.
     """
-    samples = base_eval.get("samples", {})
-    used = {"harmful": [s["prompt"] for s in samples.get("harmful", [])],
-            "harmless": [s["prompt"] for s in samples.get("harmless", [])],
-            "general": [s["question"] for s in samples.get("general", [])]}
+    used = _eval_prompts(base_eval.get("samples", {}))
     now = {"harmful": sets.harmful, "harmless": sets.harmless, "general": [q["question"] for q in sets.general]}
     changed = [f"{name} ({len(used[name])} prompts there, {len(now[name])} now)"
                for name in now if used[name] != list(now[name])]
