@@ -1,11 +1,12 @@
 """The project's own prompt sets (written for this project, shipped as JSON).
 
     harmful("train")       # 32 harmful requests the demo trains on
+    harmful("train_extra") # 68 more, to METHOD.md's ~100 (measured less selective on the demo model: README)
     harmful("test")        # 48 held-out harmful requests on topics absent from every other split
     harmless("test")       # 100 harmless requests (over-refusal)
     general_questions()    # 100 short arithmetic / factual questions for general_score
 
-Splits: harmful direction / validation / train / test; harmless direction / validation / test.
+Splits: harmful direction / validation / train / train_extra / test; harmless direction / validation / test.
 The direction and validation splits fit and select the refusal direction; harmless validation
 prompts also drive the safety-token vote.
 """
@@ -18,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
-HARMFUL_SPLITS = ("direction", "validation", "train", "test")
+HARMFUL_SPLITS = ("direction", "validation", "train", "train_extra", "test")
 HARMLESS_SPLITS = ("direction", "validation", "test")
 
 

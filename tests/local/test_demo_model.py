@@ -82,7 +82,7 @@ def test_prompt_splits_are_disjoint_and_test_topics_held_out():
     texts = [r["prompt"] for rows in splits.values() for r in rows]
     assert len(texts) == len(set(texts))
     test_topics = {r["topic"] for r in splits["test"]}
-    for s in ("direction", "validation", "train"):
+    for s in ("direction", "validation", "train", "train_extra"):
         assert not test_topics & {r["topic"] for r in splits[s]}, s
     harmless = [p for s in data.HARMLESS_SPLITS for p in data.harmless(s)]
     assert len(harmless) == len(set(harmless)) and not set(harmless) & set(texts)
