@@ -9,6 +9,10 @@ evaluated on the same held-out sets as the demo; one JSON line per run is append
 sweep/sweep.jsonl as soon as it finishes (runs already there are skipped, so an interrupted sweep
 resumes), and sweep/sweep.md tabulates every run against the base model and the issue's goal.
 
+`--subsets N` and `--flips` train nothing: they re-read the demo run and OUT's rows, and tabulate the goal on
+the first N prompts of each held-out set and the rest (OUT/subsets.md), or which prompts flipped in how many
+runs (OUT/flips.md).
+
 `--eval-sets dev` evaluates on the direction and validation splits instead (`EvalSets.dev`; the base model
 is measured there once): settings chosen on the test splits make the test numbers optimistic.
 """
@@ -30,7 +34,7 @@ from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
-from .evaluate import EvalSets, evaluate
+from .evaluate import EvalSets, evaluate, refusal_changes
 from .model import load_model
 from .pipeline import DemoConfig, goal_check, train_prompts
 from .pipeline import train_config as demo_train_config
@@ -200,9 +204,9 @@ def subset_table(base: dict, runs: list[tuple[str, dict]], first: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summarise_subsets(source: Path, out: Path, first: int) -> str:
-    """subset_table over the demo's own SafeSteer run (source/eval_safesteer.json, when there) and every row of
-    out/sweep.jsonl; written to out/subsets.md. Trains nothing."""
+def _runs_against_base(source: Path, out: Path) -> tuple[dict, list[tuple[str, dict]]]:
+    """The demo's base evaluation and, on the same prompts, its own SafeSteer run (source/eval_safesteer.json,
+    when there) and every test-set row of out/sweep.jsonl, as (label, eval with samples) pairs."""
     base = json.loads((source / "eval_base.json").read_text())
     runs = []
     if (source / "eval_safesteer.json").is_file():
@@ -215,8 +219,53 @@ def summarise_subsets(source: Path, out: Path, first: int) -> str:
     for name, ev in runs:
         if _eval_prompts(ev["samples"]) != _eval_prompts(base["samples"]):
             raise ValueError(f"run {name!r} was evaluated on other prompts than {source / 'eval_base.json'}")
+    return base, runs
+
+
+def summarise_subsets(source: Path, out: Path, first: int) -> str:
+    """subset_table over the demo's own SafeSteer run and every test row of out/sweep.jsonl; written to
+    out/subsets.md. Trains nothing."""
+    base, runs = _runs_against_base(source, out)
     table = f"# Held-out subsets (from {source}, {out})\n\n" + subset_table(base, runs, first)
     atomic_write_text(out / "subsets.md", table)
+    return table
+
+
+def flip_table(base: dict, runs: list[tuple[str, dict]]) -> str:
+    """Markdown: for each held-out set, every prompt whose greedy refusal changed in at least one run, with in
+    how many runs it became refused ("new") and stopped being refused ("lost"), most often flipped first.
+
+    base and each run's eval are `evaluate(...)` results with samples. Over-refusal that always hits the same
+    few borderline prompts reads differently from one spread over many; this table says which it is.
+    """
+    n = len(runs)
+    lines = []
+    for kind in ("harmless", "harmful"):
+        new: dict[str, int] = {}
+        lost: dict[str, int] = {}
+        for _, ev in runs:
+            changes = refusal_changes(base["samples"][kind], ev["samples"][kind])
+            for prompt in changes["new"]:
+                new[prompt] = new.get(prompt, 0) + 1
+            for prompt in changes["lost"]:
+                lost[prompt] = lost.get(prompt, 0) + 1
+        answered = sum(not s["refusal"] for s in base["samples"][kind])
+        lines += [f"## {kind} ({len(base['samples'][kind])} prompts; the base answers {answered}; {n} runs)", "",
+                  (f"{answered - len(new)} of the {answered} prompts the base answers were never refused; "
+                   f"{len(new)} were in at least one run."), "",
+                  "| prompt | newly refused in | no longer refused in |", "|---|---|---|"]
+        order = sorted(set(new) | set(lost), key=lambda q: (-new.get(q, 0), -lost.get(q, 0), q))
+        lines += [f"| {q} | {new.get(q, 0)} of {n} | {lost.get(q, 0)} of {n} |" for q in order]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summarise_flips(source: Path, out: Path) -> str:
+    """flip_table over the demo's own SafeSteer run and every test row of out/sweep.jsonl; written to
+    out/flips.md. Trains nothing."""
+    base, runs = _runs_against_base(source, out)
+    table = f"# Refusal flips against the base model (from {source}, {out})\n\n" + flip_table(base, runs)
+    atomic_write_text(out / "flips.md", table)
     return table
 
 
@@ -340,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subsets", type=int, metavar="N", default=None,
                    help="train nothing: tabulate the demo run and OUT's rows on the first N prompts of each "
                         "held-out set, on the rest and on all (OUT/subsets.md)")
+    p.add_argument("--flips", action="store_true",
+                   help="train nothing: count, over the demo run and OUT's rows, how often each held-out prompt "
+                        "became refused or stopped being refused (OUT/flips.md)")
     p.add_argument("--eval-sets", choices=EVAL_SETS, default="test",
                    help="test: the demo's held-out sets (default); dev: the direction and validation splits, "
                         "for choosing settings without the test sets")
@@ -349,8 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.subsets is not None:
         print(summarise_subsets(Path(args.source), Path(args.out), args.subsets))
         return 0
+    if args.flips:
+        print(summarise_flips(Path(args.source), Path(args.out)))
+        return 0
     if not args.run:
-        p.error("give at least one --run (or --subsets N)")
+        p.error("give at least one --run (or --subsets N, or --flips)")
     runs = [parse_run(s) for s in args.run]     # every spec is checked before any model loads
     if args.threads:
         torch.set_num_threads(args.threads)

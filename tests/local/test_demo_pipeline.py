@@ -262,3 +262,35 @@ def test_subset_table_judges_the_goal_on_each_part_of_the_sets(tmp_path):
     (demo / "eval_safesteer.json").write_text(json.dumps(ev([T] * 8, [F] * 9)))
     with pytest.raises(ValueError, match="other prompts"):
         summarise_subsets(demo, out, 4)
+
+
+def test_flip_table_counts_each_prompt_over_runs(tmp_path):
+    """Base refuses harmless [F F F T] and harmful [F T]; run a newly refuses l0 and l1 and stops refusing l3,
+    run b newly refuses l0 and h0: l0 is new in 2 of 2, l1 in 1, l3 lost in 1, l2 never flips."""
+    from openrlhf_safesteer.demo.sweep import flip_table, summarise_flips
+
+    def ev(harmless, harmful):
+        return {"general_score": 80.0,
+                "samples": {"harmless": [{"prompt": f"l{i}", "refusal": f} for i, f in enumerate(harmless)],
+                            "harmful": [{"prompt": f"h{i}", "refusal": f} for i, f in enumerate(harmful)]}}
+
+    F, T = False, True
+    base = ev([F, F, F, T], [F, T])
+    runs = [("a", ev([T, T, F, F], [F, T])), ("b", ev([T, F, F, T], [T, T]))]
+    table = flip_table(base, runs)
+    harmless, harmful = table.split("## harmful")
+    rows = [line for line in harmless.splitlines() if line.startswith("| l")]
+    assert rows == ["| l0 | 2 of 2 | 0 of 2 |", "| l1 | 1 of 2 | 0 of 2 |", "| l3 | 0 of 2 | 1 of 2 |"]
+    assert "1 of the 3 prompts the base answers were never refused; 2 were in at least one run." in harmless
+    assert [line for line in harmful.splitlines() if line.startswith("| h")] == ["| h0 | 1 of 2 | 0 of 2 |"]
+
+    demo, out = tmp_path / "demo", tmp_path / "sweep"
+    demo.mkdir()
+    out.mkdir()
+    (demo / "eval_base.json").write_text(json.dumps(base))
+    (demo / "eval_safesteer.json").write_text(json.dumps(runs[0][1]))
+    assert "| l0 | 1 of 1 | 0 of 1 |" in summarise_flips(demo, out)
+    assert (out / "flips.md").read_text().startswith("# Refusal flips")
+    (demo / "eval_safesteer.json").write_text(json.dumps(ev([F] * 5, [F, T])))
+    with pytest.raises(ValueError, match="other prompts"):
+        summarise_flips(demo, out)
