@@ -204,12 +204,12 @@ def subset_table(base: dict, runs: list[tuple[str, dict]], first: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _runs_against_base(source: Path, out: Path) -> tuple[dict, list[tuple[str, dict]]]:
+def _runs_against_base(source: Path, out: Path, demo_run: bool = True) -> tuple[dict, list[tuple[str, dict]]]:
     """The demo's base evaluation and, on the same prompts, its own SafeSteer run (source/eval_safesteer.json,
-    when there) and every test-set row of out/sweep.jsonl, as (label, eval with samples) pairs."""
+    when there and `demo_run`) and every test-set row of out/sweep.jsonl, as (label, eval with samples) pairs."""
     base = json.loads((source / "eval_base.json").read_text())
     runs = []
-    if (source / "eval_safesteer.json").is_file():
+    if demo_run and (source / "eval_safesteer.json").is_file():
         runs.append(("demo run", json.loads((source / "eval_safesteer.json").read_text())))
     runs += [(r["name"], {**r["eval"], "samples": r["samples"]}) for r in load_done(out / "sweep.jsonl").values()
              if r.get("eval_sets", "test") == "test"]
@@ -222,10 +222,10 @@ def _runs_against_base(source: Path, out: Path) -> tuple[dict, list[tuple[str, d
     return base, runs
 
 
-def summarise_subsets(source: Path, out: Path, first: int) -> str:
-    """subset_table over the demo's own SafeSteer run and every test row of out/sweep.jsonl; written to
-    out/subsets.md. Trains nothing."""
-    base, runs = _runs_against_base(source, out)
+def summarise_subsets(source: Path, out: Path, first: int, demo_run: bool = True) -> str:
+    """subset_table over the demo's own SafeSteer run (unless not `demo_run`) and every test row of
+    out/sweep.jsonl; written to out/subsets.md. Trains nothing."""
+    base, runs = _runs_against_base(source, out, demo_run)
     table = f"# Held-out subsets (from {source}, {out})\n\n" + subset_table(base, runs, first)
     atomic_write_text(out / "subsets.md", table)
     return table
@@ -260,10 +260,10 @@ def flip_table(base: dict, runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def summarise_flips(source: Path, out: Path) -> str:
-    """flip_table over the demo's own SafeSteer run and every test row of out/sweep.jsonl; written to
-    out/flips.md. Trains nothing."""
-    base, runs = _runs_against_base(source, out)
+def summarise_flips(source: Path, out: Path, demo_run: bool = True) -> str:
+    """flip_table over the demo's own SafeSteer run (unless not `demo_run`) and every test row of
+    out/sweep.jsonl; written to out/flips.md. Trains nothing."""
+    base, runs = _runs_against_base(source, out, demo_run)
     table = f"# Refusal flips against the base model (from {source}, {out})\n\n" + flip_table(base, runs)
     atomic_write_text(out / "flips.md", table)
     return table
@@ -392,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flips", action="store_true",
                    help="train nothing: count, over the demo run and OUT's rows, how often each held-out prompt "
                         "became refused or stopped being refused (OUT/flips.md)")
+    p.add_argument("--rows-only", action="store_true",
+                   help="with --subsets or --flips: leave out the demo's own run (when OUT's rows use other "
+                        "settings than the demo)")
     p.add_argument("--eval-sets", choices=EVAL_SETS, default="test",
                    help="test: the demo's held-out sets (default); dev: the direction and validation splits, "
                         "for choosing settings without the test sets")
@@ -399,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.subsets is not None:
-        print(summarise_subsets(Path(args.source), Path(args.out), args.subsets))
+        print(summarise_subsets(Path(args.source), Path(args.out), args.subsets, not args.rows_only))
         return 0
     if args.flips:
-        print(summarise_flips(Path(args.source), Path(args.out)))
+        print(summarise_flips(Path(args.source), Path(args.out), not args.rows_only))
         return 0
     if not args.run:
         p.error("give at least one --run (or --subsets N, or --flips)")

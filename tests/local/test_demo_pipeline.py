@@ -291,6 +291,8 @@ def test_flip_table_counts_each_prompt_over_runs(tmp_path):
     (demo / "eval_safesteer.json").write_text(json.dumps(runs[0][1]))
     assert "| l0 | 1 of 1 | 0 of 1 |" in summarise_flips(demo, out)
     assert (out / "flips.md").read_text().startswith("# Refusal flips")
+    with pytest.raises(FileNotFoundError, match="nothing to summarise"):    # no rows, demo run left out
+        summarise_flips(demo, out, demo_run=False)
     (demo / "eval_safesteer.json").write_text(json.dumps(ev([F] * 5, [F, T])))
     with pytest.raises(ValueError, match="other prompts"):
         summarise_flips(demo, out)
