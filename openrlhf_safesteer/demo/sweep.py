@@ -25,6 +25,7 @@ import gc
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -241,21 +242,18 @@ def flip_table(base: dict, runs: list[tuple[str, dict]]) -> str:
     n = len(runs)
     lines = []
     for kind in ("harmless", "harmful"):
-        new: dict[str, int] = {}
-        lost: dict[str, int] = {}
+        new, lost = Counter(), Counter()
         for _, ev in runs:
             changes = refusal_changes(base["samples"][kind], ev["samples"][kind])
-            for prompt in changes["new"]:
-                new[prompt] = new.get(prompt, 0) + 1
-            for prompt in changes["lost"]:
-                lost[prompt] = lost.get(prompt, 0) + 1
+            new.update(changes["new"])
+            lost.update(changes["lost"])
         answered = sum(not s["refusal"] for s in base["samples"][kind])
         lines += [f"## {kind} ({len(base['samples'][kind])} prompts; the base answers {answered}; {n} runs)", "",
                   (f"{answered - len(new)} of the {answered} prompts the base answers were never refused; "
                    f"{len(new)} were in at least one run."), "",
                   "| prompt | newly refused in | no longer refused in |", "|---|---|---|"]
-        order = sorted(set(new) | set(lost), key=lambda q: (-new.get(q, 0), -lost.get(q, 0), q))
-        lines += [f"| {q} | {new.get(q, 0)} of {n} | {lost.get(q, 0)} of {n} |" for q in order]
+        order = sorted(set(new) | set(lost), key=lambda q: (-new[q], -lost[q], q))
+        lines += [f"| {q} | {new[q]} of {n} | {lost[q]} of {n} |" for q in order]
         lines.append("")
     return "\n".join(lines)
 
@@ -401,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model (default: the demo run's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    if args.rows_only and args.subsets is None and not args.flips:
+        p.error("--rows-only goes with --subsets N or --flips")
     if args.subsets is not None:
         print(summarise_subsets(Path(args.source), Path(args.out), args.subsets, not args.rows_only))
         return 0

@@ -264,7 +264,7 @@ def test_subset_table_judges_the_goal_on_each_part_of_the_sets(tmp_path):
         summarise_subsets(demo, out, 4)
 
 
-def test_flip_table_counts_each_prompt_over_runs(tmp_path):
+def test_flip_table_counts_each_prompt_over_runs(tmp_path, capsys):
     """Base refuses harmless [F F F T] and harmful [F T]; run a newly refuses l0 and l1 and stops refusing l3,
     run b newly refuses l0 and h0: l0 is new in 2 of 2, l1 in 1, l3 lost in 1, l2 never flips."""
     from openrlhf_safesteer.demo.sweep import flip_table, summarise_flips
@@ -293,6 +293,10 @@ def test_flip_table_counts_each_prompt_over_runs(tmp_path):
     assert (out / "flips.md").read_text().startswith("# Refusal flips")
     with pytest.raises(FileNotFoundError, match="nothing to summarise"):    # no rows, demo run left out
         summarise_flips(demo, out, demo_run=False)
+    from openrlhf_safesteer.demo.sweep import main
+    with pytest.raises(SystemExit):
+        main(["--from", str(demo), "--out", str(out), "--rows-only"])
+    assert "--rows-only goes with --subsets N or --flips" in capsys.readouterr().err
     (demo / "eval_safesteer.json").write_text(json.dumps(ev([F] * 5, [F, T])))
     with pytest.raises(ValueError, match="other prompts"):
         summarise_flips(demo, out)
