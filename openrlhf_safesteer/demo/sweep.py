@@ -401,11 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.rows_only and args.subsets is None and not args.flips:
         p.error("--rows-only goes with --subsets N or --flips")
-    if args.subsets is not None:
-        print(summarise_subsets(Path(args.source), Path(args.out), args.subsets, not args.rows_only))
-        return 0
-    if args.flips:
-        print(summarise_flips(Path(args.source), Path(args.out), not args.rows_only))
+    if args.subsets is not None or args.flips:
+        # The summaries train nothing; a --run beside them would be silently skipped, so it is an error.
+        if args.run:
+            p.error("--run trains; --subsets and --flips only summarise OUT's rows: give them in separate calls")
+        if args.subsets is not None:
+            print(summarise_subsets(Path(args.source), Path(args.out), args.subsets, not args.rows_only))
+        if args.flips:
+            print(summarise_flips(Path(args.source), Path(args.out), not args.rows_only))
         return 0
     if not args.run:
         p.error("give at least one --run (or --subsets N, or --flips)")

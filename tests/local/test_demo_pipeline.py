@@ -297,6 +297,12 @@ def test_flip_table_counts_each_prompt_over_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--from", str(demo), "--out", str(out), "--rows-only"])
     assert "--rows-only goes with --subsets N or --flips" in capsys.readouterr().err
+    with pytest.raises(SystemExit):     # a --run would be skipped beside a summary: refused, not ignored
+        main(["--from", str(demo), "--out", str(out), "--flips", "--run", "lr=1e-4"])
+    assert "give them in separate calls" in capsys.readouterr().err
+    assert main(["--from", str(demo), "--out", str(out), "--flips", "--subsets", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "# Refusal flips" in printed and (out / "subsets.md").is_file()      # both summaries, not one
     (demo / "eval_safesteer.json").write_text(json.dumps(ev([F] * 5, [F, T])))
     with pytest.raises(ValueError, match="other prompts"):
         summarise_flips(demo, out)
