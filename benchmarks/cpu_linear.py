@@ -30,8 +30,10 @@ def paired_ms(fn_a, fn_b, repeats: int) -> tuple[float, float]:
         fn_a(), fn_b()
     a, b = [], []
     for _ in range(repeats):
-        t = time.perf_counter(); fn_a(); a.append(time.perf_counter() - t)
-        t = time.perf_counter(); fn_b(); b.append(time.perf_counter() - t)
+        for fn, times in ((fn_a, a), (fn_b, b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
     return statistics.median(a) * 1e3, statistics.median(b) * 1e3
 
 

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -62,6 +63,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move the finished directory `new` to `final` (same file system), replacing what is there.
+
+    Never deletes before the new copy is in place: the old `final` is renamed aside, the new one renamed
+    in, and only then the old one removed. An interruption leaves either the old or the new complete copy
+    at `final` (plus, at worst, a hidden `.NAME.old-PID` folder to delete), never a half-deleted one.
+    """
+    new, final = Path(new), Path(final)
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if old.exists():
+        shutil.rmtree(old)
+    had_old = final.exists()
+    if had_old:
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if had_old and not final.exists():
+            os.replace(old, final)
+        raise
+    if had_old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

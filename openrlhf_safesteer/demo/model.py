@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +163,8 @@ def convert(spec: EmbeddedModel, force: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from openrlhf_safesteer.steering import replace_dir
+
     with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{spec.name}-tmp-") as tmp:
         tmp_path = Path(tmp)
         gguf_dir = tmp_path / "gguf"
@@ -181,9 +182,7 @@ def convert(spec: EmbeddedModel, force: bool = False) -> Path:
             {"name": spec.name, "description": spec.description, "sha256": spec.sha256, "size": spec.size,
              "packages": [d for d, _ in spec.parts]}, indent=1))
         del model
-        if final.exists():  # a stale or forced entry: replace it
-            shutil.rmtree(final)
-        os.replace(out, final)
+        replace_dir(out, final)     # a stale or forced entry is removed only once the new one is in place
     logger.info("cached converted model at %s", final)
     return final
 

@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from openrlhf_safesteer.chat import generate
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.refusal import refusal_rate
-from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, steer
+from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, replace_dir, steer
 
 from .evaluate import EvalSets, evaluate
 from .model import DEFAULT_MODEL, load_model
@@ -260,15 +259,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
         _write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":
             final = out / "final"
-            tmp = out / ".final.tmp"
-            if tmp.exists():
-                import shutil
-                shutil.rmtree(tmp)
-            os.replace(result.final_dir, tmp)
-            if final.exists():
-                import shutil
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(result.final_dir, final)
             runs[name]["final_dir"] = str(final)
         del student, result, trained
         gc.collect()

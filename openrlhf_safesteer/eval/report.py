@@ -91,7 +91,10 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[tuple[str, st
 def markdown_table(results: dict[str, Any]) -> str:
     """Benchmarks as rows, checkpoints as columns, values in percent; refusal rates in a second table."""
     checkpoints, rows = summary_rows(results)
-    fmt = lambda v: "–" if v is None else f"{100 * v:.1f}"
+
+    def fmt(v: float | None) -> str:
+        return "–" if v is None else f"{100 * v:.1f}"
+
     lines = ["| benchmark | " + " | ".join(checkpoints) + " |", "|---|" + "---:|" * len(checkpoints)]
     lines += [f"| {label} | " + " | ".join(fmt(vals[c]) for c in checkpoints) + " |" for label, _, vals in rows]
     refusal = [(b, {c: results["checkpoints"][c].get("safety", {}).get(b, {}).get("refusal_rate")

@@ -46,7 +46,7 @@ from openrlhf_safesteer.objectives import (
     sequence_mean,
 )
 from openrlhf_safesteer.refusal import refusal_rate
-from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
+from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, replace_dir
 
 from .metrics import MetricsLogger
 from .rollout import Rollouts, sample_rollouts
@@ -284,19 +284,18 @@ def train_step(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_
 
 
 def _atomic_dir(final: Path, write) -> None:
-    """Write a directory under a temporary name, then os.replace it into place."""
+    """Write a directory under a temporary name, then swap it into place (replace_dir: the old copy is
+    removed only once the new one is at `final`)."""
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
         write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

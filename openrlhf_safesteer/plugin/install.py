@@ -99,6 +99,8 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
         if config.dry_run:
             return
 
+        import openrlhf.trainer.ppo_trainer as ppo_trainer
+
         from openrlhf_safesteer.plugin.experience import (
             SafeSteerActorGroup,
             SafeSteerPPOTrainerRemote,
@@ -106,7 +108,6 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
         )
         from openrlhf_safesteer.plugin.policy import SafeSteerPolicyActorRemote
         from openrlhf_safesteer.plugin.teacher import SteeredReferenceActorRemote
-        import openrlhf.trainer.ppo_trainer as ppo_trainer
 
         namespace["ReferenceModelActor"] = SteeredReferenceActorRemote
         namespace["PolicyModelActor"] = SafeSteerPolicyActorRemote

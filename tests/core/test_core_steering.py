@@ -158,3 +158,49 @@ def test_vector_bad_input_errors(tmp_path):
         SteeringVector(torch.tensor([1.0, float("nan")]), layer=0)
     with pytest.raises(FileNotFoundError, match="safesteer direction"):
         SteeringVector.load(tmp_path)
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "a.txt").write_text(text)
+    (path / "b.txt").write_text(text)
+    return path
+
+
+def test_replace_dir_never_leaves_a_half_copy(tmp_path, monkeypatch):
+    """replace_dir swaps a finished folder in: interrupted before the swap the old copy is whole at the
+    final path, interrupted while the old copy is being removed the new one already is."""
+    import os
+    import shutil
+
+    from openrlhf_safesteer import steering
+
+    final = _folder(tmp_path / "final", "old")
+    steering.replace_dir(_folder(tmp_path / "new1", "new1"), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]         # nothing left beside it
+    assert (final / "a.txt").read_text() == (final / "b.txt").read_text() == "new1"
+
+    real_replace = os.replace
+
+    def replace_then_interrupt(src, dst):
+        if str(src).endswith("new2"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(steering.os, "replace", replace_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        steering.replace_dir(_folder(tmp_path / "new2", "new2"), final)
+    monkeypatch.setattr(steering.os, "replace", real_replace)
+    assert (final / "a.txt").read_text() == (final / "b.txt").read_text() == "new1"   # old copy back, whole
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_one_file_then_interrupt(path, *args, **kwargs):
+        os.unlink(os.path.join(path, "a.txt"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(steering.shutil, "rmtree", rmtree_one_file_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        steering.replace_dir(_folder(tmp_path / "new3", "new3"), final)
+    monkeypatch.setattr(steering.shutil, "rmtree", real_rmtree)
+    assert (final / "a.txt").read_text() == (final / "b.txt").read_text() == "new3"   # new copy in place, whole

@@ -22,7 +22,7 @@ def run_eval(policy_dirs, out, *extra):
 
 
 def table_row(table: str, label: str) -> list[str]:
-    line = next(l for l in table.splitlines() if l.startswith(f"| {label}"))
+    line = next(row for row in table.splitlines() if row.startswith(f"| {label}"))
     return [cell.strip() for cell in line.strip("|").split("|")][1:]
 
 

@@ -31,7 +31,7 @@ RESULTS = {
 
 
 def cells(table: str, label: str) -> list[str]:
-    line = next(l for l in table.splitlines() if l.startswith(f"| {label}"))
+    line = next(row for row in table.splitlines() if row.startswith(f"| {label}"))
     return [c.strip() for c in line.strip("|").split("|")][1:]
 
 
