@@ -83,5 +83,5 @@ setup(
     package_data={"openrlhf_safesteer": ["data/*.json", "data/**/*.json", "eval/data/*.json"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["safesteer=openrlhf_safesteer.cli.main:main"]},
+    entry_points={"console_scripts": ["safesteer=openrlhf_safesteer.cli.main:console_main"]},
 )

@@ -64,5 +64,27 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
 
 
+# What a user's bad input raises (the project's own errors derive from ValueError: IncompatibleArtifactError,
+# ChatTemplateError, ...) and a missing or unwritable path. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError)
+
+
+def console_main(argv: list[str] | None = None) -> int:
+    """The `safesteer` command: main(), with a user's bad input reported as one line and exit status 2.
+
+    main() itself raises (for tests and for callers that want the exception); `--log-level DEBUG` keeps the
+    traceback here too.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as err:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise
+        prog = " ".join(["safesteer", *(a for a in argv if a in SUBCOMMANDS)][:2])
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
