@@ -21,6 +21,12 @@ from openrlhf_safesteer.refusal import is_refusal
 logger = logging.getLogger(__name__)
 
 
+def _check_limit(limit: int | None) -> None:
+    # [:limit] with a negative limit would silently drop the last prompts of every set
+    if limit is not None and limit < 1:
+        raise ValueError(f"eval limit must be >= 1 (or None for every prompt), got {limit}")
+
+
 @dataclass
 class EvalSets:
     harmful: list[str]
@@ -30,6 +36,7 @@ class EvalSets:
     @classmethod
     def default(cls, limit: int | None = None) -> EvalSets:
         """The held-out harmful and harmless test splits and the general questions (first `limit` of each)."""
+        _check_limit(limit)
         return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit])
 
     @classmethod
@@ -37,6 +44,7 @@ class EvalSets:
         """Prompts for choosing settings without looking at the test splits: the harmful and harmless direction
         and validation splits (never trained on; they fit the direction and vote S, so they are not independent
         of those artifacts) and the general questions (there is one general set)."""
+        _check_limit(limit)
         return cls((data.harmful("direction") + data.harmful("validation"))[:limit],
                    (data.harmless("direction") + data.harmless("validation"))[:limit],
                    data.general_questions()[:limit])

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +101,45 @@ class DemoConfig:
     def summary(self) -> str:
         return "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(self).items())
 
+    def validate(self) -> None:
+        """Raise ValueError (FileNotFoundError for a missing --vector/--tokens) on a bad setting.
+
+        Runs before the model loads: the training settings are otherwise first used after the base evaluation,
+        the direction search, the teacher check and the safety-token vote, most of the demo's time.
+        """
+        for flag, value in (("--steps", self.steps), ("--horizon", self.horizon),
+                            ("--token-samples", self.token_samples), ("--token-prompts", self.token_prompts),
+                            ("k", self.k), ("refusal_tokens", self.refusal_tokens),
+                            ("teacher_check_prompts", self.teacher_check_prompts)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        # a negative limit would silently drop the last prompts of every eval set ([:limit])
+        for flag, value in (("--eval-limit", self.eval_limit), ("--threads", self.threads)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1 (or left unset), got {value}")
+        if not self.layers or not self.positions:
+            raise ValueError(f"--layers and positions must name at least one, got {self.layers}, {self.positions}")
+        if not math.isfinite(self.coeff) or not (self.teacher_coeff is None or math.isfinite(self.teacher_coeff)):
+            raise ValueError(f"--coeff and --teacher-coeff must be finite, got {self.coeff}, {self.teacher_coeff}")
+        if not 0 <= self.min_prob < 1:
+            raise ValueError(f"--min-prob must be in [0, 1), got {self.min_prob}")
+        if not self.objectives or len(set(self.objectives)) < len(self.objectives):
+            # a repeated objective would train twice into the same folder
+            raise ValueError(f"--objectives must name distinct engine objectives, got {self.objectives}")
+        train_prompts(self)
+        for objective in self.objectives:
+            try:
+                train_config(self, objective, Path(self.out) / "train").validate()
+            except ValueError as e:
+                raise ValueError(f"demo training settings (objective {objective!r}): {e}") from None
+        # reused artifacts: a missing or malformed file fails here, not after the base evaluation
+        if self.vector:
+            SteeringVector.load(self.vector)
+        if self.tokens:
+            from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+
+            SafetyTokenSet.load(self.tokens)
+
 
 def _write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
@@ -172,6 +212,7 @@ def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = 
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns the report dict (also written to out/report.json)."""
+    cfg.validate()      # before the out folder, the model load and the stages before training
     with onednn_linear(cfg.onednn) as active:
         logger.info("inference matrix products: %s", "oneDNN" if active else "PyTorch's default (MKL)")
         return _run_demo(cfg)

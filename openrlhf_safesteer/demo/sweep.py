@@ -117,6 +117,24 @@ def train_config(base: DemoConfig, overrides: dict, out: Path) -> TrainConfig:
     return tcfg
 
 
+def check_run(base: DemoConfig, overrides: dict, out: Path) -> None:
+    """Raise ValueError naming the run when its settings would fail in training (cheap: loads no model).
+
+    The checks `safesteer demo` runs before its model loads (DemoConfig.validate's training part), on the
+    TrainConfig this run would use, so a bad override fails before any base measurement or training."""
+    name = run_name(overrides)
+    demo = demo_config(base, overrides)
+    try:
+        if demo.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {demo.steps}")
+        train_prompts(demo)
+        train_config(base, overrides, out).validate()
+    except ValueError as e:
+        raise ValueError(f"bad --run {name!r}: {e}") from None
+    if "tokens" in overrides:
+        SafetyTokenSet.load(overrides["tokens"])
+
+
 def load_done(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
@@ -335,6 +353,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
     for needed in ("vector", "safety_tokens.json", "eval_base.json"):
         if not (source / needed).exists():
             raise FileNotFoundError(f"{source / needed} is missing: --from needs a `safesteer demo` output folder")
+    for overrides in runs:      # every run is checked before the base measurement or any training loads a model
+        check_run(base_cfg, overrides, out / "runs")
     jsonl = out / "sweep.jsonl"
     done = load_done(jsonl)
     other = {r.get("eval_sets", "test") for r in done.values()} - {eval_sets}

@@ -306,3 +306,95 @@ def test_flip_table_counts_each_prompt_over_runs(tmp_path, capsys):
     (demo / "eval_safesteer.json").write_text(json.dumps(ev([F] * 5, [F, T])))
     with pytest.raises(ValueError, match="other prompts"):
         summarise_flips(demo, out)
+
+
+def test_default_demo_config_validates():
+    DemoConfig().validate()
+
+
+@pytest.mark.parametrize(("settings", "error", "match"), [
+    ({"train_splits": ["test"]}, ValueError, "other than 'test'"),
+    ({"train_splits": ["bogus"]}, ValueError, "unknown split 'bogus'"),
+    ({"objectives": ["bogus"]}, ValueError, r"objective 'bogus'.*objective must be one of"),
+    ({"objectives": ["exact", "exact"]}, ValueError, "--objectives must name distinct"),
+    ({"steps": 0}, ValueError, "--steps must be >= 1, got 0"),
+    ({"eval_limit": -1}, ValueError, r"--eval-limit must be >= 1 \(or left unset\), got -1"),
+    ({"lr": 0.0}, ValueError, r"objective 'exact'.*lr"),
+    ({"coeff": math.nan}, ValueError, "--coeff and --teacher-coeff must be finite"),
+    ({"min_prob": 2.0}, ValueError, r"--min-prob must be in \[0, 1\), got 2.0"),
+    ({"vector": "no_such_vector"}, FileNotFoundError, "no_such_vector"),
+    ({"tokens": "no_such_tokens.json"}, FileNotFoundError, "no_such_tokens.json"),
+])
+def test_demo_rejects_bad_settings_before_loading_the_model(tmp_path, monkeypatch, settings, error, match):
+    """Review 13 finding 8: the training settings were first checked after the base evaluation, the direction
+    search, the teacher check and the safety-token vote; now every setting fails before the model loads."""
+    import openrlhf_safesteer.demo.pipeline as pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(pipeline, "load_model", no_model)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=match):
+        run_demo(DemoConfig(out=str(tmp_path / "demo"), progress=False, **settings))
+    assert not (tmp_path / "demo").exists()     # nothing written either
+
+
+def test_eval_sets_refuse_a_limit_below_one():
+    """A negative limit sliced [:limit] silently dropped the last prompts of every set."""
+    from openrlhf_safesteer.demo.evaluate import EvalSets
+
+    assert len(EvalSets.default(2).harmful) == 2
+    for make in (EvalSets.default, EvalSets.dev):
+        with pytest.raises(ValueError, match="eval limit must be >= 1 .*got -1"):
+            make(-1)
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("lr=-1", r"bad --run 'lr=-1.0': .*lr"),
+    ("train_splits=test", r"bad --run 'train_splits=test': .*other than 'test'"),
+    ("steps=0", r"bad --run 'steps=0': steps must be >= 1, got 0"),
+    ("objective=bogus", r"bad --run 'objective=bogus': objective must be one of"),
+])
+def test_sweep_rejects_bad_overrides_before_loading_a_model(tmp_path, monkeypatch, spec, match):
+    """A bad override failed only when its turn came, after the base measurement and earlier runs' training."""
+    import openrlhf_safesteer.demo.sweep as sweep
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(sweep, "load_model", no_model)
+    demo = tmp_path / "demo"
+    (demo / "vector").mkdir(parents=True)     # only their presence is checked before the runs are
+    (demo / "safety_tokens.json").write_text("{}")
+    (demo / "eval_base.json").write_text("{}")
+    with pytest.raises(ValueError, match=match):
+        sweep.run_sweep(demo, tmp_path / "sweep", [sweep.parse_run("steps=1"), sweep.parse_run(spec)])
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_demo_plots_are_replaced_atomically(tmp_path, monkeypatch):
+    """Review 13 finding 15: a savefig interrupted mid-write left a truncated PNG at the plot's path; now it writes
+    a temporary file beside it and renames it, so the previous plot survives and no temporary file is left."""
+    from matplotlib.figure import Figure
+
+    from openrlhf_safesteer.demo.report import _plots
+
+    scores = {"harmful_refusal_rate": 0.5, "harmless_refusal_rate": 0.1, "general_score": 80.0}
+    report = {"direction": {"candidates": []}, "safety_tokens": {"ids": [], "texts": [], "votes": []},
+              "training": {}, "base": scores, "safesteer": scores}
+    assert _plots(tmp_path, report) == {"before_after": "plots/before_after.png"}
+    plot = tmp_path / "plots" / "before_after.png"
+    good = plot.read_bytes()
+    assert good.startswith(b"\x89PNG")
+
+    def interrupted(self, fname, *args, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _plots(tmp_path, report)
+    assert plot.read_bytes() == good
+    assert [p.name for p in (tmp_path / "plots").iterdir()] == ["before_after.png"]
