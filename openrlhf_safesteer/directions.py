@@ -35,7 +35,7 @@ from openrlhf_safesteer.models import (
     model_name,
     num_layers,
 )
-from openrlhf_safesteer.steering import SteeringVector, ablate, steer
+from openrlhf_safesteer.steering import SteeringVector, ablate, finite_coeff, steer
 from openrlhf_safesteer.templates import post_instruction_positions
 
 logger = logging.getLogger(__name__)
@@ -208,6 +208,16 @@ class CandidateScore:
         return asdict(self)
 
 
+def rejection_reason(row: CandidateScore, kl_threshold: float) -> str:
+    """Why METHOD.md's rules drop a scored candidate ("" if it passes). Written as `not (x <= limit)` /
+    `not (x > 0)` so that a NaN score drops the candidate instead of slipping past every comparison."""
+    if not (math.isfinite(row.ablation_kl) and row.ablation_kl <= kl_threshold):
+        return f"ablation KL {row.ablation_kl:.3g} > {kl_threshold}"
+    if not row.steering_refusal > 0:
+        return f"steering refusal score {row.steering_refusal:.3g} <= 0"
+    return ""
+
+
 def select_direction(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -246,8 +256,9 @@ def select_direction(
         _check_prompts(name, prompts)
     if not 0 < max_layer_fraction <= 1:
         raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
-    if kl_threshold <= 0:
+    if not kl_threshold > 0:
         raise ValueError(f"kl_threshold must be > 0, got {kl_threshold}")
+    coeff = finite_coeff(coeff)     # here, not at the first candidate: that comes after every forward pass
     depth = num_layers(model)
     max_layer = int(depth * max_layer_fraction)
     if max_layer < 1:
@@ -297,13 +308,10 @@ def select_direction(
         sv = SteeringVector(vector, layer=layer, coeff=coeff, hidden_size=vector.numel())
         with steer(model, sv):
             row.steering_refusal = refusal_score(model, tokenizer, harmless_val, refusal_ids, batch_size).mean().item()
-        if not math.isfinite(row.ablation_kl) or row.ablation_kl > kl_threshold:
-            row.rejected = f"ablation KL {row.ablation_kl:.3g} > {kl_threshold}"
-        elif row.steering_refusal <= 0:
-            row.rejected = f"steering refusal score {row.steering_refusal:.3g} <= 0"
+        row.rejected = rejection_reason(row, kl_threshold)
 
     passed = [row for row in table if not row.rejected]
-    steered = [row for row in table if row.steering_refusal is not None]
+    steered = [row for row in table if row.steering_refusal is not None and math.isfinite(row.steering_refusal)]
     used_fallback = not passed and fallback and bool(steered)
     if not passed and not used_fallback:
         scored = sorted((r for r in table if r.ablation_refusal is not None), key=lambda r: r.ablation_refusal)

@@ -43,6 +43,7 @@ from openrlhf_safesteer.steering import (
     IncompatibleArtifactError,
     SteeringVector,
     atomic_write_text,
+    finite_coeff,
     steer,
 )
 
@@ -289,11 +290,12 @@ def select_safety_tokens(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not 0 <= min_prob < 1:
         raise ValueError(f"min_prob must be in [0, 1), got {min_prob}")
+    # Checked with the arguments: a NaN/inf teacher makes every probability NaN (torch.multinomial fails).
+    coeff = steering_vector.coeff if coeff is None else finite_coeff(coeff)
     steering_vector.check_compatible(model)
     vocab_rows = vocab_size(model)
     end_ids = end_of_turn_ids(tokenizer)
     banned = banned_token_mask(tokenizer, vocab_rows)
-    coeff = steering_vector.coeff if coeff is None else float(coeff)
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     forbidden = sorted(set(end_ids) | ({tokenizer.pad_token_id} if tokenizer.pad_token_id is not None else set()))

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -44,6 +46,9 @@ Tensor = torch.Tensor
 FORMAT_VERSION = 1
 VECTOR_FILE = "vector.safetensors"
 CONFIG_FILE = "steering_vector.json"
+# What `safesteer direction` writes beside the pair. save() swaps the folder in whole, so it replaces a
+# folder holding only these (and hidden temporaries of interrupted writes), and refuses one holding anything else.
+SIDE_FILES = frozenset({"candidates.json", "candidates.csv", "candidates.png", "candidates.tmp.png"})
 
 
 class IncompatibleArtifactError(ValueError):
@@ -89,6 +94,54 @@ def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finite_coeff(coeff: float, name: str = "coeff") -> float:
+    """coeff as a float; ValueError unless finite (a NaN or infinite addition turns every logit into NaN)."""
+    value = float(coeff)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {coeff!r}")
+    return value
+
+
+def _check_parent_writable(path: Path) -> None:
+    """Raise unless path's folder is writable, or can be created (mkdir parents=True) under a writable one."""
+    parent = Path(os.path.abspath(path)).parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{parent} is not a directory, so {path} cannot be created under it")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{parent} is not writable, so {path} cannot be written")
+
+
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Raise (before any compute) unless path can be written as a file by atomic_write_text."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file path, e.g. {path / 'tokens.json'}")
+    _check_parent_writable(path)
+    return path
+
+
+def _replaceable(name: str) -> bool:
+    return name in (VECTOR_FILE, CONFIG_FILE) or name in SIDE_FILES or (name.startswith(".") and ".tmp" in name)
+
+
+def check_vector_dir(directory: str | os.PathLike) -> Path:
+    """Raise (before any compute) unless SteeringVector.save can write directory: absent, empty, or a
+    steering-vector folder (it is replaced whole, so a folder with other files is refused, not emptied)."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} exists and is not a directory; give a folder for the steering vector")
+    if directory.is_dir():
+        others = sorted(p.name for p in directory.iterdir() if not _replaceable(p.name))
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise FileExistsError(f"{directory} holds files that are not part of a steering-vector folder ({shown}); "
+                                  "saving replaces the folder whole, so give a new or empty folder")
+    _check_parent_writable(directory)
+    return directory
+
+
 @dataclass
 class SteeringVector:
     """A steering vector d (H,) for the input of decoder layer `layer`, with its provenance.
@@ -120,7 +173,7 @@ class SteeringVector:
             raise ValueError(f"hidden_size={self.hidden_size} but the vector has {self.vector.numel()} entries")
         if self.layer < 0:
             raise ValueError(f"layer must be >= 0, got {self.layer}")
-        self.coeff = float(self.coeff)
+        self.coeff = finite_coeff(self.coeff)
 
     @property
     def norm(self) -> float:
@@ -144,32 +197,38 @@ class SteeringVector:
             logger.info("steering vector was made on %r, applying it to %r", self.model_name, name)
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `vector.safetensors` and `steering_vector.json` into directory (atomically, file by file)."""
+        """Write `vector.safetensors` and `steering_vector.json` into directory, atomically as a pair.
+
+        Both files are written into a temporary sibling folder that replace_dir swaps in, so an interrupted
+        overwrite leaves the old pair or the new one, never a new vector under an old layer/coeff. The old
+        folder goes whole (stale candidates.* with it); a folder holding other files is refused.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{VECTOR_FILE}.", suffix=".tmp")
-        os.close(fd)
+        target = Path(os.path.realpath(directory))     # swap the folder a symlink points to, not the link
+        check_vector_dir(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Not mkdtemp: its 0700 would become the folder's mode; mkdir applies the umask as a plain mkdir does.
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        tmp.mkdir()
         try:
-            save_file({"vector": self.vector}, tmp, metadata={"format": "safesteer.steering_vector"})
-            os.replace(tmp, directory / VECTOR_FILE)
+            save_file({"vector": self.vector}, str(tmp / VECTOR_FILE), metadata={"format": "safesteer.steering_vector"})
+            config = {
+                "format_version": FORMAT_VERSION,
+                "layer": self.layer,
+                "coeff": finite_coeff(self.coeff),     # again: the attribute may have been set after __init__
+                "position": self.position,
+                "model_name": self.model_name,
+                "hidden_size": self.hidden_size,
+                "norm": self.norm,
+                "source": self.source,
+            }
+            atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+            replace_dir(tmp, target)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)     # gone already once swapped in
             raise
-        config = {
-            "format_version": FORMAT_VERSION,
-            "layer": self.layer,
-            "coeff": self.coeff,
-            "position": self.position,
-            "model_name": self.model_name,
-            "hidden_size": self.hidden_size,
-            "norm": self.norm,
-            "source": self.source,
-        }
-        # Written last: a folder with a config always has its vector.
-        atomic_write_text(directory / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return directory
 
     @classmethod
@@ -189,11 +248,14 @@ class SteeringVector:
         tensors = load_file(str(vector_path))
         if "vector" not in tensors:
             raise ValueError(f"{vector_path} has no tensor named 'vector'")
-        return cls(
-            vector=tensors["vector"], layer=int(config["layer"]), coeff=float(config.get("coeff", 1.0)),
-            position=config.get("position"), model_name=config.get("model_name", ""),
-            hidden_size=int(config["hidden_size"]), source=config.get("source", {}),
-        )
+        try:
+            return cls(
+                vector=tensors["vector"], layer=int(config["layer"]), coeff=float(config.get("coeff", 1.0)),
+                position=config.get("position"), model_name=config.get("model_name", ""),
+                hidden_size=int(config["hidden_size"]), source=config.get("source", {}),
+            )
+        except ValueError as error:     # e.g. "coeff": NaN: name the file, not just the field
+            raise ValueError(f"{directory}: {error}") from None
 
 
 def _edit_first(value: Any, edit) -> Any:
@@ -239,7 +301,7 @@ def _addition_pre_hook(vector: Tensor, coeff: float):
 
 def _resolve(model: nn.Module, steering_vector: SteeringVector, coeff: float | None) -> tuple[nn.Module, float]:
     steering_vector.check_compatible(model)
-    coeff = steering_vector.coeff if coeff is None else float(coeff)
+    coeff = steering_vector.coeff if coeff is None else finite_coeff(coeff)
     return decoder_layers(model)[steering_vector.layer], coeff
 
 

@@ -67,6 +67,43 @@ def split_prompts(prompts: list[str], n_train: int, n_val: int, seed: int) -> tu
     return order[n_val:n_val + n_train], order[:n_val]
 
 
+def check_flags(args) -> None:
+    """Raise SystemExit naming the flag for a value that would fail (or silently misbehave) after the model
+    loads; the built-in prompt sets are sliced, so a negative count would otherwise just drop prompts."""
+    from openrlhf_safesteer.steering import finite_coeff
+
+    if not 0 < args.max_layer_fraction <= 1:
+        raise SystemExit(f"--max-layer-fraction must be in (0, 1], got {args.max_layer_fraction}")
+    if not args.kl_threshold > 0:
+        raise SystemExit(f"--kl-threshold must be > 0, got {args.kl_threshold}")
+    for name in ("n_train", "n_val", "batch_size") + (("threads",) if args.threads is not None else ()):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        finite_coeff(args.coeff, "--coeff")
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+
+
+def check_out(out: str, check) -> None:
+    """Run check(out) (steering.check_vector_dir / check_output_file) and turn its OSError into a SystemExit
+    naming --out: a bad output path must fail before the compute whose result it would receive."""
+    try:
+        check(out)
+    except OSError as error:
+        raise SystemExit(f"--out {out}: {error}") from None
+
+
+def check_chat_template(model: str) -> None:
+    """Load only the tokenizer and require its chat template, before the weights load (ChatTemplateError)."""
+    from transformers import AutoTokenizer
+
+    from openrlhf_safesteer.chat import require_chat_template
+    from openrlhf_safesteer.demo.model import resolve_model
+
+    require_chat_template(AutoTokenizer.from_pretrained(resolve_model(model)))
+
+
 def _load(path: str | None, kind: str, n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
     from openrlhf_safesteer import data
 
@@ -120,15 +157,14 @@ def run(args) -> int:
 
     from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.directions import DirectionSelectionError, select_direction
-    from openrlhf_safesteer.steering import atomic_write_text
+    from openrlhf_safesteer.steering import atomic_write_text, check_vector_dir
 
-    if not 0 < args.max_layer_fraction <= 1:
-        raise SystemExit(f"--max-layer-fraction must be in (0, 1], got {args.max_layer_fraction}")
-    if args.kl_threshold <= 0:
-        raise SystemExit(f"--kl-threshold must be > 0, got {args.kl_threshold}")
-    # Prompts first: a bad file fails before the model loads.
+    # Flags, --out, prompts and the tokenizer's chat template first: bad input fails before the model loads.
+    check_flags(args)
+    check_out(args.out, check_vector_dir)
     harmful_train, harmful_val = _load(args.harmful, "harmful", args.n_train, args.n_val, args.seed)
     harmless_train, harmless_val = _load(args.harmless, "harmless", args.n_train, args.n_val, args.seed)
+    check_chat_template(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +182,7 @@ def run(args) -> int:
         return 1
     vector.model_name = args.model
     out = Path(args.out)
-    vector.save(out)
+    vector.save(out)    # swaps in a fresh folder: the old run's candidates.* go with its vector
     rows = [dict(r.to_dict(), selected=(r.layer == vector.layer and r.position == vector.position)) for r in table]
     atomic_write_text(out / "candidates.json", json.dumps(rows, indent=1) + "\n")
     atomic_write_text(out / "candidates.csv", candidates_csv(rows))

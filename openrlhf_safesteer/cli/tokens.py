@@ -43,26 +43,44 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def check_flags(args) -> None:
+    """Raise SystemExit naming the flag for a value select_safety_tokens would reject after the model loads."""
+    from openrlhf_safesteer.steering import finite_coeff
+
+    for name in ("n_samples", "k", "k_prime", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("horizon", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.min_prob is not None and not 0 <= args.min_prob < 1:
+        raise SystemExit(f"--min-prob must be in [0, 1), got {args.min_prob}")
+    if args.coeff is not None:
+        try:
+            finite_coeff(args.coeff, "--coeff")
+        except ValueError as error:
+            raise SystemExit(str(error)) from None
+
+
 def run(args) -> int:
     import torch
 
     from openrlhf_safesteer import data
+    from openrlhf_safesteer.cli.direction import check_chat_template, check_out
     from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.safety_tokens import (
         default_horizon,
         default_min_prob,
         select_safety_tokens,
     )
-    from openrlhf_safesteer.steering import SteeringVector
+    from openrlhf_safesteer.steering import SteeringVector, check_output_file
 
-    # Artifacts and prompts first: bad input fails before the model loads.
+    # Artifacts, prompts, flags, --out and the chat template first: bad input fails before the model loads.
     vector = SteeringVector.load(args.vector)
     prompts = data.load_prompt_file(args.prompts) if args.prompts else data.harmless("validation")
-    for name in ("n_samples", "k", "k_prime", "batch_size"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.horizon is not None and args.horizon < 1:
-        raise SystemExit(f"--horizon must be >= 1, got {args.horizon}")
+    check_flags(args)
+    check_out(args.out, check_output_file)
+    check_chat_template(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

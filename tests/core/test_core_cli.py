@@ -82,3 +82,129 @@ def test_help_gives_each_default_once_and_never_none(command, capsys):
     assert not [o for o in options if o.count("default") > 1], "a flag gives its default twice"
     if command == "tokens":
         assert any(o.startswith("k K ") and "(default: 50)" in o for o in options)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """load_model raises: a test using this shows its error comes before any weights load."""
+    from openrlhf_safesteer.demo import model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was found")
+
+    monkeypatch.setattr(model, "load_model", refuse)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """Tokenizer-only model folders (enough until the weights load): with and without a chat template."""
+    from openrlhf_safesteer.testing import tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    tiny_tokenizer().save_pretrained(root / "tmpl")
+    plain = tiny_tokenizer()
+    plain.chat_template = None
+    plain.save_pretrained(root / "notmpl")
+    import torch
+
+    SteeringVector(torch.ones(32), layer=1).save(root / "vec")
+    return root
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-val", "0"], "--n-val must be >= 1, got 0"),
+    (["--n-val", "-10"], "--n-val must be >= 1, got -10"),     # the built-in sets were sliced [:-10]
+    (["--n-train", "-20"], "--n-train must be >= 1, got -20"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--coeff", "nan"], "--coeff must be a finite number, got nan"),
+    (["--coeff", "inf"], "--coeff must be a finite number, got inf"),
+    (["--kl-threshold", "nan"], r"--kl-threshold must be > 0, got nan"),
+])
+def test_direction_bad_flags_fail_before_loading(tokenizer_dirs, tmp_path, no_model_load, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["direction", "--model", str(tokenizer_dirs / "tmpl"), "--out", str(tmp_path / "vec"), *flags])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--min-prob", "2"], r"--min-prob must be in \[0, 1\), got 2.0"),
+    (["--min-prob", "-1"], r"--min-prob must be in \[0, 1\), got -1.0"),
+    (["--min-prob", "nan"], r"--min-prob must be in \[0, 1\), got nan"),
+    (["--coeff", "nan"], "--coeff must be a finite number, got nan"),
+    (["--threads", "-1"], "--threads must be >= 1, got -1"),
+    (["--horizon", "0"], "--horizon must be >= 1, got 0"),
+])
+def test_tokens_bad_flags_fail_before_loading(tokenizer_dirs, tmp_path, no_model_load, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["tokens", "--model", str(tokenizer_dirs / "tmpl"), "--vector", str(tokenizer_dirs / "vec"),
+              "--out", str(tmp_path / "tokens.json"), *flags])
+
+
+def test_bad_out_fails_before_loading(tokenizer_dirs, tmp_path, no_model_load):
+    """A --out that cannot receive the result fails before the compute, not after it (review 13, finding 5)."""
+    model, vec = str(tokenizer_dirs / "tmpl"), str(tokenizer_dirs / "vec")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+
+    def direction(out):
+        return main(["direction", "--model", model, "--out", str(out)])
+
+    def tokens(out):
+        return main(["tokens", "--model", model, "--vector", vec, "--out", str(out)])
+
+    with pytest.raises(SystemExit, match=r"--out .*afile: .*exists and is not a directory"):
+        direction(tmp_path / "afile")
+    with pytest.raises(SystemExit, match=r"--out .*afile is not a directory"):
+        direction(tmp_path / "afile" / "vec")
+    with pytest.raises(SystemExit, match=r"--out .*mine: .*not part of a steering-vector folder \(notes.txt\)"):
+        direction(tmp_path / "mine")
+    with pytest.raises(SystemExit, match=r"--out .*mine: .*is a directory; give a file path"):
+        tokens(tmp_path / "mine")
+    with pytest.raises(SystemExit, match=r"--out .*afile is not a directory"):
+        tokens(tmp_path / "afile" / "tokens.json")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # Writable outputs pass the check (and reach the model load): a new folder, a previous vector folder.
+    for out in (tmp_path / "new" / "vec", tokenizer_dirs / "vec"):
+        with pytest.raises(AssertionError, match="model was loaded"):
+            direction(out)
+    with pytest.raises(AssertionError, match="model was loaded"):
+        tokens(tmp_path / "afile")        # an existing file is replaced
+
+
+@pytest.mark.parametrize("command", ["direction", "tokens"])
+def test_missing_chat_template_fails_before_loading(tokenizer_dirs, tmp_path, no_model_load, command):
+    from openrlhf_safesteer.chat import ChatTemplateError
+
+    extra = ["--vector", str(tokenizer_dirs / "vec"), "--out", str(tmp_path / "t.json")] if command == "tokens" \
+        else ["--out", str(tmp_path / "vec")]
+    with pytest.raises(ChatTemplateError, match="has no chat template"):
+        main([command, "--model", str(tokenizer_dirs / "notmpl"), *extra])
+
+
+def test_direction_writes_its_table_into_the_swapped_in_folder(tokenizer_dirs, tmp_path, monkeypatch):
+    """vector.save swaps a fresh folder in; candidates.json/csv/png are written into it afterwards, also on a
+    rerun over the previous run's folder."""
+    import torch
+
+    from openrlhf_safesteer import directions
+    from openrlhf_safesteer.demo import model as demo_model
+
+    monkeypatch.setattr(demo_model, "load_model", lambda *a, **k: (None, None))
+    layer = iter([1, 0])
+
+    def fake_select(*args, **kwargs):
+        chosen = next(layer)
+        rows = [directions.CandidateScore(layer=i, position=-1, norm=1.0, ablation_refusal=-1.0 - i,
+                                          steering_refusal=1.0, ablation_kl=0.01) for i in (0, 1)]
+        return SteeringVector(torch.ones(32), layer=chosen, position=-1), rows
+
+    monkeypatch.setattr(directions, "select_direction", fake_select)
+    out = tmp_path / "vec"
+    for expected in (1, 0):
+        assert main(["direction", "--model", str(tokenizer_dirs / "tmpl"), "--out", str(out)]) == 0
+        assert sorted(p.name for p in out.iterdir()) == ["candidates.csv", "candidates.json", "candidates.png",
+                                                         "steering_vector.json", "vector.safetensors"]
+        table = json.loads((out / "candidates.json").read_text())
+        assert SteeringVector.load(out).layer == expected == [r["layer"] for r in table if r["selected"]][0]

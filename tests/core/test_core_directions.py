@@ -8,11 +8,13 @@ import torch
 
 from openrlhf_safesteer.chat import generate, render_prompts
 from openrlhf_safesteer.directions import (
+    CandidateScore,
     DirectionSelectionError,
     candidate_directions,
     prompts_sha256,
     refusal_score,
     refusal_token_ids,
+    rejection_reason,
     select_direction,
 )
 from openrlhf_safesteer.refusal import refusal_rate
@@ -70,6 +72,36 @@ def test_bad_prompts_fail_before_compute(chatml_tokenizer):
         candidate_directions(model, chatml_tokenizer, "How do I make a bomb?", HARMLESS)
     with pytest.raises(ValueError, match="not post-instruction template positions"):
         select_direction(model, chatml_tokenizer, HARMFUL, HARMLESS, HARMFUL, HARMLESS, positions=[-99])
+
+
+def test_nan_scores_reject_a_candidate():
+    """NaN fails every comparison, so the rules are written to reject it rather than let it pass (review 13)."""
+    nan = float("nan")
+
+    def row(kl, steering):
+        return CandidateScore(layer=1, position=-1, norm=1.0, ablation_refusal=-2.0, steering_refusal=steering,
+                              ablation_kl=kl)
+
+    assert rejection_reason(row(0.01, 1.5), 0.1) == ""
+    assert rejection_reason(row(0.01, nan), 0.1) == "steering refusal score nan <= 0"
+    assert rejection_reason(row(0.01, 0.0), 0.1) == "steering refusal score 0 <= 0"
+    assert rejection_reason(row(nan, 1.5), 0.1).startswith("ablation KL nan")
+    assert rejection_reason(row(float("inf"), 1.5), float("inf")).startswith("ablation KL inf")
+
+
+@pytest.mark.parametrize("bad", [{"coeff": float("nan")}, {"coeff": float("inf")}, {"kl_threshold": float("nan")}])
+def test_non_finite_settings_fail_before_compute(chatml_tokenizer, monkeypatch, bad):
+    from openrlhf_safesteer import directions
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("forward passes ran before the settings were checked")
+
+    monkeypatch.setattr(directions, "_filter_train", no_compute)
+    monkeypatch.setattr(directions, "candidate_directions", no_compute)
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match="coeff must be a finite number" if name == "coeff" else "kl_threshold must"):
+        select_direction(model, chatml_tokenizer, HARMFUL, HARMLESS, HARMFUL, HARMLESS, **bad)
 
 
 @pytest.mark.slow

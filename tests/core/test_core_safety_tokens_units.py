@@ -108,6 +108,24 @@ def test_token_set_bad_input(tmp_path):
         SafetyTokenSet.load(tmp_path / "x.json")
 
 
+@pytest.mark.parametrize("coeff", [float("nan"), float("inf")])
+def test_non_finite_coeff_override_fails_before_compute(chatml_tokenizer, monkeypatch, coeff):
+    """Not torch.multinomial's "probability tensor contains either inf, nan" after the sampling pass."""
+    from openrlhf_safesteer import safety_tokens
+    from openrlhf_safesteer.steering import SteeringVector
+    from openrlhf_safesteer.testing import tiny_model
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("work started before the coefficient was checked")
+
+    monkeypatch.setattr(safety_tokens, "banned_token_mask", no_compute)
+    monkeypatch.setattr(safety_tokens, "sample_continuations", no_compute)
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    with pytest.raises(ValueError, match="coeff must be a finite number"):
+        safety_tokens.select_safety_tokens(model, chatml_tokenizer, SteeringVector(torch.ones(32), layer=1),
+                                           ["Plan a trip"], coeff=coeff, progress=False)
+
+
 def test_sample_continuations_follow_the_model_and_skip_forbidden(chatml_tokenizer):
     from openrlhf_safesteer.safety_tokens import sample_continuations
     from openrlhf_safesteer.testing import tiny_model

@@ -204,3 +204,116 @@ def test_replace_dir_never_leaves_a_half_copy(tmp_path, monkeypatch):
         steering.replace_dir(_folder(tmp_path / "new3", "new3"), final)
     monkeypatch.setattr(steering.shutil, "rmtree", real_rmtree)
     assert (final / "a.txt").read_text() == (final / "b.txt").read_text() == "new3"   # new copy in place, whole
+
+
+@pytest.mark.parametrize("coeff", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_coeff_is_refused_everywhere(tmp_path, chatml_tokenizer, coeff):
+    """A NaN/inf coefficient makes the teacher's logits NaN: refused when made, loaded or passed as an override."""
+    with pytest.raises(ValueError, match="coeff must be a finite number"):
+        SteeringVector(torch.ones(32), layer=1, coeff=coeff)
+    SteeringVector(torch.ones(32), layer=1).save(tmp_path / "vec")
+    config = json.loads((tmp_path / "vec" / CONFIG_FILE).read_text())
+    (tmp_path / "vec" / CONFIG_FILE).write_text(json.dumps(dict(config, coeff=coeff)))  # json writes NaN/Infinity
+    with pytest.raises(ValueError, match=f"{tmp_path / 'vec'}: coeff must be a finite number"):
+        SteeringVector.load(tmp_path / "vec")
+    sv = SteeringVector(torch.ones(32), layer=1)
+    sv.coeff = coeff                  # set after __init__ (as the demo does with --coeff): still not saved
+    with pytest.raises(ValueError, match="coeff must be a finite number"):
+        sv.save(tmp_path / "vec2")
+    assert not (tmp_path / "vec2").exists()
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32)
+    with pytest.raises(ValueError, match="coeff must be a finite number"), \
+            steer(model, SteeringVector(torch.ones(32), layer=1), coeff=coeff):
+        pass
+
+
+def _pair(path):
+    loaded = SteeringVector.load(path)
+    return float(loaded.vector[0]), loaded.layer, loaded.coeff
+
+
+def test_save_replaces_vector_and_config_as_a_pair(tmp_path, monkeypatch):
+    """Interrupted at any rename of an overwrite, the folder loads as the old pair or the new one, never the
+    new vector with the old layer/coeff; interrupted while the old folder is removed, the new pair is in place."""
+    import os
+    import shutil
+
+    from openrlhf_safesteer import steering
+
+    vec = tmp_path / "vec"
+    old, new = (1.0, 1, 1.0), (-5.0, 0, 2.0)
+    SteeringVector(torch.full((8,), old[0]), layer=old[1], coeff=old[2]).save(vec)
+    (vec / "candidates.json").write_text("[]")       # the old run's table goes with its vector
+    real_replace, calls = os.replace, []
+
+    def replace_or_interrupt(src, dst):
+        calls.append(src)
+        if len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(steering.os, "replace", replace_or_interrupt)
+    for interrupt_at in range(1, 10):
+        calls.clear()
+        try:
+            SteeringVector(torch.full((8,), new[0]), layer=new[1], coeff=new[2]).save(vec)
+        except KeyboardInterrupt:
+            assert _pair(vec) == old, f"interrupted at rename {interrupt_at}"
+            continue
+        break
+    else:
+        pytest.fail("save never completed")
+    assert _pair(vec) == new and sorted(p.name for p in vec.iterdir()) == sorted([VECTOR_FILE, CONFIG_FILE])
+    assert [p.name for p in tmp_path.iterdir()] == ["vec"]        # no temporary folder left beside it
+    monkeypatch.setattr(steering.os, "replace", real_replace)
+
+    real_rmtree = shutil.rmtree
+
+    def rmtree_once_then_interrupt(path, *args, **kwargs):
+        monkeypatch.setattr(steering.shutil, "rmtree", real_rmtree)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(steering.shutil, "rmtree", rmtree_once_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        SteeringVector(torch.full((8,), old[0]), layer=old[1], coeff=old[2]).save(vec)
+    assert _pair(vec) == old
+
+
+def test_save_refuses_what_it_would_destroy(tmp_path):
+    """save() swaps the folder in whole, so a folder holding other files is refused (and kept), not emptied."""
+    from openrlhf_safesteer.steering import check_output_file, check_vector_dir
+
+    sv = SteeringVector(torch.ones(8), layer=0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"not part of a steering-vector folder \(notes.txt\)"):
+        sv.save(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        check_vector_dir(tmp_path / "afile")
+    with pytest.raises(NotADirectoryError, match="afile is not a directory"):
+        check_vector_dir(tmp_path / "afile" / "vec")
+    with pytest.raises(IsADirectoryError, match="is a directory; give a file path"):
+        check_output_file(tmp_path / "mine")
+    with pytest.raises(NotADirectoryError, match="afile is not a directory"):
+        check_output_file(tmp_path / "afile" / "tokens.json")
+    check_output_file(tmp_path / "new" / "deeper" / "tokens.json")   # parents are created by the writer
+    sv.save(tmp_path / "new" / "vec")
+    assert SteeringVector.load(tmp_path / "new" / "vec").layer == 0
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root may write anywhere")
+def test_unwritable_parent_is_found_before_writing(tmp_path):
+    from openrlhf_safesteer.steering import check_output_file, check_vector_dir
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(PermissionError, match="is not writable"):
+            check_vector_dir(locked / "vec")
+        with pytest.raises(PermissionError, match="is not writable"):
+            check_output_file(locked / "sub" / "tokens.json")
+    finally:
+        locked.chmod(0o700)
