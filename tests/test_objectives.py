@@ -17,15 +17,18 @@ from openrlhf_safesteer.objectives import (
     sampled_advantages,
 )
 
-B, T, V = 3, 5, 11
+B, T, V = 4, 5, 11
 SAFETY_IDS = torch.tensor([1, 4, 7, 9])
 
 
 def make_batch(seed: int = 0):
+    """Random logits and a ragged mask. Row 2 has no valid token: METHOD.md section 4 averages over the
+    sequences that have one, so it must not count in any mean (brute_force skips it; a loss that divided
+    by B would be 3/4 of the expected value)."""
     gen = torch.Generator().manual_seed(seed)
     student_logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 2
     teacher_logits = torch.randn(B, T, V, generator=gen, dtype=torch.float64) * 2
-    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 1, 0, 1]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 1, 0, 1]], dtype=torch.float64)
     return student_logits, teacher_logits, mask
 
 
@@ -79,14 +82,20 @@ def test_renormalized_is_a_true_kl_between_distributions_on_s():
     assert zero.item() == pytest.approx(0.0, abs=1e-12)
 
 
-def test_full_vocab_variant_equals_torch_kl_div():
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_vocab_variant_equals_torch_kl_div(temperature):
+    # Both logit sets are divided by the temperature (the student's and the teacher's); at T = 0.7 a
+    # variant that forgot either division would differ from these references.
     student, teacher, mask = make_batch(3)
-    loss, per_token = full_vocab_reverse_kl(student, teacher, mask)
-    ls, lt = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    loss, per_token = full_vocab_reverse_kl(student, teacher, mask, temperature)
+    ls, lt = torch.log_softmax(student / temperature, -1), torch.log_softmax(teacher / temperature, -1)
     reference = F.kl_div(lt, ls, log_target=True, reduction="none").sum(-1) * mask  # KL(p_s || p_t)
     torch.testing.assert_close(per_token, reference)
+    expected = brute_force(student / temperature, teacher / temperature, mask, range(V),
+                           lambda l_s, l_t: l_s.exp() * (l_s - l_t))
+    assert loss.item() == pytest.approx(float(expected), rel=1e-12)
     all_ids = torch.arange(V)
-    subset_loss, _ = localized_reverse_kl(student, lt, all_ids, mask)
+    subset_loss, _ = localized_reverse_kl(student, lt, all_ids, mask, temperature)
     assert loss.item() == pytest.approx(subset_loss.item(), rel=1e-12)
 
 
@@ -166,10 +175,12 @@ def test_metrics_mass_and_kl():
     metrics = safety_metrics(ls, lt, mask)
     loss, _ = localized_reverse_kl(student, lt, SAFETY_IDS, mask)
     assert metrics["kl_on_S"] == pytest.approx(loss.item(), rel=1e-9)
-    mass = torch.softmax(student, -1)[..., SAFETY_IDS].sum(-1)
-    expected_mass = brute_force(student, teacher, mask, SAFETY_IDS.tolist(), lambda l_s, l_t: l_s.exp())
-    assert metrics["student_mass_on_S"] == pytest.approx(float(expected_mass), rel=1e-9)
-    assert 0 < metrics["teacher_mass_on_S"] < 1 and mass.max() < 1
+    student_mass = brute_force(student, teacher, mask, SAFETY_IDS.tolist(), lambda l_s, l_t: l_s.exp())
+    teacher_mass = brute_force(student, teacher, mask, SAFETY_IDS.tolist(), lambda l_s, l_t: l_t.exp())
+    assert metrics["student_mass_on_S"] == pytest.approx(float(student_mass), rel=1e-9)
+    assert metrics["teacher_mass_on_S"] == pytest.approx(float(teacher_mass), rel=1e-9)
+    # the two masses differ here, so a metric that reported one for the other would fail above
+    assert abs(float(student_mass) - float(teacher_mass)) > 1e-3
 
 
 @pytest.mark.parametrize(

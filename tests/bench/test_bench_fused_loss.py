@@ -20,6 +20,15 @@ def _inputs(batch, length, vocab, k, dtype, seed=0, scale=3.0):
     return base.to(dtype), teacher[..., ids].contiguous(), ids, mask
 
 
+def _loss_by_hand(base, teacher_on_s, ids, mask, temperature):
+    """The loss from its definition, with no code of objectives.py: per token sum_{v in S} p_s (log p_s - log p_t),
+    the mean over each sequence's valid tokens, then the mean over the sequences that have one (row 0 has none)."""
+    student = torch.log_softmax(base[:, :-1].double() / temperature, -1)[..., ids]
+    per_token = (student.exp() * (student - teacher_on_s.double())).sum(-1)
+    means = [float(per_token[b][mask[b] > 0].mean()) for b in range(mask.shape[0]) if mask[b].sum() > 0]
+    return sum(means) / len(means)
+
+
 def _loss_and_grad(fn, base, teacher_on_s, ids, mask, temperature, weights):
     leaf = base.clone().requires_grad_()
     logits = leaf[:, :-1]  # a non-contiguous view, as the model's shifted logits are
@@ -39,6 +48,8 @@ def test_fused_loss_and_gradient_equal_autograd_in_float64(monkeypatch, temperat
     reference = _loss_and_grad(localized_reverse_kl_autograd, base, teacher_on_s, ids, mask, temperature, weights)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # the autograd reference shares sequence_mean with the fused loss, so check the value against the definition too
+    assert fused[0].item() == pytest.approx(_loss_by_hand(base, teacher_on_s, ids, mask, temperature), rel=1e-10)
     assert fused[2].abs().sum() > 0 and torch.all(fused[2][0] == 0)  # masked-out sequence: no gradient
     assert torch.all(fused[2][:, -1] == 0)  # the dropped last position of the slice gets none either
 
