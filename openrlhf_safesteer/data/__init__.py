@@ -69,18 +69,52 @@ def general_score(replies: list[str], questions: list[dict] | None = None) -> fl
     return 100.0 * sum(answer_matches(r, q["answers"]) for r, q in zip(replies, questions)) / len(questions)
 
 
+def _row_prompt(row, where: str) -> str:
+    """A prompt-file row: a string, or an object with a 'prompt' string."""
+    prompt = row.get("prompt") if isinstance(row, dict) else row
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"{where}: expected a non-empty string or an object with a 'prompt' string, "
+                         f"got {json.dumps(row)[:80]}")
+    return prompt
+
+
+def _jsonl_prompts(path: Path, text: str) -> list[str]:
+    prompts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:   # its own "line 1" would be the line's, not the file's
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+        prompts.append(_row_prompt(row, f"{path}:{lineno}"))
+    return prompts
+
+
+def _json_prompts(path: Path, text: str) -> list[str]:
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(rows, list):   # a dict would be iterated by key: {"prompts": [...]} became one prompt
+        raise ValueError(f"{path} must hold a JSON list of prompts (strings or {{\"prompt\": ...}} objects), "
+                         f"got a JSON {type(rows).__name__}")
+    return [_row_prompt(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+
+
 def load_prompt_file(path: str | Path) -> list[str]:
-    """User prompt files: a JSON list of strings or of {'prompt': ...}, or a text file (one prompt a line)."""
+    """User prompt files: a JSON list of strings or of {'prompt': ...}, JSONL of the same, or a text file
+    (one prompt a line)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix in (".json", ".jsonl"):
-        text = path.read_text(encoding="utf-8")
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-            else json.loads(text)
-        prompts = [r if isinstance(r, str) else r.get("prompt") for r in rows]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        prompts = _jsonl_prompts(path, text)
+    elif path.suffix == ".json":
+        prompts = _json_prompts(path, text)
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts or any(not isinstance(p, str) or not p for p in prompts):
-        raise ValueError(f"{path} holds no prompts, or an entry without a 'prompt' string")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
     return prompts

@@ -24,6 +24,7 @@ checkpoint holds the trainable weights, the AdamW moments and the schedule posit
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from openrlhf_safesteer.chat import require_chat_template
 from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.objectives import (
     SUBSET_OBJECTIVES,
@@ -60,6 +62,14 @@ OBJECTIVES = ("exact", "sampled", "forward", "full_vocab", "renormalized", "syst
 ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
+
+# `safesteer train`'s flag for a TrainConfig field (or a run-identity key), so errors name what to change
+_FLAGS = {"objective": "--safesteer.objective", "coeff": "--safesteer.coeff", "total_steps": "--max-steps/--epochs",
+          "prompts": "--prompts", "vector": "--vector", "safety_ids": "--tokens"}
+
+
+def _flag(name: str) -> str:
+    return f"{name} ({_FLAGS.get(name, '--' + name.replace('_', '-'))})"
 
 
 @dataclass
@@ -105,22 +115,48 @@ class TrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        """Reject bad settings before anything heavy (the model load, the teacher copy, generation)."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or not 0 <= self.warmup_ratio < 1 or self.max_grad_norm <= 0:
-            raise ValueError("need lr > 0, 0 <= warmup_ratio < 1 and max_grad_norm > 0")
+                raise ValueError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        self._validate_numbers()
         if self.teacher not in ("auto", "frozen_copy", "shared_lora"):
             raise ValueError(f"teacher must be auto, frozen_copy or shared_lora, got {self.teacher!r}")
         if self.teacher == "shared_lora" and self.lora_r <= 0:
             raise ValueError("teacher=shared_lora needs LoRA (lora_r > 0)")
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("bf16 training is for GPUs; on CPU train in float32")
-        if self.max_steps is None and self.epochs <= 0:
-            raise ValueError("need epochs > 0 or max_steps")
         self._validate_rollout_backend()
+
+    def _validate_numbers(self) -> None:
+        # NaN passes every `x <= 0` test, so finiteness is checked first; each failure here used to surface
+        # only after the model load (torch's "Invalid learning rate: nan") or not at all (top_p 0: greedy
+        # rollouts, the M samples of a prompt identical).
+        floats = ["lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "temperature", "top_p", "lora_alpha"]
+        for name in floats + (["coeff"] if self.coeff is not None else []):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")
+        checks = (
+            ("lr", self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+            ("temperature", self.temperature > 0, "> 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("lora_r", self.lora_r >= 0, ">= 0 (0: full fine-tuning)"),
+            # alpha 0 scales the adapter's update to zero: the run "trains" and writes the untrained base
+            ("lora_alpha", self.lora_r == 0 or self.lora_alpha > 0, "> 0 with LoRA (--lora-r > 0)"),
+            # max_steps 0 or less ran no step and wrote the untrained base as final/ (exit 0)
+            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 (or unset: use --epochs)"),
+            ("epochs", self.max_steps is not None or self.epochs > 0, "> 0 (or set --max-steps)"),
+            ("stop_after", self.stop_after is None or self.stop_after >= 1, ">= 1 (or unset)"),
+            ("save_every", self.save_every >= 0, ">= 0 (0: only at the end)"),
+        )
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{_flag(name)} must be {allowed}, got {getattr(self, name)}")
 
     def _validate_rollout_backend(self) -> None:
         from .vllm_rollout import vllm_missing
@@ -323,8 +359,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
 
 
 def save_checkpoint(out: Path, step: int, student: nn.Module, tokenizer, optimizer, scheduler,
-                    cfg: TrainConfig) -> Path:
-    """out/checkpoints/step_N: the model in HF format (adapter folder if LoRA) + trainer state; atomic."""
+                    cfg: TrainConfig, run: dict | None = None) -> Path:
+    """out/checkpoints/step_N: the model in HF format (adapter folder if LoRA) + trainer state; atomic.
+    run: the run's identity (run_identity), compared on resume."""
     from safetensors.torch import save_file
 
     root = out / CHECKPOINT_DIR
@@ -341,7 +378,8 @@ def save_checkpoint(out: Path, step: int, student: nn.Module, tokenizer, optimiz
         save_file(opt_tensors, str(state_dir / "optimizer.safetensors"))
         (state_dir / "optimizer.json").write_text(json.dumps(opt_meta))
         (state_dir / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        (state_dir / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=1))
+        (state_dir / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg),
+                                                               "run": run}, indent=1))
 
     _atomic_dir(final, write)
     atomic_write_text(root / LATEST_FILE, final.name + "\n")
@@ -353,11 +391,87 @@ def save_checkpoint(out: Path, step: int, student: nn.Module, tokenizer, optimiz
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint out/checkpoints/latest names; None when there is no pointer. A pointer to a missing
+    or incomplete folder is an error: silently starting afresh would redo the run and mix it with the old one."""
     pointer = out / CHECKPOINT_DIR / LATEST_FILE
     if not pointer.is_file():
         return None
     path = out / CHECKPOINT_DIR / pointer.read_text().strip()
-    return path if (path / "trainer_state" / "state.json").is_file() else None
+    if not (path / "trainer_state" / "state.json").is_file():
+        raise ValueError(f"{pointer} names {path.name}, which is missing or incomplete; move {out / CHECKPOINT_DIR} "
+                         "aside to start this run afresh, or choose another --out")
+    return path
+
+
+# The settings that define a run: resuming with another value would continue one run's checkpoint with
+# another run's data, loss or schedule. total_steps stands for max_steps/epochs (they set the cosine
+# schedule's length, so a new value changes the lr of every remaining step). Left out on purpose, as they
+# may change between the invocations of one run: where and how it is saved or logged (out, resume,
+# stop_after, save_every, keep_checkpoints, save_final, progress, tensorboard, wandb*), and how the same
+# computation is carried out: micro_batch_size (accumulation sums to the same loss), gradient_checkpointing,
+# teacher (frozen_copy and shared_lora are the same teacher), rollout_backend, vllm_gpu_memory_utilization,
+# and bf16 (a run may move between a GPU and a CPU).
+RUN_FIELDS = ("objective", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "prompts_per_step",
+              "samples_per_prompt", "max_new_tokens", "temperature", "top_p", "lora_r", "lora_alpha", "lora_targets",
+              "lora_layers", "freeze_embeddings", "seed")
+
+
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: TrainConfig, prompts: list[str], steering_vector: SteeringVector | None,
+                 safety_ids) -> dict:
+    """What makes two invocations the same run (JSON values; see RUN_FIELDS for what is left out and why)."""
+    uses_vector = cfg.objective != "system_prompt" and steering_vector is not None
+    ids = [int(i) for i in torch.as_tensor(safety_ids).flatten().tolist()]
+    identity = {name: getattr(cfg, name) for name in RUN_FIELDS}
+    identity.update(
+        total_steps=total_steps(len(prompts), cfg),
+        prompts=f"{len(prompts)} prompts, sha256 {_digest(list(prompts))}",
+        safety_ids=f"{len(ids)} ids, sha256 {_digest(ids)}",
+        vector=(f"layer {steering_vector.layer}, sha256 {_digest(steering_vector.vector.tolist())}"
+                if uses_vector else None),
+        coeff=((cfg.coeff if cfg.coeff is not None else steering_vector.coeff) if uses_vector else None),
+        system_prompt=cfg.system_prompt if cfg.objective == "system_prompt" else None,
+    )
+    return json.loads(json.dumps(identity))   # tuples -> lists: comparable with what state.json gives back
+
+
+def check_same_run(ckpt: Path, identity: dict) -> None:
+    """Refuse to resume `ckpt` with settings that define another run (naming the first that differs)."""
+    state = json.loads((ckpt / "trainer_state" / "state.json").read_text())
+    saved = state.get("run")
+    if saved is None:   # written before the identity was stored: compare the settings its config holds
+        config = state.get("config", {})
+        saved = {name: config[name] for name in RUN_FIELDS if name in config}
+    for key, old in saved.items():
+        if key in identity and identity[key] != old:
+            raise ValueError(f"{ckpt} belongs to a run with {_flag(key)} = {old!r}, but this call has {identity[key]!r}; "
+                             "resume with the run's own settings, or start a new run in another --out "
+                             "(--no-resume does not reuse a folder that holds checkpoints)")
+
+
+def resume_point(cfg: TrainConfig, identity: dict) -> Path | None:
+    """The checkpoint this call continues from (None: a fresh run). Needs no model, so it runs before the
+    model loads: it refuses a fresh run over another run's checkpoints (retention, by step number, would then
+    delete the new run's checkpoints and keep the old run's), a dangling `latest`, and a resume whose
+    settings differ from the run's."""
+    root = Path(cfg.out) / CHECKPOINT_DIR
+    steps = sorted(int(p.name[5:]) for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+    if not cfg.resume:
+        if steps:
+            raise ValueError(f"{root} holds a previous run's checkpoints (step {steps[-1]}); resume it "
+                             "without --no-resume, or choose another --out")
+        return None
+    ckpt = latest_checkpoint(Path(cfg.out))
+    if ckpt is None:
+        if steps:
+            raise ValueError(f"{root} holds checkpoints (step {steps[-1]}) but no {LATEST_FILE!r} pointer; "
+                             "move them aside to start afresh, or choose another --out")
+        return None
+    check_same_run(ckpt, identity)
+    return ckpt
 
 
 def load_checkpoint(path: Path, student: nn.Module, optimizer, scheduler) -> int:
@@ -434,6 +548,9 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
 
     safety_ids = torch.as_tensor(safety_ids, dtype=torch.long)
     check_safety_ids(safety_ids, vocab)
+    require_chat_template(tokenizer)   # rollouts render chats: fail before the teacher copy, not at step 0
+    identity = run_identity(cfg, prompts, steering_vector, safety_ids)
+    ckpt = resume_point(cfg, identity)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -463,7 +580,7 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
 
     start = 0
-    if cfg.resume and (ckpt := latest_checkpoint(out)) is not None:
+    if ckpt is not None:
         start = load_checkpoint(ckpt, student, optimizer, scheduler)
         logger.info("resumed from %s at step %d of %d", ckpt, start, n_steps)
     metrics_log = MetricsLogger(out, resume_step=start, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
@@ -502,7 +619,7 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
             done = step + 1
             stopping = cfg.stop_after is not None and done - start >= cfg.stop_after and done < n_steps
             if (cfg.save_every and done % cfg.save_every == 0) or done == n_steps or stopping:
-                save_checkpoint(out, done, student, tokenizer, optimizer, scheduler, cfg)
+                save_checkpoint(out, done, student, tokenizer, optimizer, scheduler, cfg, identity)
             if stopping:
                 logger.info("stopping after %d steps (--stop-after); resume with the same command", cfg.stop_after)
                 break

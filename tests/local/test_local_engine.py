@@ -240,3 +240,108 @@ def test_lora_layers_confine_the_adapters(tok):
     assert adapted == {"2"}
     with pytest.raises(ValueError, match=r"lora_layers .* \[0, 3\), got \[3\]"):
         prepare_student(tiny_model("llama", tok, layers=3, hidden=32), TrainConfig(lora_r=4, lora_layers=[3]))
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_steps": 0}, r"max_steps \(--max-steps\) must be >= 1 .*got 0"),
+    ({"max_steps": -3}, r"max_steps \(--max-steps\) must be >= 1 .*got -3"),
+    ({"lora_r": 4, "lora_alpha": 0.0}, r"lora_alpha \(--lora-alpha\) must be > 0 with LoRA .*got 0.0"),
+    ({"lora_r": -2}, r"lora_r \(--lora-r\) must be >= 0 .*got -2"),
+    ({"temperature": 0.0}, r"temperature \(--temperature\) must be > 0, got 0.0"),
+    ({"temperature": -1.0}, r"temperature \(--temperature\) must be > 0, got -1.0"),
+    ({"top_p": 0.0}, r"top_p \(--top-p\) must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p \(--top-p\) must be in \(0, 1\], got 1.5"),
+    ({"stop_after": 0}, r"stop_after \(--stop-after\) must be >= 1 .*got 0"),
+    ({"save_every": -1}, r"save_every \(--save-every\) must be >= 0 .*got -1"),
+    ({"weight_decay": -5.0}, r"weight_decay \(--weight-decay\) must be >= 0, got -5.0"),
+    ({"lr": float("nan")}, r"lr \(--lr\) must be a finite number, got nan"),
+    ({"max_steps": None, "epochs": float("nan")}, r"epochs \(--epochs\) must be a finite number, got nan"),
+    ({"max_steps": None, "epochs": float("inf")}, r"epochs \(--epochs\) must be a finite number, got inf"),
+    ({"warmup_ratio": float("nan")}, r"warmup_ratio \(--warmup-ratio\) must be a finite number, got nan"),
+    ({"coeff": float("nan")}, r"coeff \(--safesteer.coeff\) must be a finite number, got nan"),
+])
+def test_validate_rejects_values_that_used_to_pass_or_fail_late(tmp_path, kw, message):
+    """Findings 3 and 10: each of these trained nothing, trained silently wrong, or failed after the model load."""
+    with pytest.raises(ValueError, match=message):
+        _cfg(tmp_path, **kw).validate()
+
+
+def test_validate_accepts_the_demo_and_edge_values(tmp_path):
+    from openrlhf_safesteer.demo.pipeline import DemoConfig, train_config
+
+    for objective in ("exact", "full_vocab"):
+        train_config(DemoConfig(), objective, tmp_path).validate()
+    _cfg(tmp_path, lora_r=0, lora_alpha=0.0, top_p=1.0, save_every=0, stop_after=1, max_steps=1).validate()
+    _cfg(tmp_path, max_steps=None, epochs=0.5, coeff=-2.0, weight_decay=0.0).validate()
+
+
+def _no_teacher(monkeypatch):
+    """Fail the test if training got as far as the teacher copy (the first heavy step after the checks)."""
+    import openrlhf_safesteer.local.engine as engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("got past the checks: the teacher was built")
+    monkeypatch.setattr(engine, "make_teacher", refuse)
+
+
+def test_fresh_run_refuses_another_runs_checkpoints(tmp_path, tok, monkeypatch):
+    """Finding 1: --no-resume into a folder with checkpoints deleted the new checkpoint (retention by name)."""
+    ids = _safety_ids(tok)
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    train(model, tok, _vector(model), ids, PROMPTS, _cfg(tmp_path, lora_r=4, max_steps=4, save_every=1))
+    before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    _no_teacher(monkeypatch)
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    with pytest.raises(ValueError, match=r"checkpoints holds a previous run's checkpoints \(step 4\); resume it "
+                                         r"without --no-resume, or choose another --out"):
+        train(model, tok, _vector(model), ids, PROMPTS, _cfg(tmp_path, lora_r=4, max_steps=3, resume=False))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+    assert len(read_metrics(tmp_path)) == 4                          # the old run's metrics are kept
+    # a `latest` naming a missing folder is an error, not a silent fresh start
+    import shutil
+
+    shutil.rmtree(latest_checkpoint(tmp_path))
+    with pytest.raises(ValueError, match=r"latest names step_000004, which is missing or incomplete"):
+        train(model, tok, _vector(model), ids, PROMPTS, _cfg(tmp_path, lora_r=4, max_steps=4, save_every=1))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": 0.5}, r"lr \(--lr\) = 0.003, but this call has 0.5"),
+    ({"objective": "full_vocab"}, r"objective \(--safesteer.objective\) = 'exact', but this call has 'full_vocab'"),
+    ({"max_steps": 6}, r"total_steps \(--max-steps/--epochs\) = 3, but this call has 6"),
+    ({"prompts": PROMPTS[:4]}, r"prompts \(--prompts\) = '6 prompts, sha256 .*', but this call has '4 prompts"),
+    ({"lora_alpha": 8.0}, r"lora_alpha \(--lora-alpha\) = 32.0, but this call has 8.0"),
+    ({"seed": 4}, r"seed \(--seed\) = 3, but this call has 4"),
+    ({"vector_seed": 1}, r"vector \(--vector\) = 'layer 1, sha256 .*', but this call has 'layer 1, sha256"),
+    ({"coeff": 2.0}, r"coeff \(--safesteer.coeff\) = 1.0, but this call has 2.0"),
+])
+def test_resume_refuses_other_run_settings(tmp_path_factory, tok, monkeypatch, change, message):
+    """Finding 13: a resume with another lr / objective / prompts ... silently continued the old run."""
+    out = tmp_path_factory.mktemp("run")
+    ids = _safety_ids(tok)
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    train(model, tok, _vector(model), ids, PROMPTS, _cfg(out, lora_r=4, max_steps=3, stop_after=1))
+    change = dict(change)
+    prompts = change.pop("prompts", PROMPTS)
+    vector = _vector(model, seed=change.pop("vector_seed", 0))
+    _no_teacher(monkeypatch)
+    with pytest.raises(ValueError, match=message + r".*--no-resume"):
+        train(model, tok, vector, ids, prompts, _cfg(out, **{"lora_r": 4, "max_steps": 3, **change}))
+    # what may change between the invocations of one run does not count
+    from openrlhf_safesteer.local.engine import resume_point, run_identity
+
+    same = _cfg(out, lora_r=4, max_steps=3, stop_after=2, save_every=1, micro_batch_size=1, progress=True)
+    assert resume_point(same, run_identity(same, PROMPTS, _vector(model), ids)).name == "step_000001"
+
+
+def test_missing_chat_template_fails_before_the_teacher(tmp_path, tok, monkeypatch):
+    """Finding 6: a tokenizer without a chat template failed at step 0, after the teacher copy and optimizer."""
+    from openrlhf_safesteer.chat import ChatTemplateError
+
+    notmpl = tiny_tokenizer()
+    notmpl.chat_template = None
+    model = tiny_model("llama", notmpl, layers=2, hidden=32)
+    _no_teacher(monkeypatch)
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        train(model, notmpl, _vector(model), _safety_ids(notmpl), PROMPTS, _cfg(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
