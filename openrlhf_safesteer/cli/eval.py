@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     except EvalError as err:
         logger.error("safesteer eval stopped: %s (results written so far are in %s)", err, args.out)
         return 1
-    except ValueError as err:  # bad arguments found before any compute
+    except ValueError as err:  # bad arguments, found by the preflight before any generation (CheckpointError
+        # wraps a missing path, a tokenizer without chat template and an unfit or unreadable --steer vector)
         logger.error("safesteer eval: %s", err)
         return 2
     logger.info("results in %s (results.json, table.md%s)\n%s", args.out, "" if args.no_plot else ", chart.png",

@@ -11,7 +11,8 @@ them); the `--safesteer.*` flags add the method:
 
 No reward model, reward function or critic. `--safesteer.help` lists the SafeSteer flags,
 `--safesteer.dry_run` checks everything and starts nothing. Exit status 2 for a refused flag
-combination or incompatible artifacts, with the reason on stderr.
+combination (including a tokenizer without a chat template or a missing or empty local prompt
+dataset) or missing, malformed or incompatible artifacts, with the reason on stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     user_argv = list(sys.argv[1:] if argv is None else argv)
 
     from openrlhf_safesteer.plugin.config import (
+        ArtifactError,
         SafeSteerConfigError,
         build_parser,
         default_openrlhf_flags,
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_openrlhf_main(config, openrlhf_argv, user_argv)
-    except (SafeSteerConfigError, IncompatibleArtifactError, FileNotFoundError) as error:
+    except (SafeSteerConfigError, IncompatibleArtifactError, ArtifactError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except AssertionError as error:  # OpenRLHF validates its own flags with asserts

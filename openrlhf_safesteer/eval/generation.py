@@ -34,6 +34,8 @@ class GenerationSettings:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:  # also refuses NaN; top_p > 1 would silently mean "no nucleus cut"
+            raise ValueError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")
         if self.backend not in ("auto", "hf", "vllm"):
             raise ValueError(f"backend must be auto, hf or vllm, got {self.backend!r}")
 

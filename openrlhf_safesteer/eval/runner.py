@@ -8,6 +8,8 @@
 Phases, each resumable from the output directory:
 1. preflight: every benchmark is loaded and every judge is checked before any generation, so a
    missing file, an unreachable hub or a missing judge model is a clear error naming the benchmark;
+   every checkpoint's tokenizer and chat template and every --steer vector (against config.json)
+   are checked too, so a bad second checkpoint is found before the first one generates;
 2. generation, checkpoint by checkpoint (cached per checkpoint x benchmark in generations/);
    general tasks through lm-eval on the same model object while it is loaded (cached in general/);
 3. judging, judge by judge, after the policies are freed (cached in judgements/);
@@ -27,6 +29,8 @@ import gc
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 import time
 from collections import Counter
@@ -76,6 +80,11 @@ class EvalError(RuntimeError):
     """Evaluation could not finish; the message names the benchmark(s). Results written so far stay."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint, its tokenizer or its --steer vector cannot be used; raised by the preflight, before
+    any generation. The message names the checkpoint."""
+
+
 @dataclass
 class EvalConfig:
     judge: str = "refusal"
@@ -108,19 +117,98 @@ def _template_info(tokenizer) -> dict[str, Any]:
     return info
 
 
+def _resolved_path(path: str) -> str:
+    """The directory of a checkpoint path; the demo's embedded GGUF models are converted once into the user cache."""
+    if embedded_model_name(path):
+        from openrlhf_safesteer.demo.model import resolve_model
+
+        return resolve_model(path)
+    return path
+
+
 def _load_tokenizer(checkpoint: Checkpoint):
     if checkpoint.tokenizer is not None:
         return checkpoint.tokenizer
     from transformers import AutoTokenizer
 
-    path = checkpoint.path
-    if embedded_model_name(path):  # the demo's GGUF model, converted once into the user cache
-        from openrlhf_safesteer.demo.model import resolve_model
-
-        path = resolve_model(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(_resolved_path(checkpoint.path))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _looks_local(path: str) -> bool:
+    """True for a path the hub cannot resolve (hub ids are NAME or ORG/NAME): absolute, ./ ../ ~, or deeper."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def _config_source(path: str) -> str:
+    """Where config.json lives: the checkpoint itself, or a LoRA adapter's base model."""
+    adapter = os.path.join(path, "adapter_config.json")
+    if os.path.isfile(adapter):
+        with open(adapter, encoding="utf-8") as f:
+            return json.load(f).get("base_model_name_or_path") or path
+    return path
+
+
+def _vector_problem(vector, model_config) -> str | None:
+    """Why the steering vector does not fit a model with this config (width, depth); None when it does.
+    The same check as the plugin's, from config.json alone, so no weights are loaded for it."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    if width is not None and vector.hidden_size != width:
+        return (f"the vector was made for hidden size {vector.hidden_size} ({vector.model_name!r}) but the model has "
+                f"hidden size {width}")
+    if depth is not None and not 0 <= vector.layer < depth:
+        return f"the vector targets decoder layer {vector.layer} but the model has {depth} layers (0..{depth - 1})"
+    return None
+
+
+def _preflight_checkpoint(checkpoint: Checkpoint, needs_template: bool):
+    """The checkpoint's tokenizer, after checking everything about the checkpoint that needs no weights:
+    the path, the chat template, and the --steer vector against config.json. Raises CheckpointError.
+
+    Run for every checkpoint before any generation, so a bad later checkpoint does not cost the
+    generation of the earlier ones."""
+    from openrlhf_safesteer.chat import ChatTemplateError, require_chat_template
+
+    name, path = checkpoint.name, checkpoint.path
+    if checkpoint.model is None and not embedded_model_name(path) and _looks_local(path) and not os.path.exists(path):
+        # Said here: transformers would answer with a hub error about repo ids.
+        raise CheckpointError(f"checkpoint {name!r}: {path} does not exist")
+    try:
+        tokenizer = _load_tokenizer(checkpoint)
+    except (OSError, ValueError) as err:  # transformers: OSError for a missing repo, ValueError for a bad repo id
+        raise CheckpointError(f"checkpoint {name!r}: cannot load the tokenizer of {path}: {err}") from err
+    if needs_template:
+        try:
+            require_chat_template(tokenizer)
+        except ChatTemplateError as err:
+            raise CheckpointError(f"checkpoint {name!r}: {err}") from err
+    if checkpoint.steer_coeff is not None and not math.isfinite(checkpoint.steer_coeff):
+        raise CheckpointError(f"checkpoint {name!r}: --steer-coeff must be a finite number, got "
+                              f"{checkpoint.steer_coeff}")
+    if checkpoint.steer:
+        from openrlhf_safesteer.steering import SteeringVector
+
+        try:
+            vector = SteeringVector.load(checkpoint.steer)
+        except (OSError, ValueError, KeyError) as err:  # missing folder, malformed JSON, a missing key
+            raise CheckpointError(f"checkpoint {name!r}: --steer {checkpoint.steer}: {err}") from err
+        if checkpoint.model is not None:
+            model_config = checkpoint.model.config
+        else:
+            from transformers import AutoConfig
+
+            source = _config_source(_resolved_path(path))
+            try:
+                model_config = AutoConfig.from_pretrained(source)
+            except (OSError, ValueError) as err:
+                raise CheckpointError(f"checkpoint {name!r}: cannot read the config of {source}: {err}") from err
+        problem = _vector_problem(vector, model_config)
+        if problem:
+            raise CheckpointError(f"checkpoint {name!r}: --steer {checkpoint.steer} does not fit: {problem}")
     return tokenizer
 
 
@@ -258,6 +346,11 @@ def evaluate(
             _record_error(errors, name, wrapped)
             data.pop(name)
 
+    # ... and every checkpoint: path, tokenizer, chat template, --steer vector (no weights are loaded).
+    # Safety benchmarks and chat-templated lm-eval tasks render prompts with the template.
+    needs_template = bool(data) or (bool(config.general) and config.general_chat_template)
+    tokenizers = {ckpt.name: _preflight_checkpoint(ckpt, needs_template) for ckpt in checkpoints}
+
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "generation": settings.to_dict(),
            "judge": config.judge, "judge_overrides": dict(config.judge_overrides), "limit": config.limit,
            "general": list(config.general), "general_limit": config.general_limit,
@@ -273,7 +366,7 @@ def evaluate(
         cdir = _safe_name(ckpt.name)
         backend = choose_backend(settings, ckpt)
         run_key = digest([ckpt.identity(), settings.key()])
-        policy = _Policy(ckpt, _load_tokenizer(ckpt))
+        policy = _Policy(ckpt, tokenizers[ckpt.name])
         run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
                                          **_template_info(policy.tokenizer)}
         generate_fn = functools.partial(_generate, policy, backend, settings)

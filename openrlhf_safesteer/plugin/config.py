@@ -4,14 +4,17 @@ OpenRLHF's parser is written inline in `openrlhf/cli/train_ppo_ray.py` and rejec
 so the launcher parses the `--safesteer.*` flags here first, strips them, and hands every other
 flag to OpenRLHF unchanged. After OpenRLHF has parsed and validated its own flags, `refusals()`
 checks the combination against what SafeSteer is (no reward, no critic, the steered reference as
-the teacher, on-policy), and `load_artifacts()` checks the steering vector and the safety-token set
-against the model's config (hidden size, depth, vocabulary) without loading the weights.
+the teacher, on-policy) and how the prompts arrive (chat template, a prompt dataset that exists), and
+`load_artifacts()` checks the steering vector and the safety-token set against the model's config
+and tokenizer (hidden size, depth, vocabulary, token strings) without loading the weights.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -32,6 +35,11 @@ class SafeSteerConfigError(ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("SafeSteer cannot run with these flags:\n" + "\n".join(f"  - {p}" for p in self.problems))
+
+
+class ArtifactError(ValueError):
+    """An input the driver cannot read (a malformed artifact, a model path without a config or tokenizer),
+    found before any actor starts; the message is "<file>: <reason>"."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,6 +179,9 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     problems = []
     if not config.vector:
         problems.append("--safesteer.vector DIR is required (make one with `safesteer direction`)")
+    if config.coeff is not None and not math.isfinite(config.coeff):
+        problems.append(f"--safesteer.coeff must be a finite number, got {config.coeff} (a NaN or infinite "
+                        "steering addition makes every teacher log-prob NaN)")
     if not config.tokens:
         problems.append("--safesteer.tokens FILE is required (make one with `safesteer tokens`)")
     if flag_given(argv, "--critic.model_name_or_path"):
@@ -211,6 +222,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     if not args.vllm.num_engines:
         problems.append("--vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts only through "
                         "engines (vLLM, or with --safesteer.rollout hf the HF-generate engine)")
+    problems += prompt_refusals(args, config.dry_run)
     rollout = resolve_rollout(config)
     if this_machine and rollout == "vllm" and not compat.vllm_available():
         problems.append("--safesteer.rollout vllm: vLLM is not installed here; use --safesteer.rollout hf")
@@ -238,20 +250,133 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     return problems
 
 
+TEMPLATE_REFUSAL = ("--data.apply_chat_template is required: the steering vector and the safety tokens S were made "
+                    "on prompts rendered with the model's chat template, and without the flag OpenRLHF trains on "
+                    "the raw prompt text (pass --data.input_template '...{}...' instead only if it renders the same "
+                    "template)")
+# What OpenRLHF's blending_datasets reads as a local file (anything else that does not exist is a hub name).
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".py")
+
+
+def prompt_refusals(args: SimpleNamespace, dry_run: bool) -> list[str]:
+    """How the prompts would reach the actor: rendered with the chat template, from a dataset that exists.
+
+    OpenRLHF finds a bad template or dataset only in PromptDataset, after Ray, the placement groups and
+    the engines have started. A dry run (a recipe checked before its first stage has made the prompt
+    file or downloaded the model) warns about what is not there yet instead of refusing.
+    """
+    problems = []
+    if not args.data.apply_chat_template and not args.data.input_template:
+        problems.append(TEMPLATE_REFUSAL)
+    if not args.data.prompt_dataset:
+        problems.append("--data.prompt_dataset is required (a JSONL file of prompts, e.g. from "
+                        "recipes/prepare_pku_prompts.py, or a hub dataset name)")
+    else:
+        problems += dataset_problems(args.data.prompt_dataset, dry_run)
+    if args.data.apply_chat_template:
+        problems += chat_template_problems(args.actor.model_name_or_path, dry_run)
+    return problems
+
+
+def _looks_local(path: str) -> bool:
+    """A dataset entry that names a local path rather than a hub dataset (ORG/NAME)."""
+    return (os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~"))
+            or path.lower().endswith(LOCAL_DATA_SUFFIXES))
+
+
+def _has_content(path: str, chunk: int = 1 << 16) -> bool:
+    """True when the file holds anything but whitespace (read until the first such chunk)."""
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            if block.strip():
+                return True
+    return False
+
+
+def dataset_problems(spec: str, dry_run: bool) -> list[str]:
+    """--data.prompt_dataset is OpenRLHF's comma-separated NAME[@DATA_DIR] list: every local entry must
+    exist and hold data. Hub names are left to OpenRLHF (no network here)."""
+    problems = []
+    for entry in spec.split(","):
+        path = entry.split("@")[0].strip()  # as OpenRLHF reads it (no ~ expansion)
+        if not path or not _looks_local(path):
+            continue
+        if not os.path.exists(path):
+            if dry_run:
+                logger.warning("dry run: --data.prompt_dataset %s does not exist yet; not checked", path)
+            else:
+                problems.append(f"--data.prompt_dataset {path} does not exist")
+        elif os.path.isdir(path):
+            if not any(files for _, _, files in os.walk(path)):
+                problems.append(f"--data.prompt_dataset {path} is an empty folder")
+        elif not _has_content(path):
+            problems.append(f"--data.prompt_dataset {path} is empty: it needs one prompt per row")
+    return problems
+
+
+def load_tokenizer(model_path: str, local_only: bool = False):
+    """The actor's tokenizer, as OpenRLHF loads it (only the tokenizer files: cheap on the driver)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path, trust_remote_code=True, local_files_only=local_only)
+
+
+def chat_template_problems(model_path: str, dry_run: bool) -> list[str]:
+    """--data.apply_chat_template renders prompts with the tokenizer's template: it must have one."""
+    from openrlhf_safesteer.chat import ChatTemplateError, require_chat_template
+
+    # A dry run reads only what is here already: a recipe for a cluster names a model not downloaded yet.
+    local_only = dry_run and not os.path.isdir(model_path)
+    try:
+        tokenizer = load_tokenizer(model_path, local_only=local_only)
+    except (OSError, ValueError) as error:
+        if local_only:
+            logger.warning("dry run: the tokenizer of %s is not on this machine; its chat template is not checked",
+                           model_path)
+            return []
+        return [f"--actor.model_name_or_path {model_path}: cannot load its tokenizer ({error})"]
+    try:
+        require_chat_template(tokenizer)
+    except ChatTemplateError as error:
+        return [f"--actor.model_name_or_path {model_path}: {error}; --data.apply_chat_template needs one"]
+    return []
+
+
+def _load_artifact(loader, path: str):
+    """loader(path), with a malformed file reported as ArtifactError "<file>: <reason>"."""
+    from safetensors import SafetensorError
+
+    try:
+        return loader(path)
+    except FileNotFoundError:
+        raise
+    except KeyError as error:
+        raise ArtifactError(f"{path}: missing key {error}") from error
+    # JSONDecodeError is a ValueError; a corrupt vector file raises SafetensorError.
+    except (ValueError, TypeError, SafetensorError) as error:
+        message = str(error)
+        raise ArtifactError(message if str(path) in message else f"{path}: {message}") from error
+
+
 def load_artifacts(config: SafeSteerConfig, model_path: str) -> None:
     """Load the steering vector and S, check them against the model's config, store them on config.
 
-    Reads only config.json (AutoConfig): a 70B checkpoint is not loaded on the driver.
-    Raises IncompatibleArtifactError (hidden size, layer, vocabulary) or FileNotFoundError.
+    Reads only config.json (AutoConfig) and the tokenizer: a 70B checkpoint is not loaded on the driver.
+    Raises IncompatibleArtifactError (hidden size, layer, vocabulary, token strings), ArtifactError
+    (a malformed artifact, an unreadable model config or tokenizer) or FileNotFoundError.
     """
     from transformers import AutoConfig
 
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
     from openrlhf_safesteer.steering import IncompatibleArtifactError, SteeringVector
 
-    vector = SteeringVector.load(config.vector)
-    tokens = SafetyTokenSet.load(config.tokens)
-    model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+    vector = _load_artifact(SteeringVector.load, config.vector)
+    tokens = _load_artifact(SafetyTokenSet.load, config.tokens)
+    try:
+        model_config = AutoConfig.from_pretrained(model_path, trust_remote_code=True)
+        tokenizer = load_tokenizer(model_path)
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"{model_path}: cannot read the model's config or tokenizer ({error})") from error
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
@@ -266,8 +391,8 @@ def load_artifacts(config: SafeSteerConfig, model_path: str) -> None:
             f"{depth} layers (0..{depth - 1})")
     if vocab is None:
         raise IncompatibleArtifactError(f"{model_path}: config.json has no vocab_size to check S against")
-    try:
-        tokens.check_compatible(int(vocab))
+    try:  # the ids, and the token strings they name (a same-sized vocabulary of another model fails here)
+        tokens.check_compatible(int(vocab), tokenizer)
     except IncompatibleArtifactError as error:
         raise IncompatibleArtifactError(f"--safesteer.tokens {config.tokens}: {error}") from None
     config.steering_vector = vector

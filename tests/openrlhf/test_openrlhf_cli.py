@@ -130,3 +130,120 @@ def test_ray_help_gives_each_default_once():
     options = " ".join(config.build_parser().format_help().split()).split(" --")
     assert not [o for o in options if "(default: None)" in o or o.count("default") > 1]
     assert any("safesteer.objective" in o and "(default: exact)" in o for o in options)
+
+
+# ---- prompts, tokenizer and malformed artifacts: refused on the driver, also in a dry run --------------------------
+
+def without(argv: list[str], flag: str) -> list[str]:
+    return [a for a in argv if a != flag]
+
+
+def test_prompts_without_the_chat_template_are_refused(tiny_run, tmp_path, capsys, flags):
+    status, _, err = launch(without(flags(tiny_run, tmp_path), "--data.apply_chat_template"), capsys)
+    assert status == 2
+    assert "--data.apply_chat_template is required" in err and "made on prompts rendered with" in err
+    # An explicit input template is the user's own rendering: accepted.
+    argv = without(flags(tiny_run, tmp_path), "--data.apply_chat_template") + ["--data.input_template",
+                                                                              "User: {}\nAssistant:"]
+    status, _, err = launch(argv, capsys)
+    assert status == 0, err
+
+
+def test_tokenizer_without_a_chat_template_is_refused(tiny_run, tmp_path, capsys, flags):
+    import json
+    import shutil
+    from pathlib import Path
+
+    model = shutil.copytree(tiny_run["model"], tmp_path / "notmpl")
+    (Path(model) / "chat_template.jinja").unlink(missing_ok=True)
+    settings = json.loads((Path(model) / "tokenizer_config.json").read_text())
+    settings.pop("chat_template", None)
+    (Path(model) / "tokenizer_config.json").write_text(json.dumps(settings))
+    argv = flags(tiny_run, tmp_path)
+    argv[argv.index("--actor.model_name_or_path") + 1] = str(model)
+    status, _, err = launch(argv, capsys)
+    assert status == 2
+    assert f"--actor.model_name_or_path {model}" in err and "has no chat template" in err
+
+
+def test_empty_prompt_dataset_is_refused(tiny_run, tmp_path, capsys, flags):
+    (tmp_path / "empty.jsonl").write_text("\n \n")
+    argv = flags(tiny_run, tmp_path)
+    argv[argv.index("--data.prompt_dataset") + 1] = str(tmp_path / "empty.jsonl")
+    status, _, err = launch(argv, capsys)
+    assert status == 2
+    assert f"--data.prompt_dataset {tmp_path / 'empty.jsonl'} is empty" in err
+
+
+def test_missing_prompt_dataset_is_refused_before_ray(tiny_run, tmp_path, capsys, caplog, flags):
+    argv = flags(tiny_run, tmp_path, dry_run=False)
+    argv[argv.index("--data.prompt_dataset") + 1] = str(tmp_path / "nowhere.jsonl")
+    status, _, err = launch(argv, capsys)
+    assert status == 2
+    assert f"--data.prompt_dataset {tmp_path / 'nowhere.jsonl'} does not exist" in err
+    # A recipe's dry run comes before its first stage writes the prompts: a warning there, not a refusal.
+    status, _, err = launch(argv + ["--safesteer.dry_run"], capsys)
+    assert status == 0, err
+    assert "nowhere.jsonl does not exist yet" in caplog.text
+
+
+def test_dataset_problems_leave_hub_names_alone(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    (tmp_path / "empty_dir").mkdir()
+    assert config.dataset_problems("OpenRLHF/prompt-collection-v0.1", dry_run=False) == []
+    assert config.dataset_problems(f"{tmp_path / 'p.jsonl'}, Org/name@data", dry_run=False) == []
+    problems = config.dataset_problems(f"{tmp_path / 'p.jsonl'},{tmp_path / 'q.jsonl'},{tmp_path / 'empty_dir'}",
+                                       dry_run=False)
+    assert problems == [f"--data.prompt_dataset {tmp_path / 'q.jsonl'} does not exist",
+                        f"--data.prompt_dataset {tmp_path / 'empty_dir'} is an empty folder"]
+
+
+def test_safety_tokens_of_another_vocabulary_are_refused(tiny_run, tmp_path, capsys, flags):
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+
+    ids = tiny_run["safety_ids"]  # the same ids, in range, but naming other strings
+    SafetyTokenSet(ids=ids, tokens=[f"other{i}" for i in ids], votes=[1] * len(ids)).save(tmp_path / "other.json")
+    status, _, err = launch(flags(tiny_run, tmp_path, "--safesteer.tokens", str(tmp_path / "other.json")), capsys)
+    assert status == 2
+    assert f"--safesteer.tokens {tmp_path / 'other.json'}" in err and "name other tokens in this tokenizer" in err
+
+
+@pytest.mark.parametrize("case", ["corrupt tokens", "tokens without ids", "vector format 2", "vector without layer"])
+def test_malformed_artifacts_exit_2_naming_the_file(tiny_run, tmp_path, capsys, flags, case):
+    import json
+    import shutil
+
+    vector, tokens = tiny_run["vector"], tiny_run["tokens"]
+    if case.startswith("vector"):
+        vector = str(shutil.copytree(vector, tmp_path / "badvec"))
+        path = tmp_path / "badvec" / "steering_vector.json"
+        data = json.loads(path.read_text())
+        if case == "vector format 2":
+            data["format_version"] = 2
+        else:
+            del data["layer"]
+        path.write_text(json.dumps(data))
+        expected = [str(tmp_path / "badvec"), "unsupported format_version 2" if "2" in case else "missing key 'layer'"]
+    else:
+        path = tmp_path / "bad.json"
+        if case == "corrupt tokens":
+            path.write_text('{"format_version": 1 "ids": [1]}')
+            expected = [f"error: {path}: ", "Expecting ',' delimiter"]
+        else:
+            data = json.loads(open(tokens).read())
+            del data["ids"]
+            path.write_text(json.dumps(data))
+            expected = [f"error: {path}: missing key 'ids'"]
+        tokens = str(path)
+    status, _, err = launch(flags(tiny_run, tmp_path, "--safesteer.vector", vector, "--safesteer.tokens", tokens),
+                            capsys)
+    assert status == 2, err
+    assert "Traceback" not in err
+    assert all(part in err for part in expected), err
+
+
+@pytest.mark.parametrize("coeff", ["nan", "inf", "-inf"])
+def test_non_finite_coeff_is_refused(tiny_run, tmp_path, capsys, flags, coeff):
+    status, _, err = launch(flags(tiny_run, tmp_path, f"--safesteer.coeff={coeff}"), capsys)
+    assert status == 2
+    assert "--safesteer.coeff must be a finite number" in err
