@@ -210,6 +210,18 @@ def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = 
         save_final=save_final, resume=False)
 
 
+def clear_checkpoints(train_dir: Path) -> None:
+    """Remove the checkpoints a previous demo or sweep run left in `train_dir`.
+
+    Demo training runs are always fresh (train_config: resume=False), and the engine refuses a fresh run over
+    another run's checkpoints so that two runs never mix. These are the demo's own scratch from an earlier
+    invocation with the same --out, never resumed: their results are in eval_*.json and final/.
+    """
+    import shutil
+
+    shutil.rmtree(train_dir / "checkpoints", ignore_errors=True)
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns the report dict (also written to out/report.json)."""
     cfg.validate()      # before the out folder, the model load and the stages before training
@@ -291,6 +303,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             student, tokenizer = load_model(cfg.model)
             # only SafeSteer's model is kept (DIR/final); the ablation's 2 GB merged copy is not written
             tcfg = train_config(cfg, objective, out / f"train_{name}", save_final=name == "safesteer")
+            clear_checkpoints(Path(tcfg.out))
             result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(cfg), tcfg)
         with _timed(timings, f"evaluate {name}"):
             trained = merged(result.model)

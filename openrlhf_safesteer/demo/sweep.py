@@ -37,7 +37,7 @@ from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
 from .evaluate import EvalSets, evaluate, refusal_changes
 from .model import load_model
-from .pipeline import DemoConfig, goal_check, train_prompts
+from .pipeline import DemoConfig, clear_checkpoints, goal_check, train_prompts
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
@@ -382,6 +382,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         tcfg = train_config(base_cfg, overrides, out / "runs" / name.replace(" ", "_").replace("/", "_"))
         t0 = time.time()
         prompts = train_prompts(demo_config(base_cfg, overrides))
+        clear_checkpoints(Path(tcfg.out))     # a row that trained but was never written (crash in its eval)
         result = train(student, tokenizer, vector, torch.tensor(tokens.ids), prompts, tcfg)
         train_seconds = time.time() - t0
         ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)

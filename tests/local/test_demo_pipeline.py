@@ -50,6 +50,25 @@ def test_demo_pipeline_on_tiny_checkpoint(tiny_demo):
         assert (tmp_path / "demo" / "plots" / f"{plot}.png").is_file()
 
 
+def test_demo_reruns_into_its_own_out(tiny_demo, tmp_path):
+    """A second `safesteer demo --out DIR` retrains over the first run's checkpoints (the engine refuses a fresh
+    run over another run's checkpoints; the demo clears its own scratch first)."""
+    import shutil
+
+    first = tiny_demo[0]
+    shutil.copytree(first / "demo", tmp_path / "demo")
+    stale = sorted(p.name for p in (tmp_path / "demo" / "train_safesteer" / "checkpoints").glob("step_*"))
+    assert stale == ["step_000002"]
+    cfg = DemoConfig(out=str(tmp_path / "demo"), model=str(first / "tiny"), vector=str(first / "vec"),
+                     tokens=str(first / "tokens.json"), objectives=("exact",), steps=1, prompts_per_step=2,
+                     samples_per_prompt=2, max_new_tokens=4, lora_r=4, eval_limit=3, refusal_tokens=4,
+                     teacher_check_prompts=2, progress=False)
+    report = run_demo(cfg)
+    assert len(report["training"]["safesteer"]) == 1
+    assert sorted(p.name for p in (tmp_path / "demo" / "train_safesteer" / "checkpoints").glob("step_*")) == [
+        "step_000001"]
+
+
 def _check_refusal_scores(demo_dir):
     """The eval's mean refusal scores equal METHOD.md's score recomputed here from the saved model's logits."""
     from transformers import AutoModelForCausalLM
