@@ -32,7 +32,7 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:   # also refuses NaN (nan < 0 is false)
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:  # also refuses NaN; top_p > 1 would silently mean "no nucleus cut"
             raise ValueError(f"top_p (--top-p) must be in (0, 1], got {self.top_p}")

@@ -90,3 +90,9 @@ def test_top_p_is_checked_before_any_model_loads(inputs, tmp_path, no_compute):
     with pytest.raises(ValueError, match=r"must be in \(0, 1\], got 7.0"):
         run_eval(tmp_path / "out", [f"a={inputs['good']}"], "--top-p", "7", "--temperature", "0.5")
     assert GenerationSettings(temperature=0.5, top_p=1.0).top_p == 1.0
+
+
+@pytest.mark.parametrize("temperature", [-0.1, float("nan")])
+def test_negative_or_nan_temperature_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        GenerationSettings(temperature=temperature)
