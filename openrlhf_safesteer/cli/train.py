@@ -67,7 +67,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the data order and every random stream")
     p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--stop-after", type=int, default=None, help="stop with a checkpoint after N steps of this call")
-    p.add_argument("--no-resume", dest="resume", action="store_false", help="ignore existing checkpoints in --out")
+    p.add_argument("--no-resume", dest="resume", action="store_false", help="start a fresh run; an --out that holds checkpoints is refused, not mixed in")
     p.add_argument("--tensorboard", action="store_true", help="also log to OUT/tensorboard")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.add_argument("--wandb-project", default=d.wandb_project, help="wandb project")
