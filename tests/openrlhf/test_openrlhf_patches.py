@@ -1,5 +1,8 @@
 """patches/openrlhf-0.11.2-extension-points.patch applies cleanly to the installed OpenRLHF 0.11.2
-and the patched experience helpers keep subclass fields (run in a subprocess on a patched copy)."""
+and the patched experience helpers keep subclass fields (run in a subprocess on a patched copy).
+
+The patch is applied with `git apply` (git is there wherever the project is cloned; the `patch` tool is
+not part of `make setup`), so these tests never skip: a patch that stops applying fails them."""
 
 from __future__ import annotations
 
@@ -15,6 +18,15 @@ import pytest
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "openrlhf-0.11.2-extension-points.patch"
 
 
+def git_apply(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`git apply ARGS PATCH` in cwd as a plain folder: GIT_CEILING_DIRECTORIES stops git from finding a
+    repository above it (site-packages inside a clone's .venv), whose root would change the paths."""
+    git = shutil.which("git")
+    assert git is not None, "git is needed to check the OpenRLHF patch (it is not on PATH)"
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(cwd.parent))
+    return subprocess.run([git, "apply", "-p1", *args, str(PATCH)], cwd=cwd, env=env, capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def installed_root() -> Path:
     import importlib.util
@@ -27,19 +39,18 @@ def installed_root() -> Path:
 
 
 def test_patch_applies_cleanly_to_the_installed_source(installed_root):
-    if shutil.which("patch") is None:
-        pytest.skip("the patch tool is not installed")
-    proc = subprocess.run(["patch", "-p1", "--dry-run", "--force", "-i", str(PATCH)], cwd=installed_root,
-                          capture_output=True, text=True)
+    # git apply never fuzzes (every context line must match); -v reports a hunk found at an offset
+    proc = git_apply(["--check", "-v"], installed_root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "FAILED" not in proc.stdout and "offset" not in proc.stdout and "fuzz" not in proc.stdout
+    checked = [line for line in proc.stderr.splitlines() if line.startswith("Checking patch ")]
+    files = [line for line in PATCH.read_text().splitlines() if line.startswith("diff ")]
+    assert len(checked) == len(files), proc.stderr   # every file of the patch was checked
+    assert "offset" not in proc.stderr and "error:" not in proc.stderr, proc.stderr
 
 
 def test_patched_helpers_keep_subclass_fields(installed_root, tmp_path):
-    if shutil.which("patch") is None:
-        pytest.skip("the patch tool is not installed")
     shutil.copytree(installed_root / "openrlhf", tmp_path / "openrlhf")
-    proc = subprocess.run(["patch", "-p1", "-i", str(PATCH)], cwd=tmp_path, capture_output=True, text=True)
+    proc = git_apply([], tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     script = textwrap.dedent('''
         from dataclasses import dataclass
