@@ -89,6 +89,20 @@ def cache_root() -> Path:
     return Path(base) / "openrlhf_safesteer" / "models"
 
 
+def missing_packages(spec: EmbeddedModel) -> list[str]:
+    """The distributions holding `spec`'s parts that are not installed (empty when all are; installed but
+    broken ones are part_paths' error, not this list's)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    missing = []
+    for dist_name in sorted({dist for dist, _ in spec.parts}):
+        try:
+            distribution(dist_name)
+        except PackageNotFoundError:
+            missing.append(dist_name)
+    return missing
+
+
 def part_paths(spec: EmbeddedModel) -> list[Path]:
     """Locate every part file through importlib.metadata (the packages are never imported)."""
     from importlib.metadata import PackageNotFoundError, distribution

@@ -8,27 +8,12 @@ import json
 import pytest
 
 from openrlhf_safesteer.cli.main import main
+from openrlhf_safesteer.demo.model import QWEN_CODER_05B, missing_packages
 from openrlhf_safesteer.refusal import is_refusal
 
-
-def missing_demo_packages() -> list[str]:
-    """The demo model's distributions that are not installed (importlib.metadata says so). Only that skips:
-    an installed package without its part file, or a bug in part_paths, must fail the test, not hide as a
-    skip (`make setup` installs the packages, so in CI this list is empty)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from openrlhf_safesteer.demo.model import QWEN_CODER_05B
-
-    missing = []
-    for dist_name in sorted({dist for dist, _ in QWEN_CODER_05B.parts}):
-        try:
-            distribution(dist_name)
-        except PackageNotFoundError:
-            missing.append(dist_name)
-    return missing
-
-
-MISSING = missing_demo_packages()
+# Only packages that are not installed skip: an installed package without its part file, or a bug in
+# part_paths, must fail the test, not hide as a skip (`make setup` installs them, so in CI this is empty).
+MISSING = missing_packages(QWEN_CODER_05B)
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")

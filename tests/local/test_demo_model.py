@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def test_missing_package_names_the_pip_command():
                          sha256="0" * 64, gguf_name="g.gguf", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     with pytest.raises(ModelFileError, match="pip install no-such-dist-safesteer"):
         demo_model.part_paths(spec)
+    # what the real-model tests skip on: only the distributions that are not installed
+    parts = (("no-such-dist-safesteer", "x/part01.bin"), ("torch", "torch/__init__.py"),
+             ("no-such-dist-safesteer", "x/part02.bin"))
+    assert demo_model.missing_packages(dataclasses.replace(spec, parts=parts)) == ["no-such-dist-safesteer"]
 
 
 def test_installed_default_model_parts_are_found_without_import():
