@@ -137,6 +137,22 @@ def save_tiny_checkpoint(path: str, architecture: str = "llama", layers: int = 4
     return path
 
 
+def orthogonalised(model: PreTrainedModel, unit: torch.Tensor) -> PreTrainedModel:
+    """A copy of a llama-layout model with the unit direction `unit` (H,) projected out of every weight that
+    writes the residual stream (Arditi et al.'s weight orthogonalisation): the weight-edit twin of directional
+    ablation, for checking the hook-based ablation against."""
+    import copy
+
+    edited = copy.deepcopy(model)
+    projector = torch.eye(unit.numel()) - torch.outer(unit, unit)
+    with torch.no_grad():
+        edited.model.embed_tokens.weight.copy_(edited.model.embed_tokens.weight @ projector)
+        for layer in edited.model.layers:
+            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
+    return edited
+
+
 if __name__ == "__main__":  # python -m openrlhf_safesteer.testing DIR [ARCH]
     import sys
 

@@ -17,7 +17,7 @@ from openrlhf_safesteer.steering import (
     attach_steering,
     steer,
 )
-from openrlhf_safesteer.testing import tiny_model
+from openrlhf_safesteer.testing import orthogonalised, tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250], [7, 8, 9, 10, 11, 12]])
 
@@ -86,25 +86,13 @@ def test_steer_casts_to_bf16(chatml_tokenizer):
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
-def _orthogonalised(model, unit):
-    """Arditi et al.'s weight orthogonalisation: remove r from everything that writes the residual stream."""
-    edited = copy.deepcopy(model)
-    projector = torch.eye(unit.numel()) - torch.outer(unit, unit)
-    with torch.no_grad():
-        edited.model.embed_tokens.weight.copy_(edited.model.embed_tokens.weight @ projector)
-        for layer in edited.model.layers:
-            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
-            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
-    return edited
-
-
 def test_ablate_equals_weight_orthogonalisation(chatml_tokenizer):
     model = tiny_model("llama", chatml_tokenizer, layers=3, hidden=32)
     d = 5 * _vector(32, seed=4)
     unit = d / d.norm()
     with ablate(model, d):
         ablated = model(IDS).logits
-    torch.testing.assert_close(ablated, _orthogonalised(model, unit)(IDS).logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ablated, orthogonalised(model, unit)(IDS).logits, atol=1e-5, rtol=1e-4)
     # Inside ablate, every block computes on an input with no component along r (a hook registered
     # after ablate's own runs after it, so it sees what the block sees).
     def block_inputs():
