@@ -291,17 +291,21 @@ def test_save_refuses_what_it_would_destroy(tmp_path):
     assert SteeringVector.load(tmp_path / "new" / "vec").layer == 0
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root may write anywhere")
-def test_unwritable_parent_is_found_before_writing(tmp_path):
+def test_unwritable_parent_is_found_before_writing(tmp_path, monkeypatch):
+    """os.access is what decides (it also covers read-only mounts and ACLs); it is stubbed to deny the folder
+    because the tests may run as root, which chmod cannot lock out."""
+    import os
+
+    from openrlhf_safesteer import steering
     from openrlhf_safesteer.steering import check_output_file, check_vector_dir
 
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    try:
-        with pytest.raises(PermissionError, match="is not writable"):
-            check_vector_dir(locked / "vec")
-        with pytest.raises(PermissionError, match="is not writable"):
-            check_output_file(locked / "sub" / "tokens.json")
-    finally:
-        locked.chmod(0o700)
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(steering.os, "access",
+                        lambda path, mode: False if os.path.abspath(path) == str(locked) else real_access(path, mode))
+    with pytest.raises(PermissionError, match="is not writable"):
+        check_vector_dir(locked / "vec")
+    with pytest.raises(PermissionError, match="is not writable"):
+        check_output_file(locked / "sub" / "tokens.json")       # a missing folder is created under `locked`
+    check_output_file(tmp_path / "open" / "tokens.json")       # elsewhere: fine
