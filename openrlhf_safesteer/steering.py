@@ -70,6 +70,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> None:
+    """fig.savefig as PNG to a temporary file in path's folder, then os.replace: an interrupted write never
+    leaves a truncated plot at `path` (the temporary name does not end in .png, hence the explicit format)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
     """Move the finished directory `new` to `final` (same file system), replacing what is there.
 
@@ -195,6 +211,20 @@ class SteeringVector:
         if self.model_name and name and os.path.basename(name.rstrip("/")) != os.path.basename(self.model_name.rstrip("/")):
             # Not an error: a fine-tuned student is a different checkpoint of the same model.
             logger.info("steering vector was made on %r, applying it to %r", self.model_name, name)
+
+    def config_mismatch(self, model_config) -> str | None:
+        """Why this vector does not fit a model with this HF config (width, depth), read from config.json
+        alone, so no weights load (the OpenRLHF driver, eval's preflight); None when it fits or the config
+        does not say."""
+        text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+        depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+        if width is not None and self.hidden_size != width:
+            return (f"the vector was made for hidden size {self.hidden_size} ({self.model_name!r}) but the model has "
+                    f"hidden size {width}")
+        if depth is not None and not 0 <= self.layer < depth:
+            return f"the vector targets decoder layer {self.layer} but the model has {depth} layers (0..{depth - 1})"
+        return None
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write `vector.safetensors` and `steering_vector.json` into directory, atomically as a pair.

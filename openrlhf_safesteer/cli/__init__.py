@@ -19,3 +19,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
                 or "default" in help_text.lower()):
             return help_text
         return super()._get_help_string(action)
+
+
+def check_out(out: str, check) -> None:
+    """Run check(out) (steering.check_vector_dir / check_output_file) and turn its OSError into a SystemExit
+    naming --out: a bad output path must fail before the compute whose result it would receive."""
+    try:
+        check(out)
+    except OSError as error:
+        raise SystemExit(f"--out {out}: {error}") from None
+
+
+def check_chat_template(model: str) -> None:
+    """Load only the tokenizer and require its chat template, before the weights load (ChatTemplateError)."""
+    from transformers import AutoTokenizer
+
+    from openrlhf_safesteer.chat import require_chat_template
+    from openrlhf_safesteer.demo.model import resolve_model
+
+    require_chat_template(AutoTokenizer.from_pretrained(resolve_model(model)))

@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from openrlhf_safesteer.cli import HelpFormatter
+from openrlhf_safesteer.cli import HelpFormatter, check_chat_template, check_out
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +85,6 @@ def check_flags(args) -> None:
         raise SystemExit(str(error)) from None
 
 
-def check_out(out: str, check) -> None:
-    """Run check(out) (steering.check_vector_dir / check_output_file) and turn its OSError into a SystemExit
-    naming --out: a bad output path must fail before the compute whose result it would receive."""
-    try:
-        check(out)
-    except OSError as error:
-        raise SystemExit(f"--out {out}: {error}") from None
-
-
-def check_chat_template(model: str) -> None:
-    """Load only the tokenizer and require its chat template, before the weights load (ChatTemplateError)."""
-    from transformers import AutoTokenizer
-
-    from openrlhf_safesteer.chat import require_chat_template
-    from openrlhf_safesteer.demo.model import resolve_model
-
-    require_chat_template(AutoTokenizer.from_pretrained(resolve_model(model)))
-
-
 def _load(path: str | None, kind: str, n_train: int, n_val: int, seed: int) -> tuple[list[str], list[str]]:
     from openrlhf_safesteer import data
 
@@ -120,6 +101,8 @@ def plot_candidates(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from openrlhf_safesteer.steering import atomic_savefig
+
     fig, ax = plt.subplots(figsize=(7, 4))
     for position in sorted({row["position"] for row in table}):
         rows = [r for r in table if r["position"] == position and r["ablation_refusal"] is not None]
@@ -134,10 +117,8 @@ def plot_candidates(table: list[dict], path: Path) -> None:
     ax.set_ylabel("harmful refusal score under ablation")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def candidates_csv(rows: list[dict]) -> str:

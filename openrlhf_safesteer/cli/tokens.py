@@ -66,7 +66,7 @@ def run(args) -> int:
     import torch
 
     from openrlhf_safesteer import data
-    from openrlhf_safesteer.cli.direction import check_chat_template, check_out
+    from openrlhf_safesteer.cli import check_chat_template, check_out
     from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.safety_tokens import (
         default_horizon,

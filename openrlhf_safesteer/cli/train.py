@@ -76,11 +76,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
     from openrlhf_safesteer import data
-    from openrlhf_safesteer.chat import require_chat_template
-    from openrlhf_safesteer.demo.model import load_model, resolve_model
+    from openrlhf_safesteer.cli import check_chat_template
+    from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.local.engine import TrainConfig, resume_point, run_identity, train
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
     from openrlhf_safesteer.steering import SteeringVector
@@ -106,7 +105,7 @@ def run(args) -> int:
     # the run folder and the tokenizer need no weights: a fresh run over old checkpoints, a resume with other
     # settings or a tokenizer without a chat template fail here, not after the model load
     resume_point(cfg, run_identity(cfg, prompts, vector, tokens.ids))
-    require_chat_template(AutoTokenizer.from_pretrained(resolve_model(args.model)))
+    check_chat_template(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=device)
     tokens.check_compatible(model.get_output_embeddings().weight.shape[0], tokenizer)

@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 
-from openrlhf_safesteer.steering import atomic_write_text
+from openrlhf_safesteer.steering import atomic_savefig, atomic_write_text
 
 from .evaluate import refusal_changes
-
-
-def _save_png(fig, path: Path) -> None:
-    """savefig to a temporary file in the same folder, then os.replace: an interrupted write never leaves a
-    truncated plot at `path` (the temporary name does not end in .png, hence the explicit format)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _plots(out: Path, report: dict) -> dict[str, str]:
@@ -49,7 +32,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         ax.legend(fontsize=7)
         ax.set_title("Direction candidates by layer")
         fig.tight_layout()
-        _save_png(fig, plots / "direction_scores.png")
+        atomic_savefig(fig, plots / "direction_scores.png")
         plt.close(fig)
         made["direction"] = "plots/direction_scores.png"
 
@@ -62,7 +45,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         ax.set_xlabel("votes")
         ax.set_title(f"Safety tokens S (top {n} of {len(tok['ids'])})")
         fig.tight_layout()
-        _save_png(fig, plots / "safety_tokens.png")
+        atomic_savefig(fig, plots / "safety_tokens.png")
         plt.close(fig)
         made["tokens"] = "plots/safety_tokens.png"
 
@@ -78,7 +61,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         axes.flat[0].legend(fontsize=7)
         fig.suptitle("Training curves")
         fig.tight_layout()
-        _save_png(fig, plots / "training.png")
+        atomic_savefig(fig, plots / "training.png")
         plt.close(fig)
         made["training"] = "plots/training.png"
 
@@ -97,7 +80,7 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("Before / after (held-out prompts, greedy)")
     fig.tight_layout()
-    _save_png(fig, plots / "before_after.png")
+    atomic_savefig(fig, plots / "before_after.png")
     plt.close(fig)
     made["before_after"] = "plots/before_after.png"
     return made

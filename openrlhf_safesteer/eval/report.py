@@ -119,6 +119,8 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from openrlhf_safesteer.steering import atomic_savefig
+
     checkpoints, rows = summary_rows(results)
     if not rows:
         raise ValueError("no results to plot")
@@ -140,11 +142,8 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    atomic_savefig(fig, path)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

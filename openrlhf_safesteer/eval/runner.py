@@ -151,20 +151,6 @@ def _config_source(path: str) -> str:
     return path
 
 
-def _vector_problem(vector, model_config) -> str | None:
-    """Why the steering vector does not fit a model with this config (width, depth); None when it does.
-    The same check as the plugin's, from config.json alone, so no weights are loaded for it."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    if width is not None and vector.hidden_size != width:
-        return (f"the vector was made for hidden size {vector.hidden_size} ({vector.model_name!r}) but the model has "
-                f"hidden size {width}")
-    if depth is not None and not 0 <= vector.layer < depth:
-        return f"the vector targets decoder layer {vector.layer} but the model has {depth} layers (0..{depth - 1})"
-    return None
-
-
 def _preflight_checkpoint(checkpoint: Checkpoint, needs_template: bool):
     """The checkpoint's tokenizer, after checking everything about the checkpoint that needs no weights:
     the path, the chat template, and the --steer vector against config.json. Raises CheckpointError.
@@ -206,7 +192,7 @@ def _preflight_checkpoint(checkpoint: Checkpoint, needs_template: bool):
                 model_config = AutoConfig.from_pretrained(source)
             except (OSError, ValueError) as err:
                 raise CheckpointError(f"checkpoint {name!r}: cannot read the config of {source}: {err}") from err
-        problem = _vector_problem(vector, model_config)
+        problem = vector.config_mismatch(model_config)
         if problem:
             raise CheckpointError(f"checkpoint {name!r}: --steer {checkpoint.steer} does not fit: {problem}")
     return tokenizer

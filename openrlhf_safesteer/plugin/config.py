@@ -377,18 +377,11 @@ def load_artifacts(config: SafeSteerConfig, model_path: str) -> None:
         tokenizer = load_tokenizer(model_path)
     except (OSError, ValueError) as error:
         raise ArtifactError(f"{model_path}: cannot read the model's config or tokenizer ({error})") from error
+    problem = vector.config_mismatch(model_config)
+    if problem:
+        raise IncompatibleArtifactError(f"--safesteer.vector {config.vector} does not fit {model_path}: {problem}")
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    width = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     vocab = getattr(text, "vocab_size", None)
-    if width is not None and vector.hidden_size != width:
-        raise IncompatibleArtifactError(
-            f"--safesteer.vector {config.vector} was made for hidden size {vector.hidden_size} "
-            f"({vector.model_name!r}) but {model_path} has hidden size {width}")
-    if depth is not None and not 0 <= vector.layer < depth:
-        raise IncompatibleArtifactError(
-            f"--safesteer.vector {config.vector} targets decoder layer {vector.layer} but {model_path} has "
-            f"{depth} layers (0..{depth - 1})")
     if vocab is None:
         raise IncompatibleArtifactError(f"{model_path}: config.json has no vocab_size to check S against")
     try:  # the ids, and the token strings they name (a same-sized vocabulary of another model fails here)
