@@ -2,15 +2,25 @@
 # Baseline: OpenRLHF 0.11.2's own PPO (REINFORCE++-baseline, no critic) with a safety reward, on the
 # same Llama-3-8B-Instruct and the same 100 PKU-SafeRLHF prompts as train_safesteer_llama.sh.
 # The reward is recipes/safety_reward.py, a reward function file scoring each response with a
-# safety judge (Llama Guard behind SAFETY_JUDGE_URL, see the file), passed as --reward.remote_url.
+# safety judge, passed as --reward.remote_url. The judge is chosen explicitly (see the file):
+#   SAFETY_JUDGE_URL=http://judge:8000/v1   Llama Guard behind an OpenAI-compatible server, e.g.
+#       `vllm serve meta-llama/Llama-Guard-3-8B --port 8000` on hardware OUTSIDE this run's 8 GPUs
+#       (--train.colocate_all gives all of them to the actor, reference and vLLM engines);
+#       SAFETY_JUDGE_MODEL names the served model (default meta-llama/Llama-Guard-3-8B);
+#   SAFETY_JUDGE=refusal                    the offline refusal-string judge (weak; no server).
+# Neither set: the recipe stops before Ray. A Llama Guard server is health-checked before `ray job
+# submit`, and a judge that fails during the run stops it with an error naming the judge.
 #
 #   bash recipes/baseline_ppo_llama.sh             # needs the prompts from train_safesteer_llama.sh's stage 1
 #   bash recipes/baseline_ppo_llama.sh --dry-run   # print the command, check every flag with OpenRLHF's parser
 set -euo pipefail
 
 MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}
-WORK=${WORK:-./runs/baseline-ppo-llama3-8b}
-PROMPTS=${PROMPTS:-./runs/safesteer-llama3-8b/pku_saferlhf_unsafe_100.jsonl}
+if [[ -d "$MODEL" ]]; then MODEL=$(realpath "$MODEL"); fi  # a local folder, read on every node
+# Absolute paths: `ray job submit` runs the entrypoint in the job supervisor's directory, and each actor
+# writes checkpoints relative to its own working directory on its own node.
+WORK=$(realpath -m "${WORK:-./runs/baseline-ppo-llama3-8b}")
+PROMPTS=$(realpath -m "${PROMPTS:-./runs/safesteer-llama3-8b/pku_saferlhf_unsafe_100.jsonl}")
 RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 PYTHON=${PYTHON:-python3}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -46,12 +56,20 @@ FLAGS=(
   "${EXTRA[@]}"
 )
 LAUNCH=("$PYTHON" -m openrlhf.cli.train_ppo_ray "${FLAGS[@]}")
-# The reward file imports openrlhf_safesteer (its fallback judge): ship the package to the workers.
-RUNTIME_ENV="{\"py_modules\": [\"$(cd "$HERE/.." && pwd)/openrlhf_safesteer\"], \"env_vars\": {\"SAFETY_JUDGE_URL\": \"${SAFETY_JUDGE_URL:-}\"}}"
+# The reward file imports openrlhf_safesteer (the refusal judge): ship the package to the workers. The judge
+# settings and the actor's tokenizer (to strip the chat template before judging) go to every engine.
+RUNTIME_ENV=$("$PYTHON" -c '
+import json, os, sys
+env = {k: os.environ[k] for k in ("SAFETY_JUDGE", "SAFETY_JUDGE_URL", "SAFETY_JUDGE_MODEL") if os.environ.get(k)}
+env["SAFETY_REWARD_TOKENIZER"] = sys.argv[2]
+print(json.dumps({"py_modules": [sys.argv[1]], "env_vars": env}))' "$(cd "$HERE/.." && pwd)/openrlhf_safesteer" "$MODEL")
 
 if [[ $DRY_RUN == 1 ]]; then
   printf ' %q' ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"; echo
   exec "$PYTHON" -m openrlhf_safesteer.plugin.check_flags openrlhf.cli.train_ppo_ray "${FLAGS[@]}"
 fi
+
+# The judge must answer before any GPU is taken (exit 1 with the judge's name otherwise).
+PYTHONPATH="$HERE/..${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" "$REWARD" --check
 
 ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"
