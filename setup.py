@@ -58,7 +58,8 @@ EXTRAS = {
     "openrlhf": ["openrlhf==0.11.2", *OPENRLHF_STACK],
     "openrlhf-cpu": OPENRLHF_STACK,
     "vllm": ["vllm>=0.29.0"],
-    "eval": ["lm-eval==0.4.13", "datasets", "pandas"],
+    # lm-eval's `math` extra (sympy, math_verify, antlr4-python3-runtime 4.11): minerva_math500 cannot load without it.
+    "eval": ["lm-eval[math]==0.4.13", "datasets", "pandas"],
     "logging": ["tensorboard", "wandb"],
 }
 EXTRAS["test"] = [
