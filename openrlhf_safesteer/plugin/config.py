@@ -230,9 +230,6 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         if args.vllm.tensor_parallel_size != 1:
             problems.append("--vllm.tensor_parallel_size > 1 with the HF-generate rollout: it runs one model per "
                             "engine; use more engines instead")
-        if args.ds.lora.rank > 0:
-            problems.append("--ds.lora.rank with the HF-generate rollout: adapter weights are not synced to it; use "
-                            "full fine-tuning or vLLM")
         if args.algo.advantage.is_correction_level != "off":
             problems.append("--algo.advantage.is_correction_level with the HF-generate rollout: it returns no "
                             "rollout log-probs to correct with; leave it off")

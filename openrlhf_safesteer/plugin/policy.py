@@ -26,7 +26,6 @@ from openrlhf_safesteer.plugin import compat
 
 compat.install_import_stand_ins()
 
-import deepspeed  # noqa: E402
 import ray  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from openrlhf.models import aggregate_loss  # noqa: E402
@@ -39,10 +38,10 @@ from openrlhf.trainer.ppo_utils.experience import (  # noqa: E402
 )
 from openrlhf.trainer.ray import ppo_actor  # noqa: E402
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
-from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync  # noqa: E402
 from openrlhf.utils.loss_utils import get_loss_batch_info  # noqa: E402
 
 from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics  # noqa: E402
+from openrlhf_safesteer.plugin.rollout import HFWeightSync  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def _save_dump(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     os.replace(path + ".json.tmp", path + ".json")
 
 
-class SafeSteerActorTrainer(ActorPPOTrainer):
+class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
     """ActorPPOTrainer with the exact SafeSteer loss, and weight sync to HF-generate engines."""
 
     def __init__(self, strategy, *args, **kwargs):
@@ -121,30 +120,6 @@ class SafeSteerActorTrainer(ActorPPOTrainer):
         self.divergence = SUBSET_OBJECTIVES[config.divergence]
         self._ppo_calls = 0
         super().__init__(strategy, *args, **kwargs)
-
-    # ---------------------------------------------------------------- weight sync to HF engines
-    def _init_vllm_sync_group(self, backend: str):
-        logger.info("[safesteer] weight sync to rollout engines: %s",
-                    "Ray object store" if self.hf_rollout else backend)
-        if self.hf_rollout:
-            self._model_update_group = None  # weights travel through Ray's object store instead
-            return
-        super()._init_vllm_sync_group(backend)
-
-    def broadcast_to_vllm(self):
-        if not self.hf_rollout:
-            return super().broadcast_to_vllm()
-        model = self.actor.model.module
-        rank0 = torch.distributed.get_rank() == 0
-        state = {}
-        for name, param in model.named_parameters():
-            with deepspeed.zero.GatheredParameters([param], enabled=self.strategy.args.ds.zero_stage == 3):
-                if rank0:
-                    state[name] = param.data.detach().to("cpu", copy=True)
-        if rank0:
-            ref = ray.put(state)
-            ray.get([engine.load_weights.remote(ref) for engine in self.vllm_engines])
-        torch_dist_barrier_and_cuda_sync()
 
     # ---------------------------------------------------------------- the policy step
     def ppo_train(self, kl_ctl: float):
@@ -233,6 +208,25 @@ class SafeSteerActorTrainer(ActorPPOTrainer):
 _StockPolicy = PolicyModelActor.__ray_actor_class__
 
 
+def init_with_trainer(actor: _StockPolicy, trainer_class: type, *args, **kwargs) -> None:
+    """Run the stock PolicyModelActor.init_model_from_pretrained, building `trainer_class` and
+    SafeSteerReplayBuffer where it builds ActorPPOTrainer and NaiveReplayBuffer.
+
+    The stock method builds its trainer, and the trainer its replay buffer, by module-global names.
+    Point those names (in the globals the running functions actually use) at the classes wanted; the
+    process is this actor's own, so nothing else sees the swap.
+    """
+    stock = _StockPolicy.init_model_from_pretrained
+    stock.__globals__["ActorPPOTrainer"] = trainer_class
+    ActorPPOTrainer.__init__.__globals__["NaiveReplayBuffer"] = SafeSteerReplayBuffer
+    ppo_actor.ActorPPOTrainer = trainer_class
+    ppo_actor.NaiveReplayBuffer = SafeSteerReplayBuffer
+    stock(actor, *args, **kwargs)
+    if not isinstance(actor.trainer, trainer_class):
+        raise RuntimeError(f"OpenRLHF built {type(actor.trainer).__name__}, not {trainer_class.__name__}: this "
+                           "OpenRLHF's PolicyModelActor does not build its trainer by module name")
+
+
 class SafeSteerPolicyActor(_StockPolicy):
     """OpenRLHF's PolicyModelActor running SafeSteerActorTrainer with SafeSteerReplayBuffer.
 
@@ -245,18 +239,7 @@ class SafeSteerPolicyActor(_StockPolicy):
         super().__init__(*args, **kwargs)
 
     def init_model_from_pretrained(self, *args, **kwargs):
-        # The stock method builds its trainer, and the trainer its replay buffer, by module-global
-        # names. Point those names (in the globals the running functions actually use) at the
-        # SafeSteer classes; this process is this actor's own, so nothing else sees the swap.
-        stock = super().init_model_from_pretrained
-        stock.__func__.__globals__["ActorPPOTrainer"] = SafeSteerActorTrainer
-        ActorPPOTrainer.__init__.__globals__["NaiveReplayBuffer"] = SafeSteerReplayBuffer
-        ppo_actor.ActorPPOTrainer = SafeSteerActorTrainer
-        ppo_actor.NaiveReplayBuffer = SafeSteerReplayBuffer
-        stock(*args, **kwargs)
-        if not isinstance(self.trainer, SafeSteerActorTrainer):
-            raise RuntimeError(f"OpenRLHF built {type(self.trainer).__name__}, not SafeSteerActorTrainer: this "
-                               "OpenRLHF's PolicyModelActor does not build its trainer by module name")
+        init_with_trainer(self, SafeSteerActorTrainer, *args, **kwargs)
 
     def forward(self, sequences, action_mask=None, attention_mask=None, packed_seq_lens=None,
                 mm_train_inputs_list=None):

@@ -158,8 +158,18 @@ class HFRolloutActor:
         return None
 
     # ------------------------------------------------------------------ weight sync
-    def load_weights(self, state_dict: dict[str, torch.Tensor]) -> int:
-        """Copy the policy's weights in (names as in the HF model). Returns the new weight version."""
+    def load_weights(self, state_dict: dict[str, torch.Tensor], lora_config: dict | None = None) -> int:
+        """Copy the policy's weights in (names as in the HF model, or as in the PEFT model for LoRA).
+
+        With `lora_config` (the policy's adapter settings, `lora_settings`), `state_dict` holds only the
+        adapter tensors: the first call wraps this engine's model in the same PEFT adapter, later calls
+        overwrite it. The base weights never change, so nothing is merged and no rounding accumulates.
+        Returns the new weight version.
+        """
+        if lora_config is not None and not hasattr(self.model, "peft_config"):
+            from peft import LoraConfig, get_peft_model
+
+            self.model = get_peft_model(self.model, LoraConfig(**lora_config)).eval()
         own = dict(self.model.named_parameters())
         unknown = [name for name in state_dict if name not in own]
         if unknown:
@@ -174,6 +184,59 @@ class HFRolloutActor:
     def parameter_checksum(self) -> float:
         """Sum of all parameters (float64): lets tests see that weight sync happened."""
         return float(sum(p.double().sum() for p in self.model.parameters()))
+
+
+LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "layers_to_transform")
+
+
+def lora_settings(model: torch.nn.Module) -> dict | None:
+    """The LoRA settings of a PEFT-wrapped policy (what an engine needs to build the same adapter), else None."""
+    config = getattr(model, "peft_config", {}).get("default")
+    if config is None:
+        return None
+    settings = {name: getattr(config, name) for name in LORA_FIELDS}
+    if isinstance(settings["target_modules"], set):
+        settings["target_modules"] = sorted(settings["target_modules"])
+    return settings
+
+
+class HFWeightSync:
+    """ActorPPOTrainer methods that sync the policy to HF-generate engines through Ray's object store.
+
+    Mixed in before ActorPPOTrainer. OpenRLHF's own sync broadcasts over an NCCL group that only vLLM
+    engines join. Here rank 0 gathers the weights (under ZeRO-3 too) and puts one copy in the object
+    store; with LoRA only the adapter tensors travel (a few MB instead of the whole model).
+    """
+
+    hf_rollout = True
+
+    def _init_vllm_sync_group(self, backend: str):
+        logger.info("weight sync to rollout engines: %s", "Ray object store" if self.hf_rollout else backend)
+        if self.hf_rollout:
+            self._model_update_group = None
+            return
+        super()._init_vllm_sync_group(backend)
+
+    def broadcast_to_vllm(self):
+        if not self.hf_rollout:
+            return super().broadcast_to_vllm()
+        import deepspeed
+        from openrlhf.utils.distributed_util import torch_dist_barrier_and_cuda_sync
+
+        model = self.actor.model.module
+        lora = lora_settings(model)
+        rank0 = torch.distributed.get_rank() == 0
+        state = {}
+        for name, param in model.named_parameters():
+            if lora is not None and "lora_" not in name:
+                continue
+            with deepspeed.zero.GatheredParameters([param], enabled=self.strategy.args.ds.zero_stage == 3):
+                if rank0:
+                    state[name] = param.data.detach().to("cpu", copy=True)
+        if rank0:
+            ref = ray.put(state)
+            ray.get([engine.load_weights.remote(ref, lora) for engine in self.vllm_engines])
+        torch_dist_barrier_and_cuda_sync()
 
 
 HFRolloutActorRemote = ray.remote(HFRolloutActor)

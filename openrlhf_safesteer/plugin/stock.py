@@ -1,0 +1,149 @@
+"""OpenRLHF's own PPO and DPO entry points on a machine without a GPU: the baselines SafeSteer is
+compared with, with nothing of their algorithms changed.
+
+    python -m openrlhf_safesteer.plugin.stock ppo [every flag of openrlhf.cli.train_ppo_ray]
+    python -m openrlhf_safesteer.plugin.stock dpo [every flag of openrlhf.cli.train_dpo]
+
+On a GPU machine, run `openrlhf.cli.train_ppo_ray` / `train_dpo` directly; this module is for CPUs.
+What it replaces, and only where CUDA is absent (see `compat`):
+- the CUDA-only imports (flash_attn, vllm) with the stand-ins, and OpenRLHF's unconditional CUDA
+  calls with CPU shims, in the driver and in every Ray worker (DeepSpeed runs its CPU accelerator);
+- PPO's vLLM rollout engines with the HF-generate engines (`plugin.rollout`), and the policy's weight
+  sync to them (NCCL broadcast) with a copy through Ray's object store (`HFWeightSync`; with LoRA the
+  adapter tensors only);
+- Ray placement: CPU shares instead of GPUs (`SafeSteerActorGroup`, which places the same groups).
+The parsers, the validation, the trainers, the losses, the advantage estimators and the reward
+function calls are OpenRLHF's, run unchanged.
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import socket
+import sys
+
+from openrlhf_safesteer.plugin import compat
+
+compat.install_import_stand_ins()
+
+import ray  # noqa: E402
+from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
+
+from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, _Tracked, end_launched_actors  # noqa: E402
+from openrlhf_safesteer.plugin.install import _compile_openrlhf_main, _ensure_ray, _patched  # noqa: E402
+from openrlhf_safesteer.plugin.policy import init_with_trainer  # noqa: E402
+from openrlhf_safesteer.plugin.rollout import HFWeightSync, create_hf_rollout_engines  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINTS = {"ppo": "openrlhf.cli.train_ppo_ray", "dpo": "openrlhf.cli.train_dpo"}
+
+
+class HFSyncActorPPOTrainer(HFWeightSync, ActorPPOTrainer):
+    """OpenRLHF's ActorPPOTrainer, syncing weights to HF-generate engines (nothing else differs)."""
+
+
+class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
+    """OpenRLHF's PolicyModelActor in a worker with the CPU shims, training with HFSyncActorPPOTrainer."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+    def init_model_from_pretrained(self, *args, **kwargs):
+        init_with_trainer(self, HFSyncActorPPOTrainer, *args, **kwargs)
+
+
+class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
+    """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+
+CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)
+CPUPPOTrainerRemote = _Tracked(ray.remote(num_cpus=0)(CPUPPOTrainer))
+
+
+def _exec_main(module_name: str, argv: list[str], train_hook) -> None:
+    """Execute an OpenRLHF CLI module's __main__ (its parser and validation) with `train` = train_hook."""
+    code, filename = _compile_openrlhf_main(module_name)
+    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
+
+    def train(args):
+        train_hook(args, namespace)
+
+    namespace["train"] = train
+    old_argv = sys.argv
+    sys.argv = [module_name, *argv]
+    try:
+        exec(code, namespace)  # noqa: S102 - OpenRLHF's own __main__, parser and validation unchanged
+    finally:
+        sys.argv = old_argv
+
+
+def _train_ppo_on_cpu(args, namespace: dict) -> None:
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    if args.vllm.num_engines < 1:
+        raise SystemExit("error: --vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts "
+                         "only through engines (here the HF-generate engine)")
+    namespace["PolicyModelActor"] = CPUPolicyActorRemote
+    namespace["RayActorGroup"] = SafeSteerActorGroup
+    namespace["create_vllm_engines"] = create_hf_rollout_engines
+    _ensure_ray()
+    try:
+        with _patched(ppo_trainer, "PPOTrainer", CPUPPOTrainerRemote):
+            namespace["_openrlhf_train"](args)
+    finally:
+        logger.info("ended %d actors", end_launched_actors())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _train_dpo_on_cpu(args, namespace: dict) -> None:
+    # One process is the whole world: what the `deepspeed` launcher would otherwise export.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, value)
+    namespace["_openrlhf_train"](args)
+
+
+def run(kind: str, argv: list[str]) -> None:
+    """Train with OpenRLHF's `kind` entry point ('ppo' or 'dpo') on this machine, flags unchanged."""
+    if kind not in ENTRY_POINTS:
+        raise SystemExit(f"error: the first argument is one of {', '.join(ENTRY_POINTS)}, got {kind!r}")
+    compat.check_openrlhf_version()
+    compat.prepare_process()
+    hook = _train_ppo_on_cpu if kind == "ppo" else _train_dpo_on_cpu
+    _exec_main(ENTRY_POINTS[kind], argv, hook)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        run(argv[0], argv[1:])
+    except compat.UnsupportedOpenRLHFError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    # Ray pickles classes of __main__ by value, and a worker unpickling them would not run this module's
+    # stand-in installation: use the classes of the importable module instead.
+    from openrlhf_safesteer.plugin import stock
+
+    sys.exit(stock.main())
