@@ -212,6 +212,35 @@ def _device_mesh_on_cpu(original):
     return init_device_mesh
 
 
+CPU_DTYPE_ENV = "SAFESTEER_CPU_DTYPE"
+
+
+def _fp32_aware(original):
+    @functools.wraps(original)
+    def convert_to_torch_dtype(param_dtype: str):
+        import torch
+
+        return torch.float32 if param_dtype == "fp32" else original(param_dtype)
+
+    convert_to_torch_dtype._safesteer_cpu = True
+    return convert_to_torch_dtype
+
+
+def apply_cpu_dtype(args) -> None:
+    """SAFESTEER_CPU_DTYPE=fp32 on a machine without CUDA: train in float32 instead of --ds.param_dtype.
+
+    OpenRLHF's parsers offer bf16 and fp16 only (GPU precisions). On a CPU, float32 is the local engine's
+    precision, so a CPU comparison of the two engines, or of SafeSteer and the stock trainers, trains
+    every arm in the same precision. DeepSpeed then runs without its bf16/fp16 modes (plain fp32 AdamW).
+    """
+    value = os.environ.get(CPU_DTYPE_ENV)
+    if not value or cuda_present():
+        return
+    if value != "fp32":
+        raise ValueError(f"{CPU_DTYPE_ENV} must be fp32 (or unset), got {value!r}")
+    args.ds.param_dtype = "fp32"
+
+
 def install_cpu_shims() -> bool:
     """Point OpenRLHF's unconditional CUDA calls at the CPU. Does nothing when CUDA is present.
 
@@ -243,6 +272,11 @@ def install_cpu_shims() -> bool:
         ds_strategy.get_train_ds_config = _ds_train_config_with_torch_adam(ds_strategy.get_train_ds_config)
     if not getattr(ds_strategy.init_device_mesh, "_safesteer_cpu", False):
         ds_strategy.init_device_mesh = _device_mesh_on_cpu(ds_strategy.init_device_mesh)
+    import openrlhf.utils.utils as openrlhf_utils
+
+    # Actor and the reward/critic model loaders import it from this module at call time.
+    if not getattr(openrlhf_utils.convert_to_torch_dtype, "_safesteer_cpu", False):
+        openrlhf_utils.convert_to_torch_dtype = _fp32_aware(openrlhf_utils.convert_to_torch_dtype)
     return True
 
 

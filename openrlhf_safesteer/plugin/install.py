@@ -94,6 +94,7 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
         else:
             load_artifacts(config, args.actor.model_name_or_path)
         config.rollout = resolve_rollout(config)
+        compat.apply_cpu_dtype(args)
         args.safesteer = config.namespace()
         result["args"] = args
         if config.dry_run:

@@ -75,6 +75,7 @@ def _exec_main(module_name: str, argv: list[str], train_hook) -> None:
     namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
 
     def train(args):
+        compat.apply_cpu_dtype(args)
         train_hook(args, namespace)
 
     namespace["train"] = train
