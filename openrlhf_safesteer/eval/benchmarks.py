@@ -76,6 +76,12 @@ class BenchmarkSpec:
     dedupe: bool = False
     builtin: str | None = None  # file under eval/data
     note: str = ""
+    more_hub_configs: tuple[str, ...] = ()  # further configs of hub_id, loaded after hub_config and joined
+    hub_file: str | None = None  # a file in the hub dataset repo read directly (no loading script)
+    response_labels: bool = False  # PKU-SafeRLHF: harm categories and safety are labels of the responses
+    keep: str = "all"  # "all" prompts, or "unsafe_response": only those with a response labelled unsafe
+    refusal_judge: str = "refusal"  # the string judge that measures refusal on this benchmark
+    metric_note: str = ""  # said beside the number in results.json and the table
 
 
 # Common prompt columns across upstream layouts, in the order they are tried for local files.
@@ -88,13 +94,25 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (
     BenchmarkSpec("advbench", "AdvBench", "harmful", "walledai/AdvBench", None, "train",
                   ("prompt", "goal"), note="upstream: llm-attacks harmful_behaviors.csv (goal,target)"),
     BenchmarkSpec("pku_saferlhf", "PKU-SafeRLHF (test)", "harmful", "PKU-Alignment/PKU-SafeRLHF", "default",
-                  "test", ("prompt",), ("category",), dedupe=True,
-                  note="test-split prompts, deduplicated (each appears with several response pairs)"),
+                  "test", ("prompt",), (), dedupe=True, response_labels=True,
+                  note="every test-split prompt, deduplicated (each appears with several response pairs); "
+                       "categories: the union of the harm labels of its responses"),
+    BenchmarkSpec("pku_saferlhf_unsafe", "PKU-SafeRLHF (test, prompts with an unsafe response)", "harmful",
+                  "PKU-Alignment/PKU-SafeRLHF", "default", "test", ("prompt",), (), dedupe=True,
+                  response_labels=True, keep="unsafe_response",
+                  note="test-split prompts with at least one response labelled unsafe (is_response_*_safe "
+                       "false in any of its rows), deduplicated"),
     BenchmarkSpec("harmbench", "HarmBench", "harmful", "walledai/HarmBench", "standard", "train",
                   ("prompt", "Behavior"), ("category", "SemanticCategory"),
-                  filters=(("FunctionalCategory", ("standard", "contextual")),),
-                  note="upstream: harmbench_behaviors_text_all.csv; copyright behaviours need HarmBench's "
-                       "hash judge and are left out"),
+                  filters=(("FunctionalCategory", ("standard", "contextual")),), more_hub_configs=("contextual",),
+                  note="hub: walledai/HarmBench standard (200) + contextual (100) = HarmBench's val+test "
+                       "text behaviours without copyright; its own test split is harmbench_behaviors_text_test.csv "
+                       "(pass it as a file: 159 standard + 81 contextual kept). Copyright behaviours need "
+                       "HarmBench's hash judge and are left out"),
+    BenchmarkSpec("harmbench_standard", "HarmBench (standard only)", "harmful", "walledai/HarmBench", "standard",
+                  "train", ("prompt", "Behavior"), ("category", "SemanticCategory"),
+                  filters=(("FunctionalCategory", ("standard",)),),
+                  note="the 200 standard behaviours only (walledai/HarmBench config standard)"),
     BenchmarkSpec("jailbreakbench", "JailbreakBench", "harmful", "JailbreakBench/JBB-Behaviors", "behaviors",
                   "harmful", ("Goal", "goal", "prompt"), ("Category", "category")),
     BenchmarkSpec("sorry_bench", "SORRY-Bench", "harmful", "sorry-bench/sorry-bench-202406", None, "train",
@@ -106,13 +124,17 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (
                   note="ALERT wraps prompts in '### Instruction: ... ### Response:'; the wrapper is removed"),
     # Over-refusal and StrongREJECT.
     BenchmarkSpec("xstest", "XSTest", "overrefusal", "walledai/XSTest", None, "test", ("prompt",),
-                  ("type", "focus"), note="upstream: xstest_prompts.csv (id,prompt,type,label,focus,note)"),
+                  ("type", "focus"), refusal_judge="xstest_strmatch",
+                  note="upstream: xstest_prompts.csv (id,prompt,type,label,focus,note); refusal by XSTest's "
+                       "string-match classifier unless --judge-for xstest=JUDGE"),
     BenchmarkSpec("strongreject", "StrongREJECT", "harmful", "walledai/StrongREJECT", None, "train",
                   ("prompt", "forbidden_prompt"), ("category",),
-                  note="upstream: strongreject_dataset.csv (category,source,forbidden_prompt)"),
-    # Instruction following (outputs for AlpacaEval's own judge).
-    BenchmarkSpec("alpaca_eval", "AlpacaEval", "instructions", "tatsu-lab/alpaca_eval", "alpaca_eval", "eval",
-                  ("instruction",), ("dataset",)),
+                  note="upstream: strongreject_dataset.csv (category,source,forbidden_prompt)",
+                  metric_note="an ASR by the run's judge, not StrongREJECT's rubric / fine-tuned score"),
+    # Instruction following (outputs for AlpacaEval's own judge). The hub repo's loading script no
+    # longer runs under `datasets` >= 4, so its JSON file is read directly.
+    BenchmarkSpec("alpaca_eval", "AlpacaEval", "instructions", "tatsu-lab/alpaca_eval", None, "eval",
+                  ("instruction",), ("dataset",), hub_file="alpaca_eval.json"),
     # Slices written by this project (tests, demo, smoke runs).
     BenchmarkSpec("safesteer_harmful", "SafeSteer harmful slice", "harmful", builtin="harmful_slice.json"),
     BenchmarkSpec("safesteer_xstest", "SafeSteer over-refusal slice", "overrefusal", builtin="xstest_slice.json",
@@ -210,25 +232,77 @@ def _xstest_label(row: dict[str, Any]) -> str:
     return "unsafe" if str(row.get("type", "")).startswith("contrast") else "safe"
 
 
+# PKU-SafeRLHF labels each of a row's two responses, not its prompt.
+PKU_SAFE_COLUMNS = ("is_response_0_safe", "is_response_1_safe")
+PKU_CATEGORY_COLUMNS = ("response_0_harm_category", "response_1_harm_category")
+
+
+def _true_keys(value: Any) -> list[str]:
+    """The harm categories set in one PKU label dict ({"Violence": true, ...}; JSON text in a CSV)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return []
+    if not isinstance(value, dict):
+        return []
+    return [key for key, flag in value.items() if flag is True or str(flag).strip().lower() == "true"]
+
+
+def _is_false(value: Any) -> bool:
+    return value is False or str(value).strip().lower() in ("false", "0")
+
+
+def response_label_summary(rows: list[dict[str, Any]], prompts: list[str | None]
+                           ) -> dict[str, tuple[list[str], bool]]:
+    """Per prompt over all its rows: (sorted union of its responses' harm categories, whether any
+    response is labelled unsafe). `prompts[i]` is row i's prompt text (None for rows without one)."""
+    summary: dict[str, tuple[set[str], bool]] = {}
+    for row, prompt in zip(rows, prompts):
+        if prompt is None:
+            continue
+        categories, unsafe = summary.get(prompt, (set(), False))
+        for column in PKU_CATEGORY_COLUMNS:
+            categories.update(_true_keys(row.get(column)))
+        unsafe = unsafe or any(_is_false(row[column]) for column in PKU_SAFE_COLUMNS if column in row)
+        summary[prompt] = (categories, unsafe)
+    return {prompt: (sorted(cats), unsafe) for prompt, (cats, unsafe) in summary.items()}
+
+
+def _row_prompt(row: dict[str, Any], spec: BenchmarkSpec, prompt_fields: tuple[str, ...]) -> str | None:
+    _, value = _first(row, prompt_fields)
+    if value is None:
+        return None
+    prompt = _as_text(value)
+    return _strip_alert_wrapper(prompt) if spec.name == "alert" else prompt
+
+
 def rows_to_items(rows: list[dict[str, Any]], spec: BenchmarkSpec, source: str) -> list[EvalItem]:
     """Turn raw rows (any upstream layout) into EvalItems, applying the spec's filters and dedupe."""
     prompt_fields = tuple(dict.fromkeys(spec.prompt_fields + PROMPT_COLUMNS))
     category_fields = tuple(dict.fromkeys(spec.category_fields + CATEGORY_COLUMNS))
-    items: list[EvalItem] = []
-    seen: set[str] = set()
     for index, row in enumerate(rows):
         if not isinstance(row, dict):
             raise BenchmarkUnavailableError(f"benchmark {spec.name!r}: row {index} of {source} is not an object")
+    labels: dict[str, tuple[list[str], bool]] = {}
+    if spec.response_labels:
+        if spec.keep == "unsafe_response" and not any(c in row for row in rows for c in PKU_SAFE_COLUMNS):
+            raise BenchmarkUnavailableError(
+                f"benchmark {spec.name!r}: keeping prompts with an unsafe response needs the columns "
+                f"{', '.join(PKU_SAFE_COLUMNS)}, which {source} does not have")
+        labels = response_label_summary(rows, [_row_prompt(row, spec, prompt_fields) for row in rows])
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    for index, row in enumerate(rows):
         if any(col in row and str(row[col]) not in allowed for col, allowed in spec.filters):
             continue
-        column, value = _first(row, prompt_fields)
-        if column is None:
+        prompt = _row_prompt(row, spec, prompt_fields)
+        if prompt is None:
             raise BenchmarkUnavailableError(
                 f"benchmark {spec.name!r}: row {index} of {source} has no prompt column; looked for "
                 f"{', '.join(prompt_fields)}; found {', '.join(map(str, row))}")
-        prompt = _as_text(value)
-        if spec.name == "alert":
-            prompt = _strip_alert_wrapper(prompt)
+        if spec.keep == "unsafe_response" and not labels[prompt][1]:
+            continue
         if spec.dedupe:
             if prompt in seen:
                 continue
@@ -242,10 +316,13 @@ def rows_to_items(rows: list[dict[str, Any]], spec: BenchmarkSpec, source: str) 
             context = str(row["context"]).strip()
             prompt = f"{context}\n\n---\n\n{behavior}"
         _, category = _first(row, category_fields)
+        meta = {k: v for k, v in row.items() if k in ("target", "Target", "source", "Source", "note", "dataset",
+                                                        "FunctionalCategory", "prompt_style", "hub_config")}
+        if spec.response_labels:  # several categories per prompt: each counts in the per-category table
+            meta["categories"] = labels[prompt][0]
+            category = ", ".join(labels[prompt][0])
         item_id = row.get("id") or row.get("BehaviorID") or row.get("question_id") or row.get("Index") or index
         label = _xstest_label(row) if spec.kind == "overrefusal" else "harmful"
-        meta = {k: v for k, v in row.items() if k in ("target", "Target", "source", "Source", "note", "dataset",
-                                                        "FunctionalCategory", "prompt_style")}
         items.append(EvalItem(id=str(item_id), prompt=prompt, category=_as_text(category or ""), label=label,
                               behavior=behavior, context=context, meta=meta))
     return items
@@ -288,14 +365,37 @@ def _load_from_hub(spec: BenchmarkSpec) -> list[dict[str, Any]]:
         raise BenchmarkUnavailableError(
             f"benchmark {spec.name!r}: loading from the hub needs `datasets` (pip install datasets) or a "
             f"local file ({spec.name}=PATH)") from err
+    rows: list[dict[str, Any]] = []
+    for config in (spec.hub_config, *spec.more_hub_configs):
+        try:
+            dataset = datasets.load_dataset(spec.hub_id, config, split=spec.hub_split)
+        except Exception as err:
+            raise BenchmarkUnavailableError(
+                f"benchmark {spec.name!r}: could not load {spec.hub_id} (config {config}, split "
+                f"{spec.hub_split}) from the Hugging Face hub: {err}. Pass a local file instead "
+                f"({spec.name}=PATH).") from err
+        # The config is kept: walledai/HarmBench's configs have no FunctionalCategory column.
+        rows += [{**dict(row), "hub_config": config} if spec.more_hub_configs else dict(row) for row in dataset]
+    return rows
+
+
+def _load_hub_file(spec: BenchmarkSpec) -> list[dict[str, Any]]:
+    """Rows of one JSON/JSONL/CSV file of a hub dataset repo, fetched with huggingface_hub (its cache
+    and HF_HUB_OFFLINE apply), for repos whose loading script `datasets` no longer runs."""
+    from huggingface_hub import hf_hub_download
+
+    if not hub_offline_mode() and not hub_reachable():
+        raise BenchmarkUnavailableError(
+            f"benchmark {spec.name!r}: the Hugging Face hub is unreachable, so {spec.hub_id}/{spec.hub_file} "
+            f"cannot be downloaded. Pass a local copy instead ({spec.name}=PATH.json), or set HF_HUB_OFFLINE=1 "
+            "to read it from the hub cache.")
     try:
-        dataset = datasets.load_dataset(spec.hub_id, spec.hub_config, split=spec.hub_split)
+        path = hf_hub_download(spec.hub_id, spec.hub_file, repo_type="dataset")
+        return read_rows(path)
     except Exception as err:
         raise BenchmarkUnavailableError(
-            f"benchmark {spec.name!r}: could not load {spec.hub_id} (config {spec.hub_config}, split "
-            f"{spec.hub_split}) from the Hugging Face hub: {err}. Pass a local file instead "
-            f"({spec.name}=PATH).") from err
-    return [dict(row) for row in dataset]
+            f"benchmark {spec.name!r}: could not read {spec.hub_file} of {spec.hub_id} from the Hugging Face "
+            f"hub: {err}. Pass a local file instead ({spec.name}=PATH).") from err
 
 
 def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int | None = None) -> list[EvalItem]:
@@ -317,6 +417,8 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int 
         source = str(path)
     elif spec.builtin:
         rows, source = read_rows(DATA_DIR / spec.builtin), spec.builtin
+    elif spec.hub_file:
+        rows, source = _load_hub_file(spec), f"{spec.hub_id}/{spec.hub_file}"
     else:
         rows, source = _load_from_hub(spec), spec.hub_id
     items = rows_to_items(rows, spec, source)
@@ -331,3 +433,8 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int 
 def benchmark_kind(name: str) -> str:
     key = name.lower().replace("-", "_")
     return BENCHMARKS[key].kind if key in BENCHMARKS else "harmful"
+
+
+def benchmark_spec(name: str) -> BenchmarkSpec | None:
+    """The registry entry of a benchmark name, or None for a file given under a name of its own."""
+    return BENCHMARKS.get(name.lower().replace("-", "_"))

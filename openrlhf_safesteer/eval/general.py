@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -33,6 +34,90 @@ class GeneralTaskUnavailableError(RuntimeError):
     """An lm-eval task cannot run (its data is on the hub and the hub is unreachable, ...)."""
 
 
+LM_EVAL_VERSION = "0.4.13"
+# What lm-eval's minerva_math/utils.py checks at import (it raises without them): lm-eval[math].
+MATH_REQUIREMENTS = (("sympy", "sympy", ""), ("math_verify", "math-verify", ""),
+                     ("antlr4", "antlr4-python3-runtime", "4.11"))
+CODE_EVAL_METRIC = "evaluate-metric--code_eval"
+
+
+def _distribution_version(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+def missing_math_requirements() -> list[str]:
+    """The packages minerva_math tasks need that are missing here, or present at the wrong version."""
+    import importlib.util
+
+    missing = []
+    for module, distribution, prefix in MATH_REQUIREMENTS:
+        found = _distribution_version(distribution) if importlib.util.find_spec(module) else None
+        if found is None:
+            missing.append(f"{distribution}{'==' + prefix if prefix else ''} (not installed)")
+        elif prefix and not found.startswith(prefix):
+            missing.append(f"{distribution}=={prefix} (found {found})")
+    return missing
+
+
+def code_eval_cached() -> bool:
+    """Whether `evaluate`'s code_eval metric (loaded from the hub when humaneval's utils are imported)
+    is in the local modules cache, where evaluate falls back to when the hub cannot be reached."""
+    try:
+        from evaluate import config
+    except ImportError:
+        return False
+    folder = Path(config.HF_MODULES_CACHE) / config.MODULE_NAME_FOR_DYNAMIC_MODULES / "metrics" / CODE_EVAL_METRIC
+    return folder.is_dir() and any(len(child.name) == 64 for child in folder.iterdir())
+
+
+def task_problems(tasks: Sequence[str], allow_code_eval: bool = False) -> dict[str, list[str]]:
+    """What keeps each lm-eval task from running in this environment, by task; {} when all can run.
+
+    Checked before any generation, without building lm-eval's task index (about a minute): the
+    lm-eval install, hub access for the registered tasks' data, the packages minerva_math imports,
+    and humaneval's permission to execute code and its code_eval metric.
+    """
+    problems: dict[str, list[str]] = {}
+
+    def add(task: str, problem: str) -> None:
+        problems.setdefault(task, []).append(problem)
+
+    from openrlhf_safesteer.eval.benchmarks import hub_offline_mode, hub_reachable
+
+    installed = _distribution_version("lm-eval") or _distribution_version("lm_eval")
+    online = not hub_offline_mode() and hub_reachable()
+    for task in tasks:
+        if installed is None:
+            add(task, f"lm-eval is not installed (pip install 'lm-eval[math]=={LM_EVAL_VERSION}', or the "
+                      "project's `eval` extra)")
+        if task in GENERAL_TASKS and not hub_offline_mode() and not online:
+            add(task, "its data is on the Hugging Face hub, which is unreachable; set HF_DATASETS_OFFLINE=1 to "
+                      "use the datasets cache")
+        if task.startswith("minerva_math"):
+            missing = missing_math_requirements()
+            if missing:
+                add(task, f"lm-eval's math extra is missing: {', '.join(missing)} (pip install "
+                          f"'lm-eval[math]=={LM_EVAL_VERSION}')")
+        if "humaneval" in task:
+            if not allow_code_eval:
+                add(task, "it executes model-written code; pass --allow-code-eval (sets HF_ALLOW_CODE_EVAL=1)")
+            if _distribution_version("evaluate") is None:
+                add(task, "it needs the `evaluate` package (pip install evaluate)")
+            elif not online and not code_eval_cached():
+                add(task, "its code_eval metric is loaded from the Hugging Face hub, which is unreachable, and is "
+                          "not in the evaluate modules cache (run evaluate.load('code_eval') once online)")
+    return problems
+
+
+def describe_problems(problems: dict[str, list[str]]) -> str:
+    return "; ".join(f"general task {task}: {' and '.join(why)}" for task, why in problems.items())
+
+
 def headline(task: str, metrics: dict[str, Any]) -> tuple[str, float] | None:
     """(metric key, value) reported for a task: the known headline, else acc / exact_match / first number."""
     numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k
@@ -50,7 +135,6 @@ def local_task_names(include_path: str | None) -> set[str]:
     """Task names defined by the YAMLs under include_path (indexing lm-eval's own ~10k task files
     takes about a minute, so it is skipped when every requested task is local)."""
     import re
-    from pathlib import Path
 
     if not include_path:
         return set()
@@ -87,18 +171,10 @@ def run_lm_eval(
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise GeneralTaskUnavailableError("general tasks need lm-eval: pip install 'lm-eval==0.4.13'") from err
-    from openrlhf_safesteer.eval.benchmarks import hub_offline_mode, hub_reachable
-
-    hub_tasks = [t for t in tasks if t in GENERAL_TASKS]
-    if hub_tasks and not hub_offline_mode() and not hub_reachable():
-        raise GeneralTaskUnavailableError(
-            f"general task(s) {', '.join(hub_tasks)}: their data is on the Hugging Face hub, which is "
-            "unreachable; set HF_DATASETS_OFFLINE=1 to use the datasets cache, or drop --general")
+    problems = task_problems(tasks, allow_code_eval)
+    if problems:
+        raise GeneralTaskUnavailableError(describe_problems(problems))
     code_tasks = [t for t in tasks if "humaneval" in t]
-    if code_tasks and not allow_code_eval:
-        raise GeneralTaskUnavailableError(
-            f"general task(s) {', '.join(code_tasks)} execute model-written code; pass --allow-code-eval "
-            "(sets HF_ALLOW_CODE_EVAL=1) to run them")
     if code_tasks:
         os.environ["HF_ALLOW_CODE_EVAL"] = "1"
 

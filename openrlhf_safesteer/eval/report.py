@@ -2,8 +2,10 @@
 and AlpacaEval-ready output files.
 
 Headline numbers, all in percent:
-- harmful benchmarks: attack success rate (ASR, lower is safer), from the run's judge;
-- over-refusal benchmarks (XSTest): refusal rate on the safe prompts (lower is better);
+- harmful benchmarks: attack success rate (ASR, lower is safer), from the run's judge (named in the
+  row label); unparseable verdicts count as no success over all items, as HarmBench counts them;
+- over-refusal benchmarks (XSTest): refusal rate on the safe prompts (lower is better), from the
+  benchmark's string judge (XSTest: its own string match);
 - general tasks: lm-eval's headline metric (higher is better).
 "Safety avg" is the mean ASR over harmful benchmarks; "General avg" the mean general score.
 """
@@ -57,6 +59,12 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def judges_of(results: dict[str, Any], bench: str, key: str = "judge") -> list[str]:
+    """The judges (or refusal judges, key="refusal_judge") behind a benchmark's results, in checkpoint order."""
+    names = [entry.get("safety", {}).get(bench, {}).get(key) for entry in results.get("checkpoints", {}).values()]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[tuple[str, str, dict[str, float | None]]]]:
     """(checkpoint names, rows) with rows = (label, unit hint, {checkpoint: fraction or None})."""
     checkpoints = list(results.get("checkpoints", {}))
@@ -74,8 +82,13 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[tuple[str, st
     def row(section: str, name: str) -> dict[str, float | None]:
         return {c: headline_value(results["checkpoints"][c].get(section, {}).get(name, {})) for c in checkpoints}
 
-    rows = [(f"{b} (ASR ↓)", "harmful", row("safety", b)) for b in harmful]
-    rows += [(f"{b} (over-refusal ↓)", "overrefusal", row("safety", b)) for b in overrefusal]
+    def judged(metric: str, bench: str, key: str = "judge") -> str:
+        """'ASR ↓, judge llama_guard': which judge made the number is part of its label."""
+        names = judges_of(results, bench, key)
+        return f"{bench} ({metric}, judge {'/'.join(names)})" if names else f"{bench} ({metric})"
+
+    rows = [(judged("ASR ↓", b), "harmful", row("safety", b)) for b in harmful]
+    rows += [(judged("over-refusal ↓", b), "overrefusal", row("safety", b)) for b in overrefusal]
     rows += [(f"{t} (↑)", "general", row("general", t)) for t in general]
     if harmful:
         rows.append(("**Safety avg (ASR ↓)**", "avg", {
@@ -97,19 +110,40 @@ def markdown_table(results: dict[str, Any]) -> str:
 
     lines = ["| benchmark | " + " | ".join(checkpoints) + " |", "|---|" + "---:|" * len(checkpoints)]
     lines += [f"| {label} | " + " | ".join(fmt(vals[c]) for c in checkpoints) + " |" for label, _, vals in rows]
+    harmful = [label.split(" (")[0] for label, kind, _ in rows if kind == "harmful"]
     refusal = [(b, {c: results["checkpoints"][c].get("safety", {}).get(b, {}).get("refusal_rate")
-                    for c in checkpoints})
-               for label, kind, _ in rows if kind == "harmful" for b in [label.split(" (")[0]]]
+                    for c in checkpoints}) for b in harmful]
     text = "\n".join(lines) + "\n"
     if refusal:
-        text += "\nRefusal rate (refusal-string judge, %):\n\n"
+        text += "\nRefusal rate (string judge in brackets, %):\n\n"
         text += "| benchmark | " + " | ".join(checkpoints) + " |\n|---|" + "---:|" * len(checkpoints) + "\n"
-        text += "".join(f"| {b} | " + " | ".join(fmt(vals[c]) for c in checkpoints) + " |\n" for b, vals in refusal)
+        text += "".join(f"| {b} ({'/'.join(judges_of(results, b, 'refusal_judge')) or 'refusal'}) | "
+                        + " | ".join(fmt(vals[c]) for c in checkpoints) + " |\n" for b, vals in refusal)
+    notes = table_notes(results, harmful)
+    if notes:
+        text += "\nNotes:\n\n" + "".join(f"- {note}\n" for note in notes)
     errors = results.get("errors") or []
     if errors:
         text += "\nNot evaluated:\n\n" + "".join(f"- {e.get('checkpoint') or '*'} / {e['benchmark']}: {e['error']}\n"
                                                  for e in errors)
     return text
+
+
+def table_notes(results: dict[str, Any], harmful: list[str]) -> list[str]:
+    """What a reader must know to compare a cell with a paper: metric caveats (StrongREJECT) and
+    unparseable judge verdicts (counted as no attack success in the ASR, as HarmBench does)."""
+    notes = []
+    for bench in harmful:
+        entries = {c: e.get("safety", {}).get(bench, {}) for c, e in results.get("checkpoints", {}).items()}
+        caveat = next((e["metric_note"] for e in entries.values() if e.get("metric_note")), "")
+        if caveat:
+            notes.append(f"{bench}: {caveat}")
+        for ckpt, entry in entries.items():
+            if entry.get("n_invalid"):
+                notes.append(f"{bench} / {ckpt}: {entry['n_invalid']} of {entry.get('n')} judge verdicts unparseable, "
+                             "counted as no attack success (ASR over parsed verdicts only: "
+                             f"{100 * (entry.get('asr_parsed') or 0):.1f})")
+    return notes
 
 
 def plot_results(results: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -35,7 +35,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from openrlhf_safesteer.eval.benchmarks import (
     BenchmarkUnavailableError,
     EvalItem,
     benchmark_kind,
+    benchmark_spec,
     load_benchmark,
 )
 from openrlhf_safesteer.eval.generation import (
@@ -59,8 +60,11 @@ from openrlhf_safesteer.eval.generation import (
     vllm_generate,
 )
 from openrlhf_safesteer.eval.judges import (
+    JUDGES,
     Judge,
     JudgeUnavailableError,
+    RefusalStringJudge,
+    StringJudge,
     Verdict,
     make_judge,
 )
@@ -71,7 +75,6 @@ from openrlhf_safesteer.eval.report import (
     write_json_atomic,
     write_text_atomic,
 )
-from openrlhf_safesteer.refusal import is_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -259,29 +262,67 @@ def _judge_verdicts(judge: Judge, cache_file: Path, items: list[EvalItem], repli
     return [cached[k] for k in keys]
 
 
+def _categories(item: EvalItem) -> list[str]:
+    """The categories an item counts in: several for multi-label benchmarks (PKU-SafeRLHF), else one."""
+    return list(item.meta.get("categories") or ([item.category] if item.category else []))
+
+
 def score_benchmark(kind: str, items: list[EvalItem], replies: list[str], verdicts: list[Verdict] | None,
-                    judge_name: str) -> dict[str, Any]:
-    """Metrics of one checkpoint on one benchmark (fractions in [0, 1])."""
-    refusals = [is_refusal(r) for r in replies]
-    result: dict[str, Any] = {"kind": kind, "n": len(items), "refusal_rate": sum(refusals) / len(refusals)}
+                    judge_name: str, refusal_judge: StringJudge | None = None,
+                    metric_note: str = "") -> dict[str, Any]:
+    """Metrics of one checkpoint on one benchmark (fractions in [0, 1]).
+
+    refusal_judge: the string judge behind `refusal_rate` (and XSTest's over-refusal); the project's
+    own judge when None. `asr` counts an unparseable verdict as no attack success over all items, as
+    HarmBench does (its -1 labels); `asr_parsed` leaves those items out of the denominator.
+    """
+    refusal_judge = refusal_judge or RefusalStringJudge()
+    refusals = [refusal_judge.refuses(r) for r in replies]
+    result: dict[str, Any] = {"kind": kind, "n": len(items), "refusal_rate": sum(refusals) / len(refusals),
+                              "refusal_judge": refusal_judge.name}
+    if metric_note:
+        result["metric_note"] = metric_note
     if kind == "overrefusal":
         safe = [r for r, it in zip(refusals, items) if it.label == "safe"]
         unsafe = [r for r, it in zip(refusals, items) if it.label == "unsafe"]
-        result.update(judge="refusal", n_safe=len(safe), n_unsafe=len(unsafe),
+        result.update(judge=refusal_judge.name, n_safe=len(safe), n_unsafe=len(unsafe),
                       over_refusal=sum(safe) / len(safe) if safe else None,
                       unsafe_refusal=sum(unsafe) / len(unsafe) if unsafe else None)
         return result
     if kind == "harmful" and verdicts is not None:
         valid = [v.unsafe for v in verdicts if v.unsafe is not None]
-        result.update(judge=judge_name, asr=sum(valid) / len(valid) if valid else None,
-                      n_invalid=len(verdicts) - len(valid))
+        successes = sum(v.unsafe is True for v in verdicts)
+        result.update(judge=judge_name, asr=successes / len(verdicts) if verdicts else None,
+                      asr_parsed=sum(valid) / len(valid) if valid else None, n_invalid=len(verdicts) - len(valid))
         by_cat: dict[str, list[bool]] = {}
         for it, v in zip(items, verdicts):
-            if v.unsafe is not None and it.category:
-                by_cat.setdefault(it.category, []).append(v.unsafe)
+            for category in _categories(it):
+                by_cat.setdefault(category, []).append(v.unsafe is True)
         if by_cat:
             result["asr_by_category"] = {c: sum(v) / len(v) for c, v in sorted(by_cat.items())}
     return result
+
+
+def refusal_judge_name(benchmark: str, judge_overrides: dict[str, str], run_judge: str) -> str:
+    """The string judge that measures refusal on a benchmark.
+
+    Over-refusal benchmarks: --judge-for NAME=JUDGE, else the registry's (XSTest: its own string
+    match), else the project's. Harmful benchmarks: their ASR judge when it is a string judge (so
+    refusal rate and ASR agree), else the project's."""
+    spec = benchmark_spec(benchmark)
+    if benchmark_kind(benchmark) == "overrefusal":
+        return judge_overrides.get(benchmark) or (spec.refusal_judge if spec else "refusal")
+    judge = judge_overrides.get(benchmark, run_judge).partition("=")[0].strip().lower().replace("-", "_")
+    cls = JUDGES.get(judge, (None, None))[0]
+    return judge if cls is not None and issubclass(cls, StringJudge) else "refusal"
+
+
+def _string_judge(name: str, benchmark: str) -> StringJudge:
+    judge = make_judge(name)
+    if not isinstance(judge, StringJudge):
+        strings = ", ".join(k for k, (cls, _) in JUDGES.items() if issubclass(cls, StringJudge))
+        raise ValueError(f"judge {name!r} cannot measure refusal on {benchmark!r}; use a string judge: {strings}")
+    return judge
 
 
 def evaluate(
@@ -332,6 +373,35 @@ def evaluate(
             _record_error(errors, name, wrapped)
             data.pop(name)
 
+    # ... the string judge that measures refusal on each benchmark ...
+    refusal_judges: dict[str, StringJudge] = {}
+    for name in list(data):
+        try:
+            refusal_judges[name] = _string_judge(
+                refusal_judge_name(name, config.judge_overrides, config.judge), name)
+        except ValueError as err:
+            wrapped = EvalError(f"benchmark {name!r}: {err}")
+            if not config.skip_unavailable:
+                raise wrapped from err
+            _record_error(errors, name, wrapped)
+            data.pop(name)
+            judge_of.pop(name, None)
+
+    # ... every general task: lm-eval and the packages, hub access and permissions each task needs ...
+    if config.general:
+        from openrlhf_safesteer.eval.general import describe_problems, task_problems
+
+        problems = task_problems(config.general, config.allow_code_eval)
+        if problems:
+            wrapped = EvalError(describe_problems(problems))
+            if not config.skip_unavailable:
+                raise wrapped
+            for task, why in problems.items():
+                _record_error(errors, task, EvalError(f"general task {task}: {' and '.join(why)}"))
+            config = replace(config, general=[t for t in config.general if t not in problems])
+            if not data and not config.general:
+                raise EvalError(f"nothing left to evaluate: {wrapped}")
+
     # ... and every checkpoint: path, tokenizer, chat template, --steer vector (no weights are loaded).
     # Safety benchmarks and chat-templated lm-eval tasks render prompts with the template.
     needs_template = bool(data) or (bool(config.general) and config.general_chat_template)
@@ -343,8 +413,11 @@ def evaluate(
            "general_chat_template": config.general_chat_template, "benchmarks": {}, "checkpoints": {}}
     for name, path in benchmarks:
         if name in data:
-            run["benchmarks"][name] = {"source": path or "registry", "kind": benchmark_kind(name), "n": len(data[name]),
-                                       "judge": judge_of.get(name)}
+            kind = benchmark_kind(name)
+            run["benchmarks"][name] = {"source": path or "registry", "kind": kind, "n": len(data[name]),
+                                       "judge": judge_of.get(name) if kind == "harmful" else
+                                       refusal_judges[name].name if kind == "overrefusal" else None,
+                                       "refusal_judge": refusal_judges[name].name}
 
     # 2. generation (and general tasks) per checkpoint.
     replies: dict[tuple[str, str], list[str]] = {}
@@ -427,8 +500,10 @@ def evaluate(
                             raise wrapped from err
                         _record_error(errors, name, wrapped, ckpt.name)
                         continue
+                bench_spec = benchmark_spec(name)
                 scored[ckpt.name]["safety"][name] = score_benchmark(
-                    kind, items, got, verdicts, judges[spec].name if spec else "refusal")
+                    kind, items, got, verdicts, judges[spec].name if spec else "refusal", refusal_judges[name],
+                    bench_spec.metric_note if bench_spec else "")
             _finish(out, run, errors, scored, config, final=False)
         if spec is not None:
             judges[spec].close()
