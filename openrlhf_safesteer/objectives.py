@@ -51,6 +51,31 @@ def sequence_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
 
 
+# Positions per logsumexp chunk in `log_normaliser`: OpenRLHF's own bound (models/utils.py, _logsumexp_by_chunk).
+NORMALISER_CHUNK_ROWS = 1024
+
+
+def log_normaliser(logits: Tensor, temperature: float = 1.0, chunk_rows: int = NORMALISER_CHUNK_ROWS) -> Tensor:
+    """logsumexp over the vocabulary of logits / temperature: (..., V) -> (..., 1), float32 or wider.
+
+    Computed `chunk_rows` positions at a time, like OpenRLHF's chunked logsumexp, so the upcast and
+    scaled temporaries are (chunk_rows, V) instead of a second full (B, T, V) tensor. Pass the result to
+    `gather_logprobs(..., log_normaliser=...)` for every id set read from the same logits: one pass over V.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    rows = logits.reshape(-1, logits.shape[-1])
+    out = torch.empty(rows.shape[0], dtype=upcast(logits[..., :0]).dtype, device=logits.device)
+    for start in range(0, rows.shape[0], chunk_rows):
+        chunk = upcast(rows[start:start + chunk_rows])
+        if temperature != 1.0:
+            chunk = chunk / temperature
+        out[start:start + chunk_rows] = torch.logsumexp(chunk, dim=-1)
+    return out.reshape(*logits.shape[:-1], 1)
+
+
 def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0,
                     log_normaliser: Tensor | None = None) -> Tensor:
     """Full-vocabulary log-softmax of logits / temperature, read only at `ids`.

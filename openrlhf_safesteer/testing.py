@@ -153,6 +153,38 @@ def orthogonalised(model: PreTrainedModel, unit: torch.Tensor) -> PreTrainedMode
     return edited
 
 
+# ------------------------------------------------------------------ flash_attn.bert_padding in plain torch
+# flash-attn's padding helpers are plain PyTorch indexing (only its attention kernels need CUDA). These
+# re-implement the three that OpenRLHF's sample packing calls (models/ring_attn_utils.py), with the same
+# signatures and return values, so packing's tensor layout can run for real on a CPU. They are not
+# flash-attn's varlen attention: with sdpa, packed sequences are kept apart only by transformers' own
+# packed-sequence mask (built from the restarting position ids when no attention mask is passed).
+
+
+def index_first_axis(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tensor (N, ...) -> tensor[indices] (nnz, ...)."""
+    return tensor[indices]
+
+
+def unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask: torch.Tensor | None = None):
+    """hidden_states (B, T, ...), attention_mask (B, T) -> ((nnz, ...) real positions in row-major order,
+    indices (nnz,), cu_seqlens (B + 1,) int32, max_seqlen int, seqlens (B,) int32)."""
+    masks = attention_mask + unused_mask if unused_mask is not None else attention_mask
+    seqlens = masks.sum(dim=-1, dtype=torch.int32)
+    used = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(masks.flatten(), as_tuple=False).flatten()
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return index_first_axis(flat, indices), indices, cu_seqlens, int(seqlens.max().item()), used
+
+
+def pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """hidden_states (nnz, ...) -> (batch, seqlen, ...), zeros where nothing was scattered."""
+    output = hidden_states.new_zeros((batch * seqlen, *hidden_states.shape[1:]))
+    output[indices] = hidden_states
+    return output.reshape(batch, seqlen, *hidden_states.shape[1:])
+
+
 if __name__ == "__main__":  # python -m openrlhf_safesteer.testing DIR [ARCH]
     import sys
 

@@ -41,6 +41,7 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # 
 from openrlhf.utils.loss_utils import get_loss_batch_info  # noqa: E402
 
 from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics  # noqa: E402
+from openrlhf_safesteer.plugin.logits import action_logprobs, padded_logits  # noqa: E402
 from openrlhf_safesteer.plugin.rollout import HFWeightSync  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -148,7 +149,8 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
             allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group,
         )
         width = action_mask.shape[1]
-        logits = output["logits"][:, :-1][:, -width:]
+        # (B, T, V); under --ds.packing_samples the Actor's packed gather returns (B, T, 1, V).
+        logits = padded_logits(output["logits"], experience.sequences)[:, :-1][:, -width:]
         teacher_on_s = teacher_on_s.to(logits.device)
         mask = action_mask.to(logits.dtype)
         core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)
@@ -249,13 +251,7 @@ class SafeSteerPolicyActor(_StockPolicy):
         with torch.no_grad():
             output = self.actor(sequences.to(device), None, attention_mask.to(device), return_output=True,
                                 allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group)
-            width = action_mask.shape[1]
-            logits = output["logits"][:, :-1][:, -width:]
-            mask = action_mask.to(device, torch.float32)
-            result = {
-                "logprobs": gather_logprobs(logits, sequences.to(device)[:, 1:][:, -width:]) * mask,
-                "logprobs_on_s": gather_logprobs(logits, safety_ids.to(device)) * mask.unsqueeze(-1),
-            }
+            result = action_logprobs(output["logits"], sequences.to(device), action_mask.to(device), safety_ids)
         self.actor.train()
         return {key: value.to("cpu") for key, value in result.items()}
 

@@ -5,7 +5,8 @@ adding coeff * d to the input of decoder layer l at every position turns it into
 The hook goes on the HF model inside DeepSpeed's engine (`Actor.model.module`), so it works under
 ZeRO-0/3 (ZeRO-3 partitions parameters, not activations: the hook sees the full hidden states),
 with ref offload, and with sample packing (a constant vector added at every position does not
-care how sequences are laid out). The vector lives in the hook as a plain tensor, never as a
+care how sequences are laid out; `plugin.logits.padded_logits` undoes the (B, T, 1, V) shape that
+OpenRLHF's packed gather returns). The vector lives in the hook as a plain tensor, never as a
 parameter or buffer, so ZeRO-3 never partitions it.
 
 `forward` returns, per micro-batch, a dict of CPU tensors:
@@ -29,7 +30,7 @@ compat.install_import_stand_ins()
 import ray  # noqa: E402
 from openrlhf.trainer.ray.launcher import ReferenceModelActor  # noqa: E402
 
-from openrlhf_safesteer.objectives import gather_logprobs  # noqa: E402
+from openrlhf_safesteer.plugin.logits import action_logprobs  # noqa: E402
 from openrlhf_safesteer.steering import attach_steering  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -39,17 +40,13 @@ _StockReference = ReferenceModelActor.__ray_actor_class__
 
 def teacher_outputs(logits: torch.Tensor, sequences: torch.Tensor, action_mask: torch.Tensor,
                     safety_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Teacher log-probs from its full logits (B, T, V): sampled tokens (B, A) and S (B, A, K), masked.
+    """Teacher log-probs from its full logits (B, T, V), or (B, T, 1, V) under packing: sampled tokens
+    (B, A) and S (B, A, K), masked.
 
     Position t of the result predicts token t + 1 of `sequences`, aligned like OpenRLHF's
     action_log_probs (the last A positions, A = action_mask.shape[1]).
     """
-    width = action_mask.shape[1]
-    logits = logits[:, :-1][:, -width:]
-    mask = action_mask.to(logits.device, torch.float32)
-    sampled = gather_logprobs(logits, sequences[:, 1:][:, -width:].to(logits.device)) * mask
-    on_s = gather_logprobs(logits, safety_ids.to(logits.device)) * mask.unsqueeze(-1)
-    return {"logprobs": sampled, "logprobs_on_s": on_s}
+    return action_logprobs(logits, sequences, action_mask, safety_ids)
 
 
 class SteeredReferenceActor(_StockReference):
