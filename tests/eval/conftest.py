@@ -8,7 +8,10 @@ reply after the given prompts; the eval path then has to recover the planted beh
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -105,3 +108,30 @@ def planted():
 
     return SimpleNamespace(REFUSAL=REFUSAL, COMPLIANCE=COMPLIANCE, planted_policy=planted_policy,
                            train_fixed_reply=train_fixed_reply, slice_prompts=slice_prompts)
+
+
+@pytest.fixture(scope="session")
+def jbb_string_classifier():
+    """jailbreakbench 1.0.0's StringClassifier class, from the installed package's classifier.py: the oracle
+    of the jbb_string judge. `make setup` installs it --no-deps (it pins transformers < 5); its module-level
+    `import litellm` serves only its API judges, so a stub stands in while the file is executed."""
+    spec = importlib.util.find_spec("jailbreakbench")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("jailbreakbench is not installed: run `make setup` (pip install --no-deps jailbreakbench==1.0.0)")
+    from importlib.metadata import version
+
+    assert version("jailbreakbench") == "1.0.0", "the jbb_string judge copies jailbreakbench 1.0.0"
+    path = Path(next(iter(spec.submodule_search_locations))) / "classifier.py"
+    stub = types.ModuleType("litellm")  # the module-level import of its API judges; StringClassifier needs none
+    saved = sys.modules.get("litellm")
+    sys.modules["litellm"] = stub
+    try:
+        module_spec = importlib.util.spec_from_file_location("_jbb_classifier_oracle", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    finally:
+        if saved is None:
+            sys.modules.pop("litellm", None)
+        else:
+            sys.modules["litellm"] = saved
+    return module.StringClassifier
