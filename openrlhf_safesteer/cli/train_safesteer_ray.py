@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except compat.UnsupportedOpenRLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    openrlhf_argv = default_openrlhf_flags(openrlhf_argv)
+    openrlhf_argv = default_openrlhf_flags(openrlhf_argv, config.objective)
 
     from openrlhf_safesteer.plugin.install import run_openrlhf_main
     from openrlhf_safesteer.steering import IncompatibleArtifactError
@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args = result["args"]
         print(f"dry run OK: OpenRLHF {version} parsed {len(openrlhf_argv)} argument words; SafeSteer objective "
               f"{args.safesteer.objective}, rollout {args.safesteer.rollout}; nothing started.")
+        print(result["placement"].describe())
         print("OpenRLHF command: python -m openrlhf.cli.train_ppo_ray " + shlex.join(openrlhf_argv))
     return 0
 

@@ -125,15 +125,20 @@ def flag_given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def default_openrlhf_flags(argv: list[str]) -> list[str]:
+def default_openrlhf_flags(argv: list[str], objective: str = "exact") -> list[str]:
     """OpenRLHF flags whose OpenRLHF default does not fit SafeSteer, set unless the user chose them.
 
     --algo.advantage.estimator defaults to gae, which makes OpenRLHF place a critic; SafeSteer's
     advantage (sampled objective) or loss (exact) needs none, so the launcher picks `reinforce`.
+    --actor.loss_agg_mode defaults to token-mean (every token of the batch weighs the same); METHOD.md
+    section 4 and the exact objective take the token mean within each sequence, then the mean over
+    sequences, so the sampled objective gets seq-mean-token-mean too.
     """
     extra = []
     if not flag_given(argv, "--algo.advantage.estimator"):
         extra += ["--algo.advantage.estimator", "reinforce"]
+    if objective == "sampled" and not flag_given(argv, "--actor.loss_agg_mode"):
+        extra += ["--actor.loss_agg_mode", "seq-mean-token-mean"]
     return list(argv) + extra
 
 
@@ -226,6 +231,10 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     rollout = resolve_rollout(config)
     if this_machine and rollout == "vllm" and not compat.vllm_available():
         problems.append("--safesteer.rollout vllm: vLLM is not installed here; use --safesteer.rollout hf")
+    if this_machine and config.rollout == "auto" and rollout == "hf" and compat.cuda_present():
+        problems.append("--safesteer.rollout auto: this machine has CUDA but vLLM is not installed, so auto would "
+                        "pick the HF-generate engine (one request at a time per engine, far slower than vLLM). "
+                        "Install vllm, or pass --safesteer.rollout hf to choose it explicitly")
     if rollout == "hf":
         if args.vllm.tensor_parallel_size != 1:
             problems.append("--vllm.tensor_parallel_size > 1 with the HF-generate rollout: it runs one model per "

@@ -29,6 +29,7 @@ from openrlhf_safesteer.plugin.config import (
     refusals,
     resolve_rollout,
 )
+from openrlhf_safesteer.plugin.placement import cluster_problems, plan_placement
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,15 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             load_artifacts(config, args.actor.model_name_or_path)
         config.rollout = resolve_rollout(config)
         compat.apply_cpu_dtype(args)
+        # A recipe's dry run (often on a laptop) describes the GPU cluster the recipe is written for.
+        placement = plan_placement(args, config.rollout, on_gpus=compat.cuda_present() or config.dry_run)
+        logger.info("rollout: %s\n%s", config.rollout, placement.describe())
+        result["placement"] = placement
+        if config.rollout == "hf" and compat.cuda_present():
+            # The HF engines take weights through Ray's object store, not an NCCL group; with the default
+            # "nccl" backend OpenRLHF's PolicyModelActor reads the vllm stand-in's version (0.0.0 < 0.16) and
+            # sets NCCL_CUMEM_ENABLE=0, which its own comment says breaks ncclCommInitRank under NCCL >= 2.27.
+            args.vllm.sync_backend = "ray-object-store"
         args.safesteer = config.namespace()
         result["args"] = args
         if config.dry_run:
@@ -118,6 +128,13 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
 
             namespace["create_vllm_engines"] = create_hf_rollout_engines
         _ensure_ray()
+        import ray
+
+        refused, warned = cluster_problems(ray.cluster_resources(), placement)
+        for warning in warned:
+            logger.warning("%s", warning)
+        if refused:  # nothing is placed yet
+            raise SafeSteerConfigError(refused)
         # train() imports PPOTrainer from its module at call time.
         try:
             with _patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):

@@ -1,0 +1,89 @@
+"""What a SafeSteer run asks Ray for, said before anything is placed, and the cluster checks around it.
+
+OpenRLHF 0.11.2's `train()` places the policy, the reference (SafeSteer's teacher) and the rollout
+engines; SafeSteer's actor group (`experience.SafeSteerActorGroup`) asks for CPU shares instead of GPUs
+when the driver process sees no CUDA device. That decision is the driver's: on a cluster whose head
+node has no GPU, every actor would silently go to CPU (and `DS_ACCELERATOR=cpu` job-wide), so
+`cluster_problems` refuses that case once Ray is connected. Imports neither Ray nor OpenRLHF.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+# Ray resources per model actor when colocated (OpenRLHF's train_ppo_ray: num_gpus_per_actor=0.2 if pg).
+COLOCATED_GPU_SHARE = 0.2
+CPU_SHARE = 0.5  # experience.SafeSteerActorGroup.CPU_SHARE, per model actor on a machine without GPUs
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The Ray resources of one run. gpus: whole GPUs the run needs; lines: one line per group, for the log."""
+
+    on_gpus: bool
+    gpus: int
+    cpus: float
+    lines: tuple[str, ...]
+
+    def describe(self) -> str:
+        head = (f"Ray placement: {self.gpus} GPU(s)" if self.on_gpus
+                else f"Ray placement: CPU only, {self.cpus:g} CPU share(s) for the model actors")
+        return "\n".join([head, *(f"  {line}" for line in self.lines)])
+
+
+def plan_placement(args: SimpleNamespace, rollout: str, on_gpus: bool) -> Placement:
+    """The resources OpenRLHF's train() (with SafeSteer's groups) will request for parsed `args`.
+
+    rollout: "vllm" or "hf" (resolved). on_gpus: the driver sees CUDA (GPU placement) or not (CPU shares).
+    """
+    policy = args.actor.num_nodes * args.actor.num_gpus_per_node
+    teacher = args.ref.num_nodes * args.ref.num_gpus_per_node
+    engines = args.vllm.num_engines or 0
+    tp = args.vllm.tensor_parallel_size
+    engine_kind = "vLLM engine(s)" if rollout == "vllm" else "HF-generate engine(s)"
+    if not on_gpus:
+        cpus = CPU_SHARE * (policy + teacher)
+        return Placement(False, 0, cpus, (
+            f"policy: {policy} rank(s) x {CPU_SHARE:g} CPU (DeepSpeed CPU accelerator)",
+            f"teacher (steered reference): {teacher} rank(s) x {CPU_SHARE:g} CPU",
+            f"rollout: {engines} {engine_kind} x 0 CPU (they share the machine)",
+        ))
+    if args.train.colocate_all:
+        return Placement(True, policy, policy, (
+            f"one placement group of {policy} bundles {{GPU: 1, CPU: 1}} shared by:",
+            f"policy: {policy} rank(s) x {COLOCATED_GPU_SHARE:g} GPU",
+            f"teacher (steered reference): {teacher} rank(s) x {COLOCATED_GPU_SHARE:g} GPU",
+            f"rollout: {engines} {engine_kind} x TP {tp}",
+        ))
+    engine_gpus = engines * tp
+    if args.train.colocate_actor_ref:
+        return Placement(True, policy + engine_gpus, policy, (
+            f"one placement group of {policy} bundles {{GPU: 1, CPU: 1}} shared by the policy and the teacher "
+            f"({policy} rank(s) each x {COLOCATED_GPU_SHARE:g} GPU)",
+            f"rollout: {engines} {engine_kind} x TP {tp} = {engine_gpus} GPU(s)",
+        ))
+    return Placement(True, policy + teacher + engine_gpus, 0, (
+        f"policy: {policy} GPU(s)", f"teacher (steered reference): {teacher} GPU(s)",
+        f"rollout: {engines} {engine_kind} x TP {tp} = {engine_gpus} GPU(s)",
+    ))
+
+
+def cluster_problems(cluster: dict[str, float], placement: Placement) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for `placement` on a Ray cluster with `ray.cluster_resources()` = cluster.
+
+    Refused: CPU placement although the cluster has GPUs (the driver runs where CUDA is not visible).
+    Warned: a GPU run asking for more GPUs than the cluster has now (Ray waits until an autoscaler adds them).
+    """
+    gpus = int(cluster.get("GPU", 0))
+    refusals, warnings = [], []
+    if not placement.on_gpus and gpus > 0:
+        refusals.append(
+            f"the Ray cluster has {gpus} GPU(s) but this driver process sees no CUDA device (a CPU-only head "
+            "node, or CUDA_VISIBLE_DEVICES empty): SafeSteer would place every actor on CPU. Run the driver where "
+            "the GPUs are visible: submit to a cluster whose head node has GPUs (the recipes' `ray start --head "
+            "--num-gpus 8`), or with `ray job submit --entrypoint-num-gpus ...` on a GPU node")
+    if placement.on_gpus and placement.gpus > gpus:
+        warnings.append(f"the run asks for {placement.gpus} GPU(s) but the Ray cluster has {gpus} now: Ray will wait "
+                        "until they exist (an autoscaler may add them; otherwise the run hangs)")
+    return refusals, warnings
