@@ -34,6 +34,6 @@ def test_demo_model_end_to_end(tmp_path):
     refused = [is_refusal(r["reply"]) for r in rows]
     assert harmful["refusal_rate"] == sum(refused) / 1
     assert harmful["asr"] == 1 - harmful["refusal_rate"]  # the string judge: a non-refusal is a success
-    assert (out / "chart.png").is_file() and "| safesteer_harmful (ASR ↓) |" in (out / "table.md").read_text()
+    assert (out / "chart.png").is_file() and "| safesteer_harmful (ASR ↓, judge refusal) |" in (out / "table.md").read_text()
     assert main(argv) == 0  # resumes: everything from the cache
     assert len((out / "generations" / "qwen" / "safesteer_harmful.jsonl").read_text().splitlines()) == 1
