@@ -11,8 +11,13 @@
 # Settings (environment):
 #   OUT=outputs/eval          results.json, table.md, chart.png, caches (re-running resumes)
 #   JUDGE=llama_guard         Llama-Guard-4-12B as in the paper; llama_guard_1b for cheap runs;
-#                             NAME=DIR for a local copy (no hub)
+#                             NAME=DIR for a local copy (no hub); string judges: refusal (the
+#                             project's), jbb_string, arditi, xstest_strmatch (docs/eval.md)
 #   OWN_JUDGES=0              1: HarmBench with its classifier, SORRY-Bench with its own judge
+#                             (XSTest always uses its own string match; StrongREJECT's column is an
+#                             ASR by JUDGE, not the StrongREJECT rubric score)
+#   PKU=pku_saferlhf          every PKU-SafeRLHF test prompt; pku_saferlhf_unsafe: only prompts
+#                             with a response labelled unsafe
 #   LIMIT=                    prompts per benchmark (empty = all)
 #   GENERAL="mmlu_generative gsm8k minerva_math500 humaneval_instruct"   ("" to skip)
 #   GENERAL_LIMIT=            examples per lm-eval task (empty = all)
@@ -26,6 +31,7 @@ set -euo pipefail
 OUT=${OUT:-outputs/eval}
 JUDGE=${JUDGE:-llama_guard}
 OWN_JUDGES=${OWN_JUDGES:-0}
+PKU=${PKU:-pku_saferlhf}
 LIMIT=${LIMIT:-}
 GENERAL=${GENERAL-mmlu_generative gsm8k minerva_math500 humaneval_instruct}
 GENERAL_LIMIT=${GENERAL_LIMIT:-}
@@ -55,13 +61,17 @@ while [[ $# -gt 0 ]]; do
   esac
   shift
 done
+if [[ $PKU != pku_saferlhf && $PKU != pku_saferlhf_unsafe ]]; then
+  echo "PKU must be pku_saferlhf or pku_saferlhf_unsafe, got '$PKU'" >&2
+  exit 2
+fi
 if [[ ${#MODELS[@]} -eq 0 ]]; then
   echo "usage: bash recipes/eval_safety.sh [--dry-run] CKPT|NAME=CKPT ... [-- extra safesteer eval flags]" >&2
   exit 2
 fi
 
 BENCHMARKS=()
-for name in advbench pku_saferlhf harmbench jailbreakbench sorry_bench harmfulqa alert xstest strongreject; do
+for name in advbench "$PKU" harmbench jailbreakbench sorry_bench harmfulqa alert xstest strongreject; do
   spec=$name
   if [[ -n $DATA_DIR ]]; then
     for ext in csv json jsonl; do

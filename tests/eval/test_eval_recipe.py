@@ -52,3 +52,13 @@ def test_recipe_runs_on_local_copies(policy_dirs, tmp_path):
     assert set(safety) == set(NINE)
     assert all(safety[b]["asr"] == 1.0 for b in NINE if b != "xstest")
     assert safety["xstest"]["unsafe_refusal"] == 0.0
+
+
+def test_pku_prompt_rule_is_a_recipe_option():
+    env = {**os.environ, "SAFESTEER": "safesteer", "PKU": "pku_saferlhf_unsafe"}
+    out = subprocess.run(["bash", str(RECIPE), "--dry-run", "m=/m"], check=True, capture_output=True, text=True,
+                         env=env).stdout
+    assert "--benchmarks advbench pku_saferlhf_unsafe harmbench " in out
+    bad = subprocess.run(["bash", str(RECIPE), "--dry-run", "m=/m"], capture_output=True, text=True,
+                         env={**env, "PKU": "pku_all"})
+    assert bad.returncode == 2 and "PKU must be pku_saferlhf or pku_saferlhf_unsafe, got 'pku_all'" in bad.stderr
