@@ -16,7 +16,7 @@ import logging
 import random
 from pathlib import Path
 
-from openrlhf_safesteer.cli import HelpFormatter, check_chat_template, check_out
+from openrlhf_safesteer.cli import HelpFormatter, add_device_map_flags, check_chat_template, check_out, device_placement
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="model weights dtype (means are accumulated in float64 regardless)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_map_flags(p)
     return p
 
 
@@ -142,14 +143,14 @@ def run(args) -> int:
 
     # Flags, --out, prompts and the tokenizer's chat template first: bad input fails before the model loads.
     check_flags(args)
+    placement = device_placement(args)  # contradictory placement flags fail before the model loads
     check_out(args.out, check_vector_dir)
     harmful_train, harmful_val = _load(args.harmful, "harmful", args.n_train, args.n_val, args.seed)
     harmless_train, harmless_val = _load(args.harmless, "harmless", args.n_train, args.n_val, args.seed)
     check_chat_template(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), **placement)
     logger.info("fitting on %d harmful / %d harmless prompts, scoring on %d / %d", len(harmful_train),
                 len(harmless_train), len(harmful_val), len(harmless_val))
     try:

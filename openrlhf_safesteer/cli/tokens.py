@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from openrlhf_safesteer.cli import HelpFormatter
+from openrlhf_safesteer.cli import HelpFormatter, add_device_map_flags, device_placement
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="model dtype")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_device_map_flags(p)
     return p
 
 
@@ -79,12 +80,12 @@ def run(args) -> int:
     vector = SteeringVector.load(args.vector)
     prompts = data.load_prompt_file(args.prompts) if args.prompts else data.harmless("validation")
     check_flags(args)
+    placement = device_placement(args)  # contradictory placement flags fail before the model loads
     check_out(args.out, check_output_file)
     check_chat_template(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), **placement)
     vector.check_compatible(model)
     horizon = args.horizon or default_horizon(model)
     min_prob = args.min_prob if args.min_prob is not None else default_min_prob(model)

@@ -218,17 +218,27 @@ def resolve_model(name_or_path: str) -> str:
     return str(convert(spec)) if spec is not None else name_or_path
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str = "cpu"):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype=None, device: str | None = "cpu", device_map: str | None = None,
+               max_memory: dict | None = None, offload_folder: str | None = None):
     """Load (model, tokenizer) for an embedded model name, a local HF directory or a hub id.
 
-    The tokenizer is left-padded and has eos/pad set; float32 by default (CPU).
+    The tokenizer is left-padded and has eos/pad set; float32 by default (CPU). device_map ("auto",
+    "balanced", ...) spreads the layers over the visible GPUs, then CPU RAM, then `offload_folder`
+    (accelerate; max_memory caps each device, e.g. {0: "70GiB", "cpu": "200GiB"}); the weights then load
+    straight to their devices, never whole onto one. Inputs go to the first layer's device
+    (`models.model_device`), and accelerate moves activations between devices.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, device_map=device_map,
+                                                     max_memory=max_memory, offload_folder=offload_folder)
+    else:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device)
     spec = EMBEDDED_MODELS.get(name_or_path)
     if spec is not None:
         _set_special_tokens(model, tokenizer, spec)
