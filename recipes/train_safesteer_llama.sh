@@ -12,7 +12,10 @@
 set -euo pipefail
 
 MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}
-WORK=${WORK:-./runs/safesteer-llama3-8b}
+# Absolute paths: `ray job submit` runs the entrypoint in the job supervisor's directory, not this shell's, and
+# each actor writes checkpoints relative to its own working directory on whichever node it runs.
+WORK=$(realpath -m "${WORK:-./runs/safesteer-llama3-8b}")
+if [[ -d "$MODEL" ]]; then MODEL=$(realpath "$MODEL"); fi  # a local model folder, read on every node
 HORIZON=${HORIZON:-5}
 LR=${LR:-1e-6}
 RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}

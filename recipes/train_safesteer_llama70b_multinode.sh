@@ -3,7 +3,8 @@
 # vLLM engines with tensor parallelism 8, all colocated (hybrid engine). Paper settings as in
 # train_safesteer_llama.sh (100 prompts, 4 x 8 samples per step, 512 new tokens, lr 1e-6, horizon 5).
 #
-# 1. Start the Ray cluster (same venv, same paths on every node; a shared file system for $WORK):
+# 1. Start the Ray cluster (same venv, same paths on every node; a shared file system for $WORK, whose
+#    path is made absolute below):
 #      head:      bash recipes/train_safesteer_llama70b_multinode.sh --start-head
 #      3 workers: bash recipes/train_safesteer_llama70b_multinode.sh --start-worker HEAD_IP
 #    (equivalently: `ray start --head --node-ip-address HEAD_IP --num-gpus 8 --dashboard-host 0.0.0.0`
@@ -12,7 +13,10 @@
 set -euo pipefail
 
 MODEL=${MODEL:-meta-llama/Meta-Llama-3-70B-Instruct}
-WORK=${WORK:-./runs/safesteer-llama3-70b}
+# Absolute paths: `ray job submit` runs the entrypoint in the job supervisor's directory, not this shell's, and
+# each actor writes checkpoints relative to its own working directory on whichever node it runs.
+WORK=$(realpath -m "${WORK:-./runs/safesteer-llama3-70b}")
+if [[ -d "$MODEL" ]]; then MODEL=$(realpath "$MODEL"); fi  # a local model folder, read on every node
 NODES=${NODES:-4}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 HORIZON=${HORIZON:-5}
@@ -40,9 +44,16 @@ TOKENS="$WORK/safety_tokens.json"
 PROMPTS="$WORK/pku_saferlhf_unsafe_100.jsonl"
 
 # ---- stage 1 (on the head, once): a 70B direction search in bf16 spread over the node's GPUs ----
-DIRECTION=(safesteer direction --model "$MODEL" --out "$VECTOR" --dtype bfloat16 --batch-size 4)
+# Llama-3-70B in bf16 is ~141 GB of weights: more than one 80 GB GPU. --device-map auto (accelerate) loads
+# the layers straight onto the head node's visible GPUs (then CPU RAM); stage 1 needs ~141 GB of GPU memory
+# for the weights plus a few GB of activations and KV cache at batch 4, i.e. at least 2 x 80 GB GPUs (the 8 of
+# a node hold ~18 GB each). Cap a device with STAGE1_MAX_MEMORY='0=70GiB,1=70GiB,...'.
+STAGE1_PLACEMENT=(--device-map auto)
+if [[ -n "${STAGE1_MAX_MEMORY:-}" ]]; then STAGE1_PLACEMENT+=(--max-memory "$STAGE1_MAX_MEMORY"); fi
+DIRECTION=(safesteer direction --model "$MODEL" --out "$VECTOR" --dtype bfloat16 --batch-size 4
+           "${STAGE1_PLACEMENT[@]}")
 SAFETY_TOKENS=(safesteer tokens --model "$MODEL" --vector "$VECTOR" --out "$TOKENS" --horizon "$HORIZON"
-               --dtype bfloat16 --batch-size 4)
+               --dtype bfloat16 --batch-size 4 "${STAGE1_PLACEMENT[@]}")
 PREPARE_PROMPTS=("$PYTHON" "$HERE/prepare_pku_prompts.py" --out "$PROMPTS" --n 100 --seed 0)
 
 # ---- stage 2: SafeSteer through OpenRLHF on the whole cluster ---------------------------------
@@ -56,7 +67,10 @@ RAY_FLAGS=(
 MODEL_FLAGS=(
   --actor.model_name_or_path "$MODEL"
   --ds.zero_stage 3 --ds.param_dtype bf16 --ds.attn_implementation flash_attention_2
-  --ds.adam_offload --actor.gradient_checkpointing_enable --ds.packing_samples
+  --ds.adam_offload --actor.gradient_checkpointing_enable
+  # Packing needs flash-attn's varlen kernels (the plugin reads the packed (B, T, 1, V) logits correctly;
+  # tests/openrlhf/test_openrlhf_packing.py checks that on CPU, with sdpa's packed-sequence mask).
+  --ds.packing_samples
 )
 DATA_FLAGS=(
   --data.prompt_dataset "$PROMPTS" --data.input_key prompt --data.apply_chat_template

@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
         args = result["args"]
         print(f"dry run OK: OpenRLHF {version} parsed {len(openrlhf_argv)} argument words; SafeSteer objective "
               f"{args.safesteer.objective}, rollout {args.safesteer.rollout}; nothing started.")
-        print(result["placement"].describe())
         print("OpenRLHF command: python -m openrlhf.cli.train_ppo_ray " + shlex.join(openrlhf_argv))
     return 0
 

@@ -19,7 +19,8 @@ RECIPES = ["train_safesteer_llama.sh", "train_safesteer_qwen.sh", "train_safeste
 
 def run(args, tmp_path, **env):
     environment = dict(os.environ, PYTHON=sys.executable, WORK=str(tmp_path / "work"),
-                       PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), **env)
+                       PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    environment.update(env)
     return subprocess.run(args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -47,3 +48,21 @@ def test_recipe_dry_run_validates_every_flag(recipe, tmp_path, tiny_run):
     # The printed command is the one that would run.
     assert ("openrlhf_safesteer.cli.train_safesteer_ray" in proc.stdout or "openrlhf.cli.train_dpo" in proc.stdout
             or "openrlhf.cli.train_ppo_ray" in proc.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["train_safesteer_llama.sh", "train_safesteer_llama70b_multinode.sh",
+                                    "baseline_ppo_llama.sh"])
+def test_recipe_paths_are_absolute_before_ray_job_submit(recipe, tmp_path):
+    """`ray job submit` runs the entrypoint in the job supervisor's directory and each actor writes relative to its
+    own: a relative WORK must reach the command as an absolute path."""
+    proc = run(["bash", str(REPO / "recipes" / recipe), "--dry-run"], tmp_path, WORK="runs/relative",
+               SAFETY_JUDGE="refusal")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    submit = next(line for line in proc.stdout.splitlines() if "ray job submit" in line).split()
+    for flag in ("--ckpt.path", "--ckpt.output_dir", "--logger.tensorboard_dir", "--data.prompt_dataset"):
+        path = submit[submit.index(flag) + 1]
+        assert os.path.isabs(path), (flag, path)
+    if recipe == "train_safesteer_llama70b_multinode.sh":  # stage 1 spreads the 141 GB of bf16 weights
+        direction = next(line for line in proc.stdout.splitlines() if "safesteer direction" in line)
+        assert "--device-map auto" in direction
