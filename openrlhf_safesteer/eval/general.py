@@ -170,7 +170,7 @@ def run_lm_eval(
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError as err:
-        raise GeneralTaskUnavailableError("general tasks need lm-eval: pip install 'lm-eval==0.4.13'") from err
+        raise GeneralTaskUnavailableError(f"general tasks need lm-eval: pip install 'lm-eval[math]=={LM_EVAL_VERSION}'") from err
     problems = task_problems(tasks, allow_code_eval)
     if problems:
         raise GeneralTaskUnavailableError(describe_problems(problems))
