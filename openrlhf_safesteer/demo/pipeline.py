@@ -230,29 +230,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         return _run_demo(cfg)
 
 
-def _run_demo(cfg: DemoConfig) -> dict:
+def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) -> tuple:
+    """Stage 1 on the base model: the steering vector (or cfg.vector), the teacher check and S (or cfg.tokens).
+
+    Writes out/vector, direction_candidates.json, safety_tokens.json and teacher_check.json; returns
+    (vector, candidate table, teacher check, SafetyTokenSet, token texts). The comparison
+    (openrlhf_safesteer.compare) runs the same stage, so both start from the same artifacts.
+    """
     from openrlhf_safesteer.directions import CandidateScore, select_direction
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet, select_safety_tokens
-
-    from .report import write_report
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logger.info("safesteer demo settings:\n%s", cfg.summary())
-    timings: dict[str, float] = {}
-    start = time.time()
-    sets = EvalSets.default(cfg.eval_limit)
-
-    with _timed(timings, "load model"):
-        model, tokenizer = load_model(cfg.model)
-        torch.manual_seed(cfg.seed)
-
-    with _timed(timings, "evaluate base"):
-        base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
-    # stage results land on disk as they come, so a long or interrupted run still shows what it measured
-    _write_json(out / "eval_base.json", base_eval)
 
     with _timed(timings, "direction"):
         if cfg.vector:
@@ -293,6 +279,32 @@ def _run_demo(cfg: DemoConfig) -> dict:
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
     _write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
                                              "refusal_openers": refusal_openers_in(texts)})
+
+    return vector, table, teacher, tokens, texts
+
+
+def _run_demo(cfg: DemoConfig) -> dict:
+    from .report import write_report
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("safesteer demo settings:\n%s", cfg.summary())
+    timings: dict[str, float] = {}
+    start = time.time()
+    sets = EvalSets.default(cfg.eval_limit)
+
+    with _timed(timings, "load model"):
+        model, tokenizer = load_model(cfg.model)
+        torch.manual_seed(cfg.seed)
+
+    with _timed(timings, "evaluate base"):
+        base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
+    # stage results land on disk as they come, so a long or interrupted run still shows what it measured
+    _write_json(out / "eval_base.json", base_eval)
+
+    vector, table, teacher, tokens, texts = make_artifacts(model, tokenizer, cfg, out, timings)
 
     del model
     gc.collect()
