@@ -40,10 +40,17 @@ def alternating_medians(fns: list[Callable[[], object]], repeats: int = 7, warmu
     for _ in range(repeats):
         for fn, series in zip(fns, times):
             gc.collect()
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()  # CUDA kernels run asynchronously: time their completion, not their launch
             series.append(time.perf_counter() - start)
     return [statistics.median(series) for series in times]
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def paired_median_seconds(candidate: Callable[[], object], baseline: Callable[[], object], repeats: int = 7,

@@ -17,14 +17,19 @@ from openrlhf_safesteer.objectives import (
 from openrlhf_safesteer.steering import SteeringVector, attach_steering
 
 
-def make_batch(vocab_size: int, batch: int, length: int, prompt: int, seed: int = 0):
-    """Random token ids (B, T), full attention, and a completion mask (B, T-1) after `prompt` tokens."""
+def make_batch(vocab_size: int, batch: int, length: int, prompt: int, seed: int = 0, device="cpu"):
+    """Random token ids (B, T), full attention, and a completion mask (B, T-1) after `prompt` tokens, on
+    `device` (drawn on the CPU generator, so every device gets the same batch)."""
     gen = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, vocab_size, (batch, length), generator=gen)
     attention_mask = torch.ones_like(input_ids)
     mask = torch.zeros(batch, length - 1)
     mask[:, prompt - 1:] = 1
-    return input_ids, attention_mask, mask
+    return input_ids.to(device), attention_mask.to(device), mask.to(device)
+
+
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def random_vector(model, layer: int, seed: int = 0) -> SteeringVector:
@@ -38,7 +43,8 @@ def random_safety_ids(vocab_size: int, k: int = 50, seed: int = 0) -> torch.Tens
 
 def ratio_steered_forward(model, label: str, batch: int, length: int, repeats: int) -> Ratio:
     """1. Steered teacher forward vs a plain forward of the same model and batch (no grad)."""
-    input_ids, attention_mask, _ = make_batch(model.config.vocab_size, batch, length, prompt=length // 4)
+    input_ids, attention_mask, _ = make_batch(model.config.vocab_size, batch, length, prompt=length // 4,
+                                              device=device_of(model))
     vector = random_vector(model, layer=len(decoder_layers(model)) // 2)
 
     @torch.no_grad()
@@ -64,10 +70,12 @@ def ratio_exact_step(model, label: str, batch: int, length: int, repeats: int, k
     on S, (B, T-1, K), as it does from the teacher actor; no (B, T, V) teacher tensor exists.
     """
     vocab = model.config.vocab_size
-    input_ids, attention_mask, mask = make_batch(vocab, batch, length, prompt=length // 4)
-    safety_ids = random_safety_ids(vocab, k)
-    teacher_on_s = torch.log_softmax(torch.randn(batch, length - 1, vocab), -1)[..., safety_ids].contiguous()
-    advantages = -torch.rand(batch, length - 1)
+    device = device_of(model)
+    input_ids, attention_mask, mask = make_batch(vocab, batch, length, prompt=length // 4, device=device)
+    safety_ids = random_safety_ids(vocab, k).to(device)
+    teacher_on_s = torch.log_softmax(torch.randn(batch, length - 1, vocab), -1)[..., safety_ids.cpu()]
+    teacher_on_s = teacher_on_s.contiguous().to(device)
+    advantages = -torch.rand(batch, length - 1).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-9, weight_decay=0.0)
 
@@ -106,14 +114,15 @@ def ratio_teacher_bytes(model, label: str, batch: int, length: int, k: int = 50)
     object store carries), divided by the number of scored tokens.
     """
     vocab = model.config.vocab_size
-    input_ids, attention_mask, _ = make_batch(vocab, batch, length, prompt=length // 4)
-    safety_ids = random_safety_ids(vocab, k)
+    input_ids, attention_mask, _ = make_batch(vocab, batch, length, prompt=length // 4, device=device_of(model))
+    safety_ids = random_safety_ids(vocab, k).to(device_of(model))
     handle = attach_steering(model, random_vector(model, layer=len(decoder_layers(model)) // 2))
     try:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1].float()
     finally:
         handle.remove()
-    on_s = gather_logprobs(logits, safety_ids).contiguous()
+    on_s = gather_logprobs(logits, safety_ids).contiguous().cpu()
+    logits = logits.cpu()  # what would be pickled
     tokens = on_s.shape[0] * on_s.shape[1]
     bytes_on_s = len(pickle.dumps(on_s)) / tokens
     bytes_full = len(pickle.dumps(logits.contiguous())) / tokens
