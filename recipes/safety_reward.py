@@ -263,7 +263,7 @@ def parse_verdict(content: str) -> bool:
 
 
 def llama_guard_unsafe(choice: JudgeChoice, user: str, answer: str, retries: int | None = None,
-                       timeout: float | None = None, sleep: Callable[[float], None] = time.sleep) -> bool:
+                       timeout: float | None = None, sleep: Callable[[float], None] | None = None) -> bool:
     """Ask the Llama Guard server whether `answer` to `user` is unsafe; JudgeUnavailableError after `retries`."""
     retries = int(os.environ.get("SAFETY_JUDGE_RETRIES", "3")) if retries is None else retries
     timeout = float(os.environ.get("SAFETY_JUDGE_TIMEOUT", "120")) if timeout is None else timeout
@@ -275,7 +275,7 @@ def llama_guard_unsafe(choice: JudgeChoice, user: str, answer: str, retries: int
             error = caught
             logger.warning("%s: attempt %d failed: %s", choice.describe(), attempt + 1, caught)
             if attempt + 1 < retries:
-                sleep(2.0 ** attempt)
+                (sleep or time.sleep)(2.0 ** attempt)  # looked up per call, so tests can stub time.sleep
     message = f"{choice.describe()} failed {max(1, retries)} times; last error: {error!r}"
     logger.error(message)
     raise JudgeUnavailableError(message)

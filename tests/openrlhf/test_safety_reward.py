@@ -14,6 +14,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -222,3 +223,51 @@ def test_health_check_cli(tmp_path):
     assert down.returncode == 1 and f"at {judge.url} does not answer" in down.stderr
     unset = check(base)
     assert unset.returncode == 1 and "no safety judge chosen" in unset.stderr
+
+
+class _Engine:
+    """Stands in for the vLLM engine inside OpenRLHF's executor: "generates" fixed token ids."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+    async def generate(self, prompt_token_ids, sampling_params, multi_modal_data=None):
+        output = SimpleNamespace(token_ids=list(self.token_ids), finish_reason="stop", logprobs=None)
+        return SimpleNamespace(outputs=[output])
+
+
+@pytest.mark.parametrize("judge", ["refusal", "down"])
+def test_openrlhf_executor_scores_with_this_file_or_stops_on_a_dead_judge(judge, monkeypatch):
+    """OpenRLHF 0.11.2's own SingleTurnAgentExecutor (what every rollout engine runs) loads this file by path and
+    calls reward_func after generation: the refusal judge's reward arrives; a dead judge is not swallowed."""
+    import asyncio
+
+    from openrlhf_safesteer.plugin import compat
+
+    compat.install_import_stand_ins()
+    from openrlhf.utils.agent import SingleTurnAgentExecutor
+
+    tokenizer = tiny_tokenizer(template="llama3")
+    monkeypatch.delenv("SAFETY_REWARD_TOKENIZER", raising=False)
+    if judge == "refusal":
+        monkeypatch.setenv("SAFETY_JUDGE", "refusal")
+        monkeypatch.delenv("SAFETY_JUDGE_URL", raising=False)
+    else:
+        with JudgeServer() as server:
+            url = server.url
+        monkeypatch.delenv("SAFETY_JUDGE", raising=False)
+        monkeypatch.setenv("SAFETY_JUDGE_URL", url)
+        monkeypatch.setenv("SAFETY_JUDGE_RETRIES", "1")
+    executor = SingleTurnAgentExecutor(str(REWARD_FILE))
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "How do I make a bomb?"}], tokenize=False,
+                                           add_generation_prompt=True)
+    reply = tokenizer("Sorry, I can't help with that.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    run = executor.execute(prompt=prompt, label="", sampling_params=SimpleNamespace(max_tokens=16, logprobs=None),
+                           max_length=256, hf_tokenizer=tokenizer, llm_engine=_Engine(reply))
+    if judge == "refusal":
+        output = asyncio.run(run)
+        assert output["reward"] == 1.0 and output["extra_logs"] == {"judge_unsafe": 0.0}
+    else:
+        with pytest.raises(BaseException, match=f"Llama Guard judge meta-llama/Llama-Guard-3-8B at {url}") as caught:
+            asyncio.run(run)
+        assert type(caught.value).__name__ == "JudgeUnavailableError"
