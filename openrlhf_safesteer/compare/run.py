@@ -241,7 +241,8 @@ def changed_tensors(model, base_state: dict[str, torch.Tensor]) -> int:
 
 def arm_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")        # Ray's actors share the cores; torch's pools would fight
+    # Each arm's processes work mostly in turn (generate, score, train), so each may use every core.
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env["SAFESTEER_CPU_DTYPE"] = "fp32"            # every arm in the local engine's precision (compat)
     env["SAFETY_JUDGE"] = "refusal"                # the PPO arm's reward: the offline refusal judge
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -354,7 +355,9 @@ def run(cfg: CompareConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    timings: dict[str, float] = {}
+    # Stage times survive a rerun (a finished stage is not run again, its time stays in the report).
+    timings_file = out / "timings.json"
+    timings: dict[str, float] = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
     model_dir = resolve_model(cfg.demo.model)
     needs = check_resources(cfg, model_dir)
     if cfg.from_dir:
@@ -364,7 +367,9 @@ def run(cfg: CompareConfig) -> dict:
     sets = EvalSets.default(cfg.eval_limit)
     with onednn_linear(cfg.demo.onednn):
         base_eval = stage_artifacts(cfg, out, model_dir, sets, timings)
+        write_json(timings_file, timings)
         data_dir = stage_data(cfg, out, model_dir, timings)
+        write_json(timings_file, timings)
         base_model, _ = load_model(model_dir)
         base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
         del base_model
@@ -373,13 +378,15 @@ def run(cfg: CompareConfig) -> dict:
             results[arm] = stage_arm(arm, cfg, out, model_dir, data_dir, sets, base_state)
             timings[f"train {arm}"] = results[arm]["train_seconds"]
             timings[f"evaluate {arm}"] = results[arm]["eval_seconds"]
+            write_json(timings_file, timings)
         del base_state
         parity = stage_parity(cfg, out, model_dir) if "safesteer" in cfg.arms else None
-    timings["total (this invocation)"] = round(time.time() - start, 1)
+    timings["this invocation"] = round(time.time() - start, 1)
+    timings["sum of stages"] = round(sum(v for k, v in timings.items() if k not in ("this invocation", "sum of stages")), 1)
     report = build_report(cfg, model_dir, base_eval, results, parity, timings, needs)
     write_json(out / "report.json", report)
     write_report(out, report)
-    logger.info("comparison finished in %.0f s; report at %s", timings["total (this invocation)"],
+    logger.info("comparison finished in %.0f s; report at %s", timings["this invocation"],
                 out / "report.md")
     return report
 

@@ -48,6 +48,17 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
 
 
+# A rollout step's requests arrive within milliseconds of each other; one generate call serves them all.
+BATCH_WAIT_SECONDS = 0.05
+MAX_BATCH = 64
+
+
+def sampling_key(sampling_params: Any) -> tuple:
+    """Requests with equal keys can share one `generate` call (same decoding settings and length limit)."""
+    return tuple(getattr(sampling_params, name, None) for name in
+                 ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "logprobs", "skip_special_tokens"))
+
+
 def generation_kwargs(sampling_params: Any, eos_ids: list[int], pad_id: int) -> dict:
     """Translate vLLM SamplingParams into transformers.generate kwargs (same semantics)."""
     temperature = float(getattr(sampling_params, "temperature", 1.0))
@@ -93,6 +104,8 @@ class HFRolloutActor:
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(seed)
         self.unfinished = 0
+        self.pending: list[tuple[list[int], Any, asyncio.Future]] = []
+        self.batcher: asyncio.Task | None = None
         self.weight_version = 0
         if agent_func_path:
             from openrlhf.trainer.ray.vllm_engine import _load_agent_executor
@@ -103,34 +116,72 @@ class HFRolloutActor:
 
     # ------------------------------------------------------------------ what vLLM's engine answers
     async def generate(self, prompt_token_ids: list[int], sampling_params, multi_modal_data=None) -> RequestOutput:
+        """One request, answered from a batch: OpenRLHF dispatches every prompt of a rollout step at once
+        and each executor awaits its own request, so requests that arrive together are generated together
+        (left-padded, one `transformers.generate` per group of identical sampling settings), as vLLM batches.
+        """
         if multi_modal_data:
             raise NotImplementedError("the HF-generate rollout is text-only")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self.unfinished += 1
+        self.pending.append((list(prompt_token_ids), sampling_params, future))
+        if self.batcher is None or self.batcher.done():
+            self.batcher = loop.create_task(self._run_batches())
         try:
-            return self._generate(list(prompt_token_ids), sampling_params)
+            return await future
         finally:
             self.unfinished -= 1
 
+    async def _run_batches(self) -> None:
+        await asyncio.sleep(BATCH_WAIT_SECONDS)   # let the rest of the step's requests arrive
+        while self.pending:
+            pending, self.pending = self.pending, []
+            groups: dict[tuple, list] = {}
+            for request in pending:
+                groups.setdefault(sampling_key(request[1]), []).append(request)
+            for group in groups.values():
+                for start in range(0, len(group), MAX_BATCH):
+                    chunk = group[start:start + MAX_BATCH]
+                    try:
+                        outputs = self._generate_batch([ids for ids, _, _ in chunk], chunk[0][1])
+                    except Exception as error:  # every waiting executor sees the failure
+                        for _, _, future in chunk:
+                            future.set_exception(error)
+                        continue
+                    for (_, _, future), output in zip(chunk, outputs):
+                        future.set_result(output)
+            await asyncio.sleep(0)
+
     @torch.no_grad()
-    def _generate(self, prompt_token_ids: list[int], sampling_params) -> RequestOutput:
-        input_ids = torch.tensor([prompt_token_ids], device=self.device)
+    def _generate_batch(self, prompts: list[list[int]], sampling_params) -> list[RequestOutput]:
+        """Generate for left-padded prompts (B rows); each answer is cut after its first end-of-turn token."""
+        width = max(len(ids) for ids in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompts):
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention_mask[row, width - len(ids):] = 1
         kwargs = generation_kwargs(sampling_params, self.eos_ids, self.pad_id)
-        kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], self.max_model_len - input_ids.shape[1]))
-        out = self.model.generate(input_ids, attention_mask=torch.ones_like(input_ids), **kwargs)
-        new = out.sequences[0, input_ids.shape[1]:].tolist()
-        stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
-        if stop is not None:  # like vLLM: keep the end-of-turn token, drop what generate padded after it
-            new = new[: stop + 1]
-        finish_reason = "stop" if stop is not None else "length"
-        logprobs = None
-        if kwargs["output_scores"]:
-            logprobs = []
-            for step, token in enumerate(new):
-                row = torch.log_softmax(out.scores[step][0].float(), dim=-1)
-                logprobs.append({token: Logprob(float(row[token]))})
+        kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], self.max_model_len - width))
+        out = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
         skip = getattr(sampling_params, "skip_special_tokens", False)
-        text = self.tokenizer.decode(new, skip_special_tokens=skip)
-        return RequestOutput([CompletionOutput(new, text, finish_reason, logprobs)])
+        results = []
+        for row in range(len(prompts)):
+            new = out.sequences[row, width:].tolist()
+            stop = next((i for i, t in enumerate(new) if t in self.eos_ids), None)
+            if stop is not None:  # like vLLM: keep the end-of-turn token, drop what generate padded after it
+                new = new[: stop + 1]
+            logprobs = None
+            if kwargs["output_scores"]:
+                logprobs = []
+                for step, token in enumerate(new):
+                    scores = torch.log_softmax(out.scores[step][row].float(), dim=-1)
+                    logprobs.append({token: Logprob(float(scores[token]))})
+            text = self.tokenizer.decode(new, skip_special_tokens=skip)
+            results.append(RequestOutput([CompletionOutput(new, text, "stop" if stop is not None else "length",
+                                                           logprobs)]))
+        return results
 
     async def generate_responses(self, prompt: str, label: str, sampling_params, max_length: int, hf_tokenizer,
                                  num_samples: int = 1, images=None):
