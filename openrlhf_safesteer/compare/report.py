@@ -86,3 +86,26 @@ def write_report(out: Path, report: dict) -> None:
     lines += ["", "## Stage times (seconds)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["timings_seconds"].items()]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
+
+
+def seed_table(reports: list[dict]) -> str:
+    """One row per (arm, run) across comparison runs (e.g. seeds), then each arm's range: the spread that
+    tells whether two arms differ by more than the seed does."""
+    lines = ["| arm | seed | harmful refusal | harmless refusal | general_score | score shift harmful / harmless |",
+             "|---|---|---|---|---|---|"]
+    by_arm: dict[str, list[dict]] = {}
+    for report in reports:
+        seed = report["settings"]["demo"]["seed"]
+        for arm, r in report["arms"].items():
+            by_arm.setdefault(arm, []).append(r)
+            lines.append(f"| {LABELS.get(arm, arm)} | {seed} | {_pct(r['harmful_refusal_rate'])} | "
+                         f"{_pct(r['harmless_refusal_rate'])} | {r['general_score']:.1f} | "
+                         f"{r['harmful_score_shift']:+.2f} / {r['harmless_score_shift']:+.2f} |")
+    for arm, rows in by_arm.items():
+        def span(key: str, pct: bool = True) -> str:
+            values = [r[key] for r in rows]
+            fmt = _pct if pct else (lambda v: f"{v:.1f}")
+            return f"{fmt(min(values))} - {fmt(max(values))}"
+        lines.append(f"| **{LABELS.get(arm, arm)}: range over {len(rows)}** | | {span('harmful_refusal_rate')} | "
+                     f"{span('harmless_refusal_rate')} | {span('general_score', pct=False)} | |")
+    return "\n".join(lines)

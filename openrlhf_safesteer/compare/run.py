@@ -428,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m openrlhf_safesteer.compare.run", formatter_class=HelpFormatter,
                                 description="SafeSteer (OpenRLHF plugin, both objectives, and the local engine) "
                                             "beside OpenRLHF's own DPO and PPO on the demo's model and prompts.")
-    p.add_argument("--out", required=True, help="output folder (a rerun skips the arms that finished)")
+    p.add_argument("--out", help="output folder (a rerun skips the arms that finished)")
+    p.add_argument("--summarise", nargs="+", metavar="DIR", default=None,
+                   help="print the arms of finished comparisons (e.g. one per --seed) side by side and their "
+                        "range; trains nothing")
     p.add_argument("--from", dest="from_dir", default=None,
                    help="a finished `safesteer demo` folder: reuse its vector, S and base evaluation")
     p.add_argument("--arms", nargs="+", default=list(ARMS), help=f"arms to run, of {', '.join(ARMS)}")
@@ -465,7 +468,20 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    cfg = config_from_args(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.summarise:
+        from .report import seed_table
+
+        missing = [d for d in args.summarise if not (Path(d) / "report.json").is_file()]
+        if missing:
+            print(f"error: no report.json in {', '.join(missing)}", file=sys.stderr)
+            return 2
+        print(seed_table([json.loads((Path(d) / "report.json").read_text()) for d in args.summarise]))
+        return 0
+    if not args.out:
+        parser.error("--out is required")
+    cfg = config_from_args(args)
     from openrlhf_safesteer.steering import IncompatibleArtifactError
 
     try:

@@ -226,3 +226,16 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     stamps = {arm: (out / "arms" / arm / "result.json").stat().st_mtime_ns for arm in ARMS}
     assert compare_run.main(argv) == 0
     assert stamps == {arm: (out / "arms" / arm / "result.json").stat().st_mtime_ns for arm in ARMS}
+
+
+def test_seed_table_gives_each_arms_range():
+    from openrlhf_safesteer.compare.report import seed_table
+
+    def report(seed: int, harmful: float, harmless: float) -> dict:
+        arm = {"harmful_refusal_rate": harmful, "harmless_refusal_rate": harmless, "general_score": 80.0 + seed,
+               "harmful_score_shift": 0.5, "harmless_score_shift": 0.25}
+        return {"settings": {"demo": {"seed": seed}}, "arms": {"safesteer": arm}}
+
+    text = seed_table([report(0, 0.75, 0.10), report(1, 0.625, 0.13), report(2, 0.8125, 0.09)])
+    assert "| SafeSteer (plugin, exact) | 1 | 62.5% | 13.0% | 81.0 | +0.50 / +0.25 |" in text
+    assert "range over 3** | | 62.5% - 81.2% | 9.0% - 13.0% | 80.0 - 82.0 |" in text
