@@ -1,4 +1,4 @@
-"""The refusal direction: difference-of-means candidates and the choice of one (METHOD.md section 1).
+"""The refusal direction: difference-of-means candidates and the choice of one (docs/METHOD.md section 1).
 
     vector, table = select_direction(model, tokenizer, harmful_train, harmless_train, harmful_val, harmless_val)
 
@@ -209,7 +209,7 @@ class CandidateScore:
 
 
 def rejection_reason(row: CandidateScore, kl_threshold: float) -> str:
-    """Why METHOD.md's rules drop a scored candidate ("" if it passes). Written as `not (x <= limit)` /
+    """Why docs/METHOD.md's rules drop a scored candidate ("" if it passes). Written as `not (x <= limit)` /
     `not (x > 0)` so that a NaN score drops the candidate instead of slipping past every comparison."""
     if not (math.isfinite(row.ablation_kl) and row.ablation_kl <= kl_threshold):
         return f"ablation KL {row.ablation_kl:.3g} > {kl_threshold}"
@@ -237,7 +237,7 @@ def select_direction(
     progress: bool = True,
     fallback: bool = False,
 ) -> tuple[SteeringVector, list[CandidateScore]]:
-    """Compute every candidate direction and select one (METHOD.md section 1).
+    """Compute every candidate direction and select one (docs/METHOD.md section 1).
 
     Candidates in layers >= int(L * max_layer_fraction) are dropped; so are those whose ablation
     moves the harmless next-token distribution by KL > kl_threshold and those whose activation
@@ -324,7 +324,7 @@ def select_direction(
         )
     if used_fallback:
         best = max(steered, key=lambda r: (r.steering_refusal, -r.layer, -r.position))
-        logger.warning("every candidate failed METHOD.md's rules (%s); falling back to layer %d position %d, the "
+        logger.warning("every candidate failed docs/METHOD.md's rules (%s); falling back to layer %d position %d, the "
                        "strongest steering refusal score (%.2f)",
                        "; ".join(f"layer {r.layer} pos {r.position}: {r.rejected}" for r in table),
                        best.layer, best.position, best.steering_refusal)
@@ -333,7 +333,7 @@ def select_direction(
     logger.info("selected layer %d position %d: ablation refusal %.3f, steering refusal %.3f, ablation KL %.4f",
                 best.layer, best.position, best.ablation_refusal, best.steering_refusal, best.ablation_kl)
     source = {
-        "method": "difference of means (METHOD.md section 1)",
+        "method": "difference of means (docs/METHOD.md section 1)",
         "harmful_train_sha256": prompts_sha256(harmful_train),
         "harmless_train_sha256": prompts_sha256(harmless_train),
         "harmful_val_sha256": prompts_sha256(harmful_val),

@@ -7,7 +7,7 @@ completion token the loss should see. The teacher never contributes a (B, T, V) 
 already gathered on S, (B, T, K).
 
 Reduction everywhere: mean over the valid tokens of each sequence, then mean over the sequences that
-have at least one valid token (METHOD.md section 4).
+have at least one valid token (docs/METHOD.md section 4).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def gather_logprobs(logits: Tensor, ids: Tensor, temperature: float = 1.0,
 
     logits (B, T, V); ids (K,) -> (B, T, K), or ids (B, T) -> (B, T). Computed as
     logit - logsumexp(logit) so no (B, T, V) log-prob tensor is kept for backward beyond the logits.
-    Not renormalised over the ids (METHOD.md: "do NOT renormalise over S").
+    Not renormalised over the ids (docs/METHOD.md: "do NOT renormalise over S").
     log_normaliser (B, T, 1): logsumexp of the scaled logits when the caller already has it
     (reading two id sets from one tensor needs one pass over V, not two).
     """

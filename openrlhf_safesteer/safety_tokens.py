@@ -1,5 +1,5 @@
 """The safety-token set S: the vocabulary ids on which the steered teacher disagrees with the base
-model most often (METHOD.md section 3). Done once, before training.
+model most often (docs/METHOD.md section 3). Done once, before training.
 
     S = select_safety_tokens(model, tokenizer, steering_vector, harmless_val_prompts)
     S.save("tokens.json"); S = SafetyTokenSet.load("tokens.json"); ids = S.ids_tensor()   # (K,)
@@ -175,7 +175,7 @@ def vote(delta: Tensor, valid: Tensor, banned: Tensor, k_prime: int) -> Tensor:
     """Votes (V,) long: at each valid (sample, position) the top-k_prime ids by delta get one vote.
 
     delta (N, H, V) = log p_teacher - log p_base; valid (N, H) bool; banned (V,) bool never vote.
-    Only ids the teacher favours (delta > 0) vote. With METHOD.md's min_prob (1e-8) the top k' ids
+    Only ids the teacher favours (delta > 0) vote. With docs/METHOD.md's min_prob (1e-8) the top k' ids
     of a 150k vocabulary all have delta > 0 anyway; with a strict min_prob fewer than k' ids are
     allowed, and without this rule every allowed id would vote, including the ones steering makes
     LESS likely. Measured on the demo model (H = 1, min_prob 1e-3): S then held 'To', 'The',
@@ -274,7 +274,7 @@ def select_safety_tokens(
     batch_size: int = 8,
     progress: bool = True,
 ) -> SafetyTokenSet:
-    """Vote the safety-token set S (METHOD.md section 3).
+    """Vote the safety-token set S (docs/METHOD.md section 3).
 
     For each prompt (harmless validation prompts), sample n_samples continuations of horizon - 1
     tokens from the STEERED model; teacher-force them through the steered and the base model; at
@@ -313,7 +313,7 @@ def select_safety_tokens(
 
     # The vote needs min_prob's ban list, i.e. one pass over every sample, before the first vote.
     # Small runs keep the (N, H, V) teacher/base log-probs of that pass for the vote; large ones
-    # (METHOD's 128 prompts x 8 samples at V = 150k: 8 GB) score everything twice instead.
+    # (docs/METHOD.md's 128 prompts x 8 samples at V = 150k: 8 GB) score everything twice instead.
     keep_scores = 2 * len(texts) * horizon * vocab_rows * 4 <= SCORE_CACHE_BYTES
     cache: list[tuple[Tensor, Tensor]] = []
 

@@ -2,7 +2,7 @@
 
 For ChatML that is `<|im_end|>\\n<|im_start|>assistant\\n`, for Llama-3
 `<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`. The refusal direction is read at
-these positions (METHOD.md section 1): they are the same tokens for every prompt, so a
+these positions (docs/METHOD.md section 1): they are the same tokens for every prompt, so a
 difference of means there compares like with like. With LEFT padding they sit at the same
 negative offsets -n..-1 in every row of a batch.
 """

@@ -22,7 +22,7 @@ SAFETY_IDS = torch.tensor([1, 4, 7, 9])
 
 
 def make_batch(seed: int = 0):
-    """Random logits and a ragged mask. Row 2 has no valid token: METHOD.md section 4 averages over the
+    """Random logits and a ragged mask. Row 2 has no valid token: docs/METHOD.md section 4 averages over the
     sequences that have one, so it must not count in any mean (brute_force skips it; a loss that divided
     by B would be 3/4 of the expected value)."""
     gen = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def make_batch(seed: int = 0):
 
 
 def brute_force(student_logits, teacher_logits, mask, ids, term):
-    """Python loops over sequences, positions and ids: an independent reading of METHOD.md section 4."""
+    """Python loops over sequences, positions and ids: an independent reading of docs/METHOD.md section 4."""
     per_sequence = []
     for b in range(student_logits.shape[0]):
         values = []

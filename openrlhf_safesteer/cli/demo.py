@@ -28,10 +28,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--coeff", type=float, default=d.coeff,
                    help="steering coefficient for the direction search and the safety-token vote")
     p.add_argument("--teacher-coeff", type=float, default=d.teacher_coeff,
-                   help="steering coefficient of the teacher during training (METHOD.md: 1)")
-    p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H (METHOD.md: 7 for Qwen)")
+                   help="steering coefficient of the teacher during training (docs/METHOD.md: 1)")
+    p.add_argument("--horizon", type=int, default=d.horizon, help="safety-token horizon H (docs/METHOD.md: 7 for Qwen)")
     p.add_argument("--min-prob", type=float, default=d.min_prob,
-                   help="ban ids whose mean teacher probability is below this (METHOD.md: 1e-8 for Qwen)")
+                   help="ban ids whose mean teacher probability is below this (docs/METHOD.md: 1e-8 for Qwen)")
     p.add_argument("--token-samples", type=int, default=d.token_samples, help="steered samples per prompt for S")
     p.add_argument("--token-prompts", type=int, default=d.token_prompts, help="harmless prompts voting S")
     p.add_argument("--objectives", nargs="+", default=d.objectives,

@@ -1,4 +1,4 @@
-"""`safesteer direction`: compute the candidate refusal directions and select one (METHOD.md section 1).
+"""`safesteer direction`: compute the candidate refusal directions and select one (docs/METHOD.md section 1).
 
     safesteer direction --model M --harmful harmful.json --harmless harmless.json --out vec/
 

@@ -1,4 +1,4 @@
-"""`safesteer tokens`: vote the safety-token set S (METHOD.md section 3).
+"""`safesteer tokens`: vote the safety-token set S (docs/METHOD.md section 3).
 
     safesteer tokens --model M --vector vec/ --prompts harmless_val.json --out tokens.json
 

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (checkpoints/, final/, metrics.jsonl)")
     p.add_argument("--safesteer.objective", dest="objective", default=d.objective, choices=OBJECTIVES,
                    help="exact: localized reverse KL on S (SafeSteer); sampled: its sampled-token advantage; "
-                        "forward / full_vocab / renormalized / system_prompt: the METHOD.md ablations")
+                        "forward / full_vocab / renormalized / system_prompt: the docs/METHOD.md ablations")
     p.add_argument("--safesteer.coeff", dest="coeff", type=float, default=None,
                    help="steering coefficient (default: the vector's own)")
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate (peak of the cosine schedule)")

@@ -1,7 +1,7 @@
 """The project's own prompt sets (written for this project, shipped as JSON).
 
     harmful("train")       # 32 harmful requests the demo trains on
-    harmful("train_extra") # 68 more, to METHOD.md's ~100 (measured less selective on the demo model: README)
+    harmful("train_extra") # 68 more, to docs/METHOD.md's ~100 (measured less selective on the demo model: README)
     harmful("test")        # 48 held-out harmful requests on topics absent from every other split
     harmless("test")       # 100 harmless requests (over-refusal)
     general_questions()    # 100 short arithmetic / factual questions for general_score

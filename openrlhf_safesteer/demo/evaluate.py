@@ -56,7 +56,7 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     harmful_refusal_score, harmless_refusal_score, samples, seconds}.
 
     Rates are fractions in [0, 1]; general_score is a percentage. The two refusal scores are the mean
-    METHOD.md refusal score (logit of the refusal openers' next-token probability at the end of the prompt):
+    docs/METHOD.md refusal score (logit of the refusal openers' next-token probability at the end of the prompt):
     a greedy refusal flips at a threshold, the score shows how far each set moved (a training run that is
     selective raises the harmful score more than the harmless one).
     """

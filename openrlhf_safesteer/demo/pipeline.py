@@ -41,19 +41,19 @@ class DemoConfig:
     out: str = "safesteer_demo"
     model: str = DEFAULT_MODEL
     seed: int = 0
-    # direction (METHOD.md section 1, reduced grid). Measured over layers 12-17 at coefficient 2: only 13 and 15
+    # direction (docs/METHOD.md section 1, reduced grid). Measured over layers 12-17 at coefficient 2: only 13 and 15
     # pass the rules (12, 14, 16, 17: ablation KL 0.52, 0.24, 0.13, 0.32 > 0.1) and 15 is selected (its ablation
     # drops harmful refusal most: -3.91 vs -2.35 for 13); the demo scores 14-16 (same vector, 2 minutes less).
     layers: list[int] = field(default_factory=lambda: list(range(14, 17)))
     positions: list[int] = field(default_factory=lambda: [-1])
-    # Selection and the safety-token vote use coefficient 2: at METHOD.md's 1, every candidate in layers 12-17
+    # Selection and the safety-token vote use coefficient 2: at docs/METHOD.md's 1, every candidate in layers 12-17
     # failed the rules (ablation KL > 0.1, or harmless prompts not refused when steered).
     coeff: float = 2.0
-    # The teacher during training uses METHOD.md's default coefficient 1. Measured (sweep, lr 1e-4, 10 steps):
+    # The teacher during training uses docs/METHOD.md's default coefficient 1. Measured (sweep, lr 1e-4, 10 steps):
     # teacher coefficient 1 -> held-out harmful refusal 75%, coefficient 2 -> 67%, same harmless refusal (25%).
     teacher_coeff: float | None = 1.0   # None: the selection coefficient
     kl_threshold: float = 0.1
-    # safety tokens (section 3): METHOD.md's constants for Qwen, H = 7 and min_prob 1e-8.
+    # safety tokens (section 3): docs/METHOD.md's constants for Qwen, H = 7 and min_prob 1e-8.
     # Measured on the default model (layer 15, coeff 2; `python -m openrlhf_safesteer.demo.sweep`, README):
     # with H = 7 S is semantic (' illegal', ' malicious', 'unsafe', ' unethical', ...), tokens the student
     # rarely emits and the teacher does, so the localized reverse KL pulls them up and held-out harmful
@@ -76,7 +76,7 @@ class DemoConfig:
     samples_per_prompt: int = 1
     max_new_tokens: int = 24
     lr: float = 6e-5
-    lora_r: int = 16                   # 0: full fine-tuning (METHOD.md's setting; needs freeze_embeddings on 24 GB)
+    lora_r: int = 16                   # 0: full fine-tuning (as in docs/METHOD.md; needs freeze_embeddings on 24 GB)
     lora_alpha: float = 32.0
     lora_targets: list[str] = field(default_factory=lambda: list(TrainConfig().lora_targets))
     lora_layers: list[int] | None = None  # decoder layers with adapters (None: all)

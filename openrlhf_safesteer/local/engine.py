@@ -3,7 +3,7 @@
     cfg = TrainConfig(out="run/", lr=1e-5, ...)
     result = train(model, tokenizer, steering_vector, safety_tokens, prompts, cfg)
 
-One optimizer step (METHOD.md section 4):
+One optimizer step (docs/METHOD.md section 4):
   1. take the next `prompts_per_step` prompts of a seeded per-epoch permutation;
   2. the student samples `samples_per_prompt` completions each (HF generate, seeded per step);
   3. the teacher (frozen base + steering hook; with LoRA the same weights, adapter disabled) scores
@@ -74,7 +74,7 @@ def _flag(name: str) -> str:
 
 @dataclass
 class TrainConfig:
-    """Every knob of a local SafeSteer run (defaults: METHOD.md, Qwen; the demo overrides for CPU)."""
+    """Every knob of a local SafeSteer run (defaults: docs/METHOD.md, Qwen; the demo overrides for CPU)."""
 
     out: str = "safesteer_run"
     objective: str = "exact"            # exact | sampled | forward | full_vocab | renormalized | system_prompt

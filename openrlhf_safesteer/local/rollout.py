@@ -84,7 +84,7 @@ def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, shared: 
     `shared` columns (the chat header) are the same in every row and are encoded once at batch 1, the rest
     once per distinct prompt. Returns a cache for N * samples_per_prompt rows (row i * M + j is sample j
     of prompt i), so generate only encodes the last prompt token per row. On a CPU a rollout's prefill
-    costs about as much as its decoding; METHOD.md's M = 8 samples share 7/8 of it.
+    costs about as much as its decoding; docs/METHOD.md's M = 8 samples share 7/8 of it.
     """
     cache = prefill_shared_prefix(model, prompt_ids, shared)
     head_mask = prompt_mask[:, :-1]

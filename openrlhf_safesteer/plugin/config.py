@@ -130,7 +130,7 @@ def default_openrlhf_flags(argv: list[str], objective: str = "exact") -> list[st
 
     --algo.advantage.estimator defaults to gae, which makes OpenRLHF place a critic; SafeSteer's
     advantage (sampled objective) or loss (exact) needs none, so the launcher picks `reinforce`.
-    --actor.loss_agg_mode defaults to token-mean (every token of the batch weighs the same); METHOD.md
+    --actor.loss_agg_mode defaults to token-mean (every token of the batch weighs the same); docs/METHOD.md
     section 4 and the exact objective take the token mean within each sequence, then the mean over
     sequences, so the sampled objective gets seq-mean-token-mean too.
     """
@@ -220,7 +220,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         problems.append("--ds.ring_attn_size > 1: the teacher and the exact loss need each sequence's full logits "
                         "on one rank; use ZeRO-3 or tensor parallelism instead")
     if config.objective == "exact" and args.actor.entropy_coef:
-        problems.append("--actor.entropy_coef: the exact objective has no entropy bonus (METHOD.md section 4)")
+        problems.append("--actor.entropy_coef: the exact objective has no entropy bonus (docs/METHOD.md section 4)")
     if args.eval.dataset:
         problems.append("--eval.dataset scores eval rollouts with a reward, which SafeSteer does not have; evaluate "
                         "checkpoints with recipes/eval_safety.sh")

@@ -1,7 +1,7 @@
 """Direction selection's train filter and its ablation-KL score against independent computations
 (review 13, finding 9).
 
-- `_filter_train` (METHOD.md section 1: keep the harmful training prompts the model refuses, score > 0,
+- `_filter_train` (docs/METHOD.md section 1: keep the harmful training prompts the model refuses, score > 0,
   and the harmless ones it answers, score < 0; if that leaves fewer than 2 prompts on either side, use
   both unfiltered sets) on refusal scores planted by prompt.
 - `select_direction`'s `ablation_kl` of the chosen candidate equals KL(base || ablated) of the next-token

@@ -120,7 +120,7 @@ def _logprobs(model, ids, add=None, layer=1):
 
 
 def _expected_vote(rows, banned, k, k_prime, min_prob, mean_over_valid=True):
-    """METHOD.md section 3 by hand from per-row (teacher, base, valid); mean_over_valid=False is the
+    """docs/METHOD.md section 3 by hand from per-row (teacher, base, valid); mean_over_valid=False is the
     wrong rule (mean teacher probability over every position), used to show the scenario tells them apart."""
     teacher = torch.stack([t for t, _, _ in rows])                        # (N, H, V)
     base = torch.stack([b for _, b, _ in rows])
@@ -146,7 +146,7 @@ def _expected_vote(rows, banned, k, k_prime, min_prob, mean_over_valid=True):
 
 
 def test_horizon_four_matches_an_independent_recount(monkeypatch):
-    """At H = 4 the vote needs three METHOD.md section 3 rules that H = 1 never exercises: continuations
+    """At H = 4 the vote needs three docs/METHOD.md section 3 rules that H = 1 never exercises: continuations
     sampled from the STEERED model, validity from the BASE model's argmax (the first end-of-turn and all
     after it are dropped), and min_prob applied to the mean teacher probability over VALID positions only.
 

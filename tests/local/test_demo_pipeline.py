@@ -70,7 +70,7 @@ def test_demo_reruns_into_its_own_out(tiny_demo, tmp_path):
 
 
 def _check_refusal_scores(demo_dir):
-    """The eval's mean refusal scores equal METHOD.md's score recomputed here from the saved model's logits."""
+    """The eval's mean refusal scores equal docs/METHOD.md's score recomputed here from the saved model's logits."""
     from transformers import AutoModelForCausalLM
 
     from openrlhf_safesteer.chat import render_prompts

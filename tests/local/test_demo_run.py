@@ -36,10 +36,10 @@ def test_short_demo_on_default_model(tmp_path, default_model_available):
     report = json.loads((out / "report.json").read_text())
     # the teacher (base + steering hook) refuses harmful requests
     assert report["teacher"]["teacher_harmful_refusal_rate"] >= 0.5, report["samples"]["teacher"]
-    # S at H = 7 (METHOD.md for Qwen) holds safety words
+    # S at H = 7 (docs/METHOD.md for Qwen) holds safety words
     words = {t.strip().lower() for t in report["safety_tokens"]["texts"]}
     assert words & {"illegal", "unethical", "malicious", "unsafe", "criminal", "harmful", "dangerous"}, words
-    # and at H = 1 the vote goes to refusal openers (METHOD.md section 3)
+    # and at H = 1 the vote goes to refusal openers (docs/METHOD.md section 3)
     import torch
 
     from openrlhf_safesteer import data

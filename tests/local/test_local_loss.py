@@ -1,8 +1,8 @@
 """The local engine's loss, gradient and loss mask against computations that do not use the engine.
 
 The engine (`local/engine.py`) produces the demo numbers, so its loss is checked against an independent
-computation (METHOD.md section 4), not only for being finite:
-- `micro_batch_loss`, for every objective the engine dispatches, equals METHOD.md's formula written out
+computation (docs/METHOD.md section 4), not only for being finite:
+- `micro_batch_loss`, for every objective the engine dispatches, equals docs/METHOD.md's formula written out
   here, on logits from a plain forward of each sequence alone: no padding, no KV-cache prefix sharing,
   no `logits_to_keep`, the teacher being the base model inside `steering.steer`, the positions sliced by
   hand. One row of the batch ends early, so post-eos padding must stay out of the loss.
@@ -101,7 +101,7 @@ def _row_logits(model, prefix: list[int], completion: list[int]) -> torch.Tensor
 
 def _per_token(objective: str, student: torch.Tensor, teacher: torch.Tensor, sampled: torch.Tensor,
                safety_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """L_t of METHOD.md section 4 (and its ablations) for one sequence; student/teacher logits (L, V)."""
+    """L_t of docs/METHOD.md section 4 (and its ablations) for one sequence; student/teacher logits (L, V)."""
     ls = F.log_softmax(student / temperature, dim=-1)
     lt = F.log_softmax(teacher / temperature, dim=-1)
     s, t = ls[:, safety_ids], lt[:, safety_ids]           # full-vocabulary log-probs read on S, not renormalised
@@ -159,7 +159,7 @@ def _grads(model) -> torch.Tensor:
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_micro_batch_loss_equals_method_formula_on_plain_forwards(tok, setup, objective, temperature):
-    """micro_batch_loss for each objective = METHOD.md's formula on per-sequence plain forwards of the student and
+    """micro_batch_loss for each objective = docs/METHOD.md's formula on per-sequence plain forwards of the student and
     of the base under steer(), averaged over each sequence's valid tokens and then over the sequences that have
     one (row 3 has none). Rows 1 and 2 end early: counting their post-eos pads, a sampled-form sign flip, an
     objective routed to another formula, or the teacher's sampled ids off by one each change the value."""

@@ -1,6 +1,6 @@
 """The plugin's policy step and experience maker on ragged batches, without Ray (review 13, findings 4 and 5).
 
-- SafeSteerActorTrainer._exact_training_step: the loss it backpropagates is METHOD.md section 4's
+- SafeSteerActorTrainer._exact_training_step: the loss it backpropagates is docs/METHOD.md section 4's
   (token mean of L_t within each sequence, then mean over sequences), read from the logits at the
   positions that predict each response token. Response lengths differ, so a token-level mean gives
   another number; the logits vary with the position, so reading them one position late does too.
@@ -111,7 +111,7 @@ def make_trainer(monkeypatch, logits, divergence="reverse"):
 
 
 def by_hand_loss(logits, teacher_on_s, action):
-    """METHOD.md section 4, one sequence and one position at a time: L_t = sum_{v in S} p_s(v) (log p_s(v) -
+    """docs/METHOD.md section 4, one sequence and one position at a time: L_t = sum_{v in S} p_s(v) (log p_s(v) -
     log p_t(v)) with p_s the full-vocabulary softmax of the logits at the position BEFORE the response token
     (logits (B, T, V); action (B, T - 1): column j predicts token j + 1, read from logits[:, j]); token mean
     within each sequence, then mean over the sequences with at least one response token."""
@@ -131,7 +131,7 @@ def by_hand_loss(logits, teacher_on_s, action):
 
 def test_exact_step_loss_is_sequence_mean_on_a_ragged_batch(monkeypatch):
     """Responses of 5, 1, 7 and 0 tokens: the loss handed to backward, its gradient and the logged metrics
-    equal METHOD.md's per-sequence-then-batch mean, recomputed by hand from the same logits."""
+    equal docs/METHOD.md's per-sequence-then-batch mean, recomputed by hand from the same logits."""
     lengths = (5, 1, 7, 0)
     sequences, attention, action = ragged_batch(lengths)
     generator = torch.Generator().manual_seed(1)
@@ -162,7 +162,7 @@ def test_exact_step_loss_is_sequence_mean_on_a_ragged_batch(monkeypatch):
     late = by_hand_loss(torch.cat([logits[:, 1:], logits[:, :1]], 1), teacher_on_s, action)
     assert abs(token_mean - expected) > 1e-2 and abs(late - expected) > 1e-2
 
-    # The logged watch metrics (METHOD.md: mass on S, KL over S), reduced per sequence then over sequences.
+    # The logged watch metrics (docs/METHOD.md: mass on S, KL over S), reduced per sequence then over sequences.
     rows = [r for r, n in enumerate(lengths) if n]
     log_p = torch.log_softmax(logits[:, :-1].double(), -1)
 
