@@ -67,7 +67,7 @@ def write_report(out: Path, report: dict) -> None:
         f"with {d['warmup_ratio']:.0%} warm-up, {d['steps']} optimizer steps of {d['prompts_per_step']} rollouts "
         f"of up to {d['max_new_tokens']} tokens, seed {d['seed']}, float32.", "",
         table(report), "",
-        "The refusal-score shift is the change of the mean METHOD.md refusal score (log-odds of the refusal "
+        "The refusal-score shift is the change of the mean refusal score of docs/METHOD.md §1 (log-odds of the refusal "
         "openers at the end of the prompt) against the base model: a signal that no arm's training signal "
         "reads (PPO's reward is the same refusal-string judge as the evaluation, so its refusal rate alone "
         "could be gamed).", "",
