@@ -58,12 +58,13 @@ def model_bytes(model_dir: str) -> int:
 def resource_needs(cfg: CompareConfig, weights: int) -> dict[str, int]:
     """Bytes of memory and disk the run needs, estimated from the checkpoint size.
 
-    Memory: the Ray arms hold three float32 copies (policy with AdamW state on the adapter only,
-    steered reference, rollout engine) plus ~2 GB of Ray and DeepSpeed; DPO two. Disk: the local
-    engine's merged final model (one copy); adapters are a few MB.
+    Memory, measured on the 2 GB float32 embedded model (README): the Ray arms peak at 15-16 GB summed
+    over their processes (policy with DeepSpeed's buffers about 6 GB, the rollout engine 3.4, the steered
+    reference 2.8, Ray's own processes the rest), about 7.5 x the weights; the driver holds one more copy
+    while it evaluates. Disk: the local engine's merged final model (one copy) until it is evaluated.
     """
-    copies = 3 if any(a in cfg.arms for a in ("safesteer", "safesteer_sampled")) else 2
-    memory = copies * weights + 2 * GB
+    ray_arms = any(a in cfg.arms for a in ("safesteer", "safesteer_sampled", "dpo", "ppo"))
+    memory = (8 if ray_arms else 3) * weights + GB
     disk = (weights if "safesteer_local" in cfg.arms else 0) + GB // 2
     return {"memory": memory, "disk": disk}
 
@@ -250,9 +251,10 @@ def arm_env() -> dict[str, str]:
     return env
 
 
-def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir: Path, sets, base_state) -> dict:
+def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir: Path, sets) -> dict:
     """Train one arm in its own process, evaluate its final model; returns (and writes) its result."""
     from openrlhf_safesteer.demo.evaluate import evaluate
+    from openrlhf_safesteer.demo.model import load_model
 
     arm_dir = out / "arms" / arm
     result_file = arm_dir / "result.json"
@@ -271,7 +273,7 @@ def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir:
     final = arm_dir / "final"
     start = time.time()
     model, tokenizer = load_trained(model_dir, final)
-    changed = changed_tensors(model, base_state)
+    changed = changed_tensors(model, load_model(model_dir)[0].state_dict())
     evaluation = evaluate(model, tokenizer, sets, cfg.demo.refusal_tokens, progress=cfg.demo.progress)
     del model
     gc.collect()
@@ -347,7 +349,7 @@ def rollouts_from_openrlhf(sequences: torch.Tensor, attention_mask: torch.Tensor
 def run(cfg: CompareConfig) -> dict:
     from openrlhf_safesteer.cpu_kernels import onednn_linear
     from openrlhf_safesteer.demo.evaluate import EvalSets
-    from openrlhf_safesteer.demo.model import load_model, resolve_model
+    from openrlhf_safesteer.demo.model import resolve_model
 
     from .report import write_report
 
@@ -370,16 +372,12 @@ def run(cfg: CompareConfig) -> dict:
         write_json(timings_file, timings)
         data_dir = stage_data(cfg, out, model_dir, timings)
         write_json(timings_file, timings)
-        base_model, _ = load_model(model_dir)
-        base_state = {k: v.clone() for k, v in base_model.state_dict().items()}
-        del base_model
         results = {}
         for arm in cfg.arms:
-            results[arm] = stage_arm(arm, cfg, out, model_dir, data_dir, sets, base_state)
+            results[arm] = stage_arm(arm, cfg, out, model_dir, data_dir, sets)
             timings[f"train {arm}"] = results[arm]["train_seconds"]
             timings[f"evaluate {arm}"] = results[arm]["eval_seconds"]
             write_json(timings_file, timings)
-        del base_state
         parity = stage_parity(cfg, out, model_dir) if "safesteer" in cfg.arms else None
     timings["this invocation"] = round(time.time() - start, 1)
     timings["sum of stages"] = round(sum(v for k, v in timings.items() if k not in ("this invocation", "sum of stages")), 1)
