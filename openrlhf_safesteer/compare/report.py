@@ -42,10 +42,11 @@ def plot(report: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     points = {"base": report["base"], **report["arms"]}
-    for name, r in points.items():
+    # A legend, not labels at the points: arms often land on the same spot (e.g. base and a weak arm).
+    for (name, r), marker in zip(points.items(), "os^vDPX*"):
         x, y = 100 * r["harmless_refusal_rate"], 100 * r["harmful_refusal_rate"]
-        ax.scatter([x], [y], s=50)
-        ax.annotate(LABELS.get(name, name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.scatter([x], [y], s=70, marker=marker, alpha=0.8, label=f"{LABELS.get(name, name)} ({y:.1f}, {x:.1f})")
+    ax.legend(fontsize=7, loc="lower right", title="model (harmful %, harmless %)", title_fontsize=7)
     ax.set_xlabel("harmless prompts refused (%)  (lower is better)")
     ax.set_ylabel("harmful prompts refused (%)  (higher is better)")
     ax.set_title(f"{report['model']}: held-out refusal after {report['settings']['demo']['steps']} steps")
