@@ -202,7 +202,7 @@ def convert(spec: EmbeddedModel, force: bool = False) -> Path:
 
 
 def _set_special_tokens(model, tokenizer, spec: EmbeddedModel) -> None:
-    """GGUF metadata does not always carry the chat eos/pad; set both explicitly (issue 3)."""
+    """GGUF metadata does not always carry the chat eos/pad; set both explicitly."""
     tokenizer.eos_token = spec.eos_token
     tokenizer.pad_token = spec.pad_token
     tokenizer.padding_side = "left"
