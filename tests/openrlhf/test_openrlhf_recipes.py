@@ -24,7 +24,7 @@ def run(args, tmp_path, **env):
     return subprocess.run(args, cwd=REPO, env=environment, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("recipe", [*RECIPES, "compare_cpu.sh", "compare_llama.sh"])
 def test_recipe_is_valid_bash_and_passes_shellcheck(recipe, tmp_path):
     proc = run(["bash", "-n", str(REPO / "recipes" / recipe)], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -66,3 +66,21 @@ def test_recipe_paths_are_absolute_before_ray_job_submit(recipe, tmp_path):
     if recipe == "train_safesteer_llama70b_multinode.sh":  # stage 1 spreads the 141 GB of bf16 weights
         direction = next(line for line in proc.stdout.splitlines() if "safesteer direction" in line)
         assert "--device-map auto" in direction
+
+
+@pytest.mark.slow
+def test_compare_llama_dry_run_checks_every_stage(tmp_path):
+    """The GPU comparison chains the SafeSteer, DPO and PPO recipes and the evaluation over their checkpoints;
+    its dry run checks each stage's flags with the parsers that will run them."""
+    proc = run(["bash", str(REPO / "recipes" / "compare_llama.sh"), "--dry-run"], tmp_path,
+               ROOT=str(tmp_path / "cmp"), SAFETY_JUDGE="refusal")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    stages = [out.index(f"== {n}/4") for n in range(1, 5)]
+    assert stages == sorted(stages)
+    assert out.count("dry run OK") == 1 and out.count("flags OK for openrlhf.cli.train_dpo") == 1
+    assert out.count("flags OK for openrlhf.cli.train_ppo_ray") == 1
+    for arm in ("safesteer", "dpo", "ppo"):   # the evaluation reads the three checkpoints the stages write
+        assert f"{arm}={tmp_path / 'cmp' / arm / 'final'}" in out
+    bad = run(["bash", str(REPO / "recipes" / "compare_llama.sh"), "--typo"], tmp_path)
+    assert bad.returncode == 2 and "unknown argument" in bad.stderr
