@@ -191,3 +191,28 @@ if __name__ == "__main__":  # python -m openrlhf_safesteer.testing DIR [ARCH]
     if len(sys.argv) < 2:
         sys.exit("usage: python -m openrlhf_safesteer.testing OUT_DIR [ARCHITECTURE]")
     print(save_tiny_checkpoint(sys.argv[1], *(sys.argv[2:3] or ["llama"])))
+
+
+class RecordingStrategy:
+    """Stands in for OpenRLHF's DeepspeedStrategy in the plugin's policy-step tests: backward() runs autograd
+    and keeps the loss; no optimizer, one rank. (Plain Python: the core never imports OpenRLHF.)"""
+
+    def __init__(self, config):
+        from types import SimpleNamespace
+
+        self.args = SimpleNamespace(safesteer=config, train=SimpleNamespace(dynamic_batch_enable=False))
+        self.ring_attn_group = None
+        self.losses = []
+
+    def backward(self, loss, model, optimizer):
+        self.losses.append(loss.detach().clone())
+        loss.backward()
+
+    def optimizer_step(self, optimizer, model, scheduler, name=None):
+        pass
+
+    def is_rank_0(self):
+        return True
+
+    def get_grad_norm(self, model):
+        return 0.0

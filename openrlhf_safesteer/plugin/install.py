@@ -147,6 +147,20 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
     return train
 
 
+def exec_openrlhf_main(module_name: str, argv: list[str], make_train: Callable[[dict], Callable]) -> None:
+    """Execute an OpenRLHF CLI module's `__main__` block (its parser and validation, unchanged) with argv,
+    where its `train(args)` is `make_train(namespace)` (the namespace the module's code runs in)."""
+    code, filename = _compile_openrlhf_main(module_name)
+    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
+    namespace["train"] = make_train(namespace)
+    old_argv = sys.argv
+    sys.argv = [module_name, *argv]
+    try:
+        exec(code, namespace)  # noqa: S102 - OpenRLHF's own __main__, parser and validation unchanged
+    finally:
+        sys.argv = old_argv
+
+
 def run_openrlhf_main(config: SafeSteerConfig, openrlhf_argv: list[str], user_argv: list[str]) -> dict:
     """Parse `openrlhf_argv` with OpenRLHF's own parser and validation, then train with SafeSteer.
 
@@ -161,16 +175,12 @@ def run_openrlhf_main(config: SafeSteerConfig, openrlhf_argv: list[str], user_ar
     if problems:
         raise SafeSteerConfigError(problems)
     compat.prepare_process()
-    code, filename = _compile_openrlhf_main()
     result: dict = {"args": None, "trained": False}
-    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
-    namespace["train"] = make_train_hook(config, user_argv, namespace, result)
-    old_argv = sys.argv
-    sys.argv = [OPENRLHF_MAIN, *openrlhf_argv]
-    try:
-        exec(code, namespace)  # noqa: S102 - OpenRLHF's own __main__, parser and validation unchanged
-    finally:
-        sys.argv = old_argv
+
+    def make_train(namespace: dict) -> Callable:
+        return make_train_hook(config, user_argv, namespace, result)
+
+    exec_openrlhf_main(OPENRLHF_MAIN, openrlhf_argv, make_train)
     return result
 
 
@@ -181,16 +191,8 @@ def parse_openrlhf_flags(module_name: str, argv: list[str]) -> SimpleNamespace:
     or malformed flag (argparse), AssertionError from OpenRLHF's validation. Returns the args.
     """
     compat.prepare_process()
-    code, filename = _compile_openrlhf_main(module_name)
     captured: dict = {}
-    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins,
-                       "train": lambda args: captured.setdefault("args", args)}
-    old_argv = sys.argv
-    sys.argv = [module_name, *argv]
-    try:
-        exec(code, namespace)  # noqa: S102
-    finally:
-        sys.argv = old_argv
+    exec_openrlhf_main(module_name, argv, lambda namespace: lambda args: captured.setdefault("args", args))
     if "args" not in captured:
         raise RuntimeError(f"{module_name}'s __main__ finished without calling train(args)")
     return captured["args"]

@@ -18,7 +18,6 @@ function calls are OpenRLHF's, run unchanged.
 
 from __future__ import annotations
 
-import builtins
 import logging
 import os
 import socket
@@ -33,7 +32,7 @@ from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
 
 from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, _Tracked, end_launched_actors  # noqa: E402
-from openrlhf_safesteer.plugin.install import _compile_openrlhf_main, _ensure_ray, _patched  # noqa: E402
+from openrlhf_safesteer.plugin.install import _ensure_ray, _patched, exec_openrlhf_main  # noqa: E402
 from openrlhf_safesteer.plugin.policy import init_with_trainer  # noqa: E402
 from openrlhf_safesteer.plugin.rollout import HFWeightSync, create_hf_rollout_engines  # noqa: E402
 
@@ -67,24 +66,6 @@ class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
 
 CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)
 CPUPPOTrainerRemote = _Tracked(ray.remote(num_cpus=0)(CPUPPOTrainer))
-
-
-def _exec_main(module_name: str, argv: list[str], train_hook) -> None:
-    """Execute an OpenRLHF CLI module's __main__ (its parser and validation) with `train` = train_hook."""
-    code, filename = _compile_openrlhf_main(module_name)
-    namespace: dict = {"__name__": "__main__", "__file__": filename, "__builtins__": builtins}
-
-    def train(args):
-        compat.apply_cpu_dtype(args)
-        train_hook(args, namespace)
-
-    namespace["train"] = train
-    old_argv = sys.argv
-    sys.argv = [module_name, *argv]
-    try:
-        exec(code, namespace)  # noqa: S102 - OpenRLHF's own __main__, parser and validation unchanged
-    finally:
-        sys.argv = old_argv
 
 
 def _train_ppo_on_cpu(args, namespace: dict) -> None:
@@ -125,7 +106,15 @@ def run(kind: str, argv: list[str]) -> None:
     compat.check_openrlhf_version()
     compat.prepare_process()
     hook = _train_ppo_on_cpu if kind == "ppo" else _train_dpo_on_cpu
-    _exec_main(ENTRY_POINTS[kind], argv, hook)
+
+    def make_train(namespace: dict):
+        def train(args):
+            compat.apply_cpu_dtype(args)
+            hook(args, namespace)
+
+        return train
+
+    exec_openrlhf_main(ENTRY_POINTS[kind], argv, make_train)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,17 +3,9 @@ checks can fail (a read one position late, a hook that adds the wrong vector).""
 
 import json
 
-import pytest
 import torch
 
 from benchmarks import gpu_check
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_cpu_small_mode_passes_and_writes_every_check(tmp_path, capsys):

@@ -3,18 +3,9 @@
 import json
 
 import pytest
-import torch
 
 from benchmarks.common import alternating_medians
 from benchmarks.run import main
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """main() may set torch's thread count for the machine's load; give the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _report(tmp_path, timings):

@@ -118,28 +118,6 @@ def test_teacher_and_student_forwards_under_packing_equal_the_unpacked_batch(tin
     assert (results[True][0]["logprobs_on_s"] - results[True][1]["logprobs_on_s"]).abs().max() > 1e-2
 
 
-class _Strategy:
-    """DeepSpeedStrategy's part the exact step calls: backward runs autograd and keeps the loss."""
-
-    def __init__(self, config):
-        self.args = SimpleNamespace(safesteer=config, train=SimpleNamespace(dynamic_batch_enable=False))
-        self.ring_attn_group = None
-        self.losses = []
-
-    def backward(self, loss, model, optimizer):
-        self.losses.append(loss.detach().clone())
-        loss.backward()
-
-    def optimizer_step(self, optimizer, model, scheduler, name=None):
-        pass
-
-    def is_rank_0(self):
-        return True
-
-    def get_grad_norm(self, model):
-        return 0.0
-
-
 def test_exact_loss_and_gradient_under_packing_equal_the_unpacked_batch(tiny, torch_bert_padding, monkeypatch):
     """SafeSteerActorTrainer's exact step with a real packed Actor: the loss and every parameter gradient equal
     the unpacked run's. Only ActorPPOTrainer.__init__ (a torch.distributed group) and DeepSpeed are left out."""
@@ -156,7 +134,7 @@ def test_exact_loss_and_gradient_under_packing_equal_the_unpacked_batch(tiny, to
     runs = {}
     for packing in (False, True):
         tiny.model.zero_grad(set_to_none=True)
-        strategy = _Strategy(config)
+        strategy = testing.RecordingStrategy(config)
         trainer = SafeSteerActorTrainer(strategy, actor(tiny.model, packing), None, None,
                                         SimpleNamespace(get_last_lr=lambda: [1e-3]))
         experience = Experience(sequences=tiny.sequences, attention_mask=tiny.attention, action_mask=tiny.action,

@@ -31,6 +31,7 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer  # noqa: E402
 from openrlhf_safesteer.plugin.config import SafeSteerConfig  # noqa: E402
 from openrlhf_safesteer.plugin.experience import TEACHER_SAMPLED, SafeSteerExperienceMaker  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer  # noqa: E402
+from openrlhf_safesteer.testing import RecordingStrategy  # noqa: E402
 
 VOCAB = 12
 SAFETY_IDS = [2, 5, 9]
@@ -68,28 +69,6 @@ class FixedLogitsActor:
 
     def train(self):
         pass
-
-
-class RecordingStrategy:
-    """Stands in for DeepSpeedStrategy: backward() runs autograd and keeps the loss; no optimizer."""
-
-    def __init__(self, config):
-        self.args = SimpleNamespace(safesteer=config, train=SimpleNamespace(dynamic_batch_enable=False))
-        self.ring_attn_group = None
-        self.losses = []
-
-    def backward(self, loss, model, optimizer):
-        self.losses.append(loss.detach().clone())
-        loss.backward()
-
-    def optimizer_step(self, optimizer, model, scheduler, name=None):
-        pass
-
-    def is_rank_0(self):
-        return True
-
-    def get_grad_norm(self, model):
-        return 0.0
 
 
 def make_trainer(monkeypatch, logits, divergence="reverse"):
