@@ -145,7 +145,9 @@ def arm_command(arm: str, cfg: CompareConfig, model: str, data_dir: Path, arm_di
                 "--ref.num_nodes", "1", "--ref.num_gpus_per_node", "1",
                 "--safesteer.vector", str(vector), "--safesteer.tokens", str(tokens),
                 "--safesteer.objective", objective, "--safesteer.coeff", repr(d.teacher_coeff or d.coeff),
-                "--safesteer.rollout", "hf", "--safesteer.dump_dir", str(arm_dir / "dump")]
+                "--safesteer.rollout", "hf", "--safesteer.dump_dir", str(arm_dir / "dump"),
+                # the draws file is in the local engine's step order: the same 8 prompts at every step
+                "--safesteer.keep_prompt_order"]
     if arm == "ppo":
         per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
         return [py, "-m", "openrlhf_safesteer.plugin.stock", "ppo",

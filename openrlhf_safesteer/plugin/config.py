@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--safesteer.dump_dir", default=None, metavar="DIR",
                         help="write the first micro-batch of every step (tensors + loss) here, for checking the "
                              "engine against the core functions")
+    parser.add_argument("--safesteer.keep_prompt_order", action="store_true",
+                        help="draw the prompts in the dataset's order instead of OpenRLHF's seeded shuffle (a file "
+                             "written in the local engine's step order then gives the same prompts per step)")
     parser.add_argument("--safesteer.dry_run", action="store_true",
                         help="parse and check every flag (OpenRLHF's parser and SafeSteer's checks), print the "
                              "command, start nothing")
@@ -90,6 +93,7 @@ class SafeSteerConfig:
     coeff: float | None = None
     rollout: str = "auto"
     dump_dir: str | None = None
+    keep_prompt_order: bool = False
     dry_run: bool = False
     # Filled on the driver by load_artifacts(): the artifacts themselves travel to the actors, so a
     # multi-node run needs no shared file system for them.
@@ -108,7 +112,8 @@ def split_argv(argv: list[str]) -> tuple[SafeSteerConfig, list[str]]:
         arg = argv[i]
         if arg.startswith(PREFIX):
             ours.append(arg)
-            takes_value = "=" not in arg and arg.split("=")[0] not in ("--safesteer.dry_run", "--safesteer.help")
+            takes_value = "=" not in arg and arg.split("=")[0] not in ("--safesteer.dry_run", "--safesteer.help",
+                                                                        "--safesteer.keep_prompt_order")
             if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 ours.append(argv[i + 1])
                 i += 1

@@ -14,6 +14,7 @@ log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import List
@@ -172,6 +173,29 @@ class SafeSteerActorGroup(RayActorGroup):
 _StockTrainer = PPOTrainer.__ray_actor_class__
 
 
+@contextlib.contextmanager
+def prompts_in_order(strategy, enabled: bool):
+    """While PPOTrainer builds its prompt dataloader, make the strategy build it without shuffling.
+
+    OpenRLHF's prepare_datasets hard-codes shuffle=True (a seeded permutation of the prompt rows). With
+    --safesteer.keep_prompt_order the rows are drawn as the file lists them, so a file written in the local
+    engine's step order trains on the same prompts at every step as `safesteer train`.
+    """
+    if not enabled:
+        yield
+        return
+    stock = strategy.setup_dataloader
+
+    def in_order(dataset, batch_size, pin_memory=False, shuffle=True, *args, **kwargs):
+        return stock(dataset, batch_size, pin_memory, False, *args, **kwargs)
+
+    strategy.setup_dataloader = in_order
+    try:
+        yield
+    finally:
+        del strategy.setup_dataloader  # the instance attribute; the class's method shows through again
+
+
 class SafeSteerPPOTrainer(_StockTrainer):
     """OpenRLHF's PPOTrainer (single controller) with SafeSteerExperienceMaker and no reward group."""
 
@@ -182,8 +206,9 @@ class SafeSteerPPOTrainer(_StockTrainer):
             reward_model_group = None
         if reference_model_group is None:
             raise RuntimeError("SafeSteer needs the reference group (the teacher): --algo.kl.init_coef must be > 0")
-        super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
-                         reference_model_group, vllm_engines, **generate_kwargs)
+        with prompts_in_order(strategy, strategy.args.safesteer.keep_prompt_order):
+            super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
+                             reference_model_group, vllm_engines, **generate_kwargs)
         self.experience_maker = SafeSteerExperienceMaker(
             self.actor_model_group, self.critic_model_group, self.reward_model_group, self.reference_model_group,
             self.kl_ctl, self.strategy, self.tokenizer)

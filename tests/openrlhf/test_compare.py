@@ -239,3 +239,25 @@ def test_seed_table_gives_each_arms_range():
     text = seed_table([report(0, 0.75, 0.10), report(1, 0.625, 0.13), report(2, 0.8125, 0.09)])
     assert "| SafeSteer (plugin, exact) | 1 | 62.5% | 13.0% | 81.0 | +0.50 / +0.25 |" in text
     assert "range over 3** | | 62.5% - 81.2% | 9.0% - 13.0% | 80.0 - 82.0 |" in text
+
+
+def test_keep_prompt_order_builds_the_prompt_loader_without_shuffling():
+    from openrlhf_safesteer.plugin.config import split_argv
+    from openrlhf_safesteer.plugin.experience import prompts_in_order
+
+    calls = []
+
+    class Strategy:
+        def setup_dataloader(self, dataset, batch_size, pin_memory=False, shuffle=True, collate_fn=None):
+            calls.append(shuffle)
+
+    strategy = Strategy()
+    with prompts_in_order(strategy, enabled=True):
+        strategy.setup_dataloader("prompts", 1, True, True, None)
+    strategy.setup_dataloader("replay buffer", 1, True, True, None)   # after the trainer is built: stock again
+    with prompts_in_order(strategy, enabled=False):
+        strategy.setup_dataloader("prompts", 1, True, True, None)
+    assert calls == [False, True, True]
+
+    config, rest = split_argv(["--safesteer.keep_prompt_order", "--data.max_samples", "8"])
+    assert config.keep_prompt_order and rest == ["--data.max_samples", "8"]
