@@ -46,6 +46,9 @@ class CompareConfig:
     ppo_samples_per_prompt: int = 2
     eval_limit: int | None = None      # first N prompts of each held-out set (tests)
     ppo_reward: str | None = None      # reward function file of the ppo arm (default: recipes/safety_reward.py)
+    # The SafeSteer arms draw the prompts in the local engine's step order (8 distinct prompts a step); False
+    # leaves OpenRLHF's shuffle, which repeats prompts within a step (measured weaker: README, parity).
+    keep_prompt_order: bool = True
     python: str = sys.executable
 
     def validate(self) -> None:
@@ -147,7 +150,7 @@ def arm_command(arm: str, cfg: CompareConfig, model: str, data_dir: Path, arm_di
                 "--safesteer.objective", objective, "--safesteer.coeff", repr(d.teacher_coeff or d.coeff),
                 "--safesteer.rollout", "hf", "--safesteer.dump_dir", str(arm_dir / "dump"),
                 # the draws file is in the local engine's step order: the same 8 prompts at every step
-                "--safesteer.keep_prompt_order"]
+                *(["--safesteer.keep_prompt_order"] if cfg.keep_prompt_order else [])]
     if arm == "ppo":
         per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
         return [py, "-m", "openrlhf_safesteer.plugin.stock", "ppo",

@@ -445,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PPO's samples per prompt (rollouts per step stay prompts-per-step x 1)")
     p.add_argument("--ppo-reward", default=None, metavar="FILE",
                    help="the ppo arm's reward function file (default: recipes/safety_reward.py with SAFETY_JUDGE=refusal)")
+    p.add_argument("--shuffled-prompts", dest="keep_prompt_order", action="store_false",
+                   help="let OpenRLHF shuffle the SafeSteer arms' prompt draws (default: the local engine's order)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     return p
 
@@ -460,7 +462,7 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     demo.micro_batch_size = min(demo.micro_batch_size, demo.prompts_per_step * demo.samples_per_prompt)
     return CompareConfig(out=args.out, from_dir=args.from_dir, arms=list(args.arms), demo=demo,
                          dpo_beta=args.dpo_beta, ppo_samples_per_prompt=args.ppo_samples_per_prompt,
-                         eval_limit=args.eval_limit,
+                         eval_limit=args.eval_limit, keep_prompt_order=args.keep_prompt_order,
                          ppo_reward=str(Path(args.ppo_reward).resolve()) if args.ppo_reward else None)
 
 

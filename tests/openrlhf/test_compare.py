@@ -72,6 +72,10 @@ def test_arm_commands_parse_with_openrlhf_and_share_the_budget(tiny_run, tmp_pat
         assert argv[argv.index("--rollout.batch_size") + 1] == "8"
         assert argv[argv.index("--data.max_samples") + 1] == "80"
         assert train_safesteer_ray.main([*argv, "--safesteer.dry_run"]) == 0
+    assert "--safesteer.keep_prompt_order" in commands["safesteer"]
+    cfg.keep_prompt_order = False   # --shuffled-prompts: OpenRLHF's own order
+    assert "--safesteer.keep_prompt_order" not in arm_command("safesteer", cfg, tiny_run["model"], data,
+                                                              tmp_path / "s", vector, tokens)
     local = commands["safesteer_local"]
     assert local[local.index("--max-steps") + 1] == "10" and local[local.index("--prompts-per-step") + 1] == "8"
 
