@@ -34,16 +34,13 @@ from openrlhf_safesteer.compare.arms import (
     prompt_schedule,
     write_prompts,
 )
+from openrlhf_safesteer.demo.pipeline import write_json
 from openrlhf_safesteer.steering import atomic_write_text
 
 logger = logging.getLogger("openrlhf_safesteer.compare")
 
 REPO = Path(__file__).resolve().parents[2]
 GB = 1024 ** 3
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- resources
@@ -184,7 +181,7 @@ def stage_data(cfg: CompareConfig, out: Path, model_dir: str, timings: dict) -> 
     prompts = train_prompts(d)
     write_prompts(data_dir / "train_split.jsonl", prompts)
     draws = prompt_schedule(prompts, d.steps, d.prompts_per_step, d.seed)
-    write_prompts(data_dir / "train_prompts.jsonl", [p for p in draws for _ in range(1)])
+    write_prompts(data_dir / "train_prompts.jsonl", draws)
     ppo_per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
     write_prompts(data_dir / "ppo_prompts.jsonl", prompt_schedule(prompts, d.steps, ppo_per_step, d.seed))
     pairs = data_dir / "dpo_pairs.jsonl"

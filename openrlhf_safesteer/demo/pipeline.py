@@ -141,7 +141,7 @@ class DemoConfig:
             SafetyTokenSet.load(self.tokens)
 
 
-def _write_json(path: Path, obj) -> None:
+def write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
@@ -256,7 +256,7 @@ def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) 
                 kl_threshold=cfg.kl_threshold, progress=cfg.progress, fallback=True)
             vector.source["candidates"] = [r.to_dict() for r in table]
         vector.save(out / "vector")
-        _write_json(out / "direction_candidates.json", [r.to_dict() for r in table])
+        write_json(out / "direction_candidates.json", [r.to_dict() for r in table])
 
     with _timed(timings, "teacher check"):
         n = cfg.teacher_check_prompts
@@ -277,7 +277,7 @@ def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) 
         tokens.save(out / "safety_tokens.json")
         texts = tokens.texts or [tokenizer.decode([i]) for i in tokens.ids]
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
-    _write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
+    write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
                                              "refusal_openers": refusal_openers_in(texts)})
 
     return vector, table, teacher, tokens, texts
@@ -302,7 +302,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     with _timed(timings, "evaluate base"):
         base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
     # stage results land on disk as they come, so a long or interrupted run still shows what it measured
-    _write_json(out / "eval_base.json", base_eval)
+    write_json(out / "eval_base.json", base_eval)
 
     vector, table, teacher, tokens, texts = make_artifacts(model, tokenizer, cfg, out, timings)
 
@@ -322,7 +322,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             runs[name] = {"eval": evaluate(trained, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
                           "history": result.history,
                           "final_dir": str(result.final_dir) if result.final_dir else None}
-        _write_json(out / f"eval_{name}.json", runs[name]["eval"])
+        write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":
             final = out / "final"
             replace_dir(result.final_dir, final)
@@ -351,7 +351,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     }
     if "safesteer" in report:
         report["goal"] = goal_check(report["base"], report["safesteer"])
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     write_report(out, report)
     logger.info("demo finished in %.0f s; report at %s", report["timings_seconds"]["total"], out / "report.md")
     return report
