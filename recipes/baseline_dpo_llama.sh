@@ -8,20 +8,16 @@
 # The dataset is OpenRLHF's mixture that includes the PKU-SafeRLHF safety pairs; set DATASET to a
 # local copy or to another chosen/rejected dataset.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 
 MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}
 DATASET=${DATASET:-OpenRLHF/preference_dataset_mixture2_and_safe_pku}
 WORK=${WORK:-./runs/baseline-dpo-llama3-8b}
 PYTHON=${PYTHON:-python3}
 
-DRY_RUN=0
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+parse_recipe_args "$@"   # --dry-run; any further flag of openrlhf.cli.train_dpo is passed through
 
 FLAGS=(
   --model.model_name_or_path "$MODEL"
@@ -38,7 +34,7 @@ FLAGS=(
 TRAIN=(deepspeed --module openrlhf.cli.train_dpo "${FLAGS[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
-  printf ' %q' "${TRAIN[@]}"; echo
+  show_command "${TRAIN[@]}"
   exec "$PYTHON" -m openrlhf_safesteer.plugin.check_flags openrlhf.cli.train_dpo "${FLAGS[@]}"
 fi
 

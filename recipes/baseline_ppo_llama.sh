@@ -15,25 +15,20 @@
 #   bash recipes/baseline_ppo_llama.sh --dry-run   # print the command, check every flag with OpenRLHF's parser
 set -euo pipefail
 
-MODEL=${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}
-if [[ -d "$MODEL" ]]; then MODEL=$(realpath "$MODEL"); fi  # a local folder, read on every node
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
+
+MODEL=$(absolute_model "${MODEL:-meta-llama/Meta-Llama-3-8B-Instruct}")   # a local folder, read on every node
 # Absolute paths: `ray job submit` runs the entrypoint in the job supervisor's directory, and each actor
 # writes checkpoints relative to its own working directory on its own node.
 WORK=$(realpath -m "${WORK:-./runs/baseline-ppo-llama3-8b}")
 PROMPTS=$(realpath -m "${PROMPTS:-./runs/safesteer-llama3-8b/pku_saferlhf_unsafe_100.jsonl}")
 RAY_ADDRESS=${RAY_ADDRESS:-http://127.0.0.1:8265}
 PYTHON=${PYTHON:-python3}
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REWARD="$HERE/safety_reward.py"
 
-DRY_RUN=0
-EXTRA=()
-for arg in "$@"; do
-  case "$arg" in
-    --dry-run) DRY_RUN=1 ;;
-    *) EXTRA+=("$arg") ;;
-  esac
-done
+parse_recipe_args "$@"   # --dry-run; any further flag of openrlhf.cli.train_ppo_ray is passed through
 
 FLAGS=(
   --ref.num_nodes 1 --ref.num_gpus_per_node 8
@@ -65,7 +60,7 @@ env["SAFETY_REWARD_TOKENIZER"] = sys.argv[2]
 print(json.dumps({"py_modules": [sys.argv[1]], "env_vars": env}))' "$(cd "$HERE/.." && pwd)/openrlhf_safesteer" "$MODEL")
 
 if [[ $DRY_RUN == 1 ]]; then
-  printf ' %q' ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"; echo
+  show_command ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"
   exec "$PYTHON" -m openrlhf_safesteer.plugin.check_flags openrlhf.cli.train_ppo_ray "${FLAGS[@]}"
 fi
 

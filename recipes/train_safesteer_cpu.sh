@@ -12,16 +12,16 @@
 # Stage 1 (skipped for any of MODEL / VECTOR / TOKENS / PROMPTS you set): a toy model trained in
 # memory to refuse harmful requests, then the real `safesteer direction` and `safesteer tokens`.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh
+source "$HERE/lib.sh"
 
+parse_recipe_args "$@"   # --dry-run; --out DIR; any further OpenRLHF or --safesteer.* flag is passed through
 OUT=./runs/safesteer-cpu
-DRY_RUN=0
+set -- "${EXTRA[@]}"
 EXTRA=()
 while [[ $# -gt 0 ]]; do
-  case "$1" in
-    --out) OUT=$2; shift 2 ;;
-    --dry-run) DRY_RUN=1; shift ;;
-    *) EXTRA+=("$1"); shift ;;
-  esac
+  if [[ $1 == --out ]]; then OUT=$2; shift 2; else EXTRA+=("$1"); shift; fi
 done
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-$OUT/model}
@@ -82,11 +82,11 @@ LAUNCH=("$PYTHON" -m openrlhf_safesteer.cli.train_safesteer_ray "${RAY_FLAGS[@]}
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "# stage 1 (each step skipped when its output exists):"
-  printf ' %q' "${TOY_MODEL[0]}" -c '...' "$MODEL" "$PROMPTS" "$HARMLESS"; echo
-  printf ' %q' "${DIRECTION[@]}"; echo
-  printf ' %q' "${SAFETY_TOKENS[@]}"; echo
+  show_command "${TOY_MODEL[0]}" -c '...' "$MODEL" "$PROMPTS" "$HARMLESS"
+  show_command "${DIRECTION[@]}"
+  show_command "${SAFETY_TOKENS[@]}"
   echo "# stage 2 (starts a local Ray cluster without the dashboard):"
-  printf ' %q' "${LAUNCH[@]}"; echo
+  show_command "${LAUNCH[@]}"
   exec "${LAUNCH[@]}" --safesteer.dry_run
 fi
 
