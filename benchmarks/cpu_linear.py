@@ -60,7 +60,7 @@ def matmul_rows(rows: list[int]) -> list[dict]:
 
 def eval_both() -> dict:
     from openrlhf_safesteer.demo.evaluate import EvalSets, evaluate
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
 
     model, tokenizer = load_model()
     sets = EvalSets.default()

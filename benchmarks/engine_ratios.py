@@ -68,7 +68,7 @@ def load_model_and_tokenizer(name: str, device: str):
     """(model, tokenizer) with a chat template. Random models use the in-memory tiny tokenizer; ids
     above its 512 tokens decode to nothing, which is fine for timing (rollouts run to max_new_tokens)."""
     if name == "demo":
-        from openrlhf_safesteer.demo.model import load_model
+        from openrlhf_safesteer.loading import load_model
 
         model, tokenizer = load_model()
         return model.to(device), tokenizer

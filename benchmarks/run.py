@@ -21,19 +21,19 @@ import logging
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import torch
 
 from benchmarks.common import Ratio, format_table, random_llama
+from openrlhf_safesteer.files import atomic_write_json
 
 logger = logging.getLogger("benchmarks")
 
 # name -> (builder, batch, length) ; batch/length sized for a 2-core CPU except llama-1b.
 MODELS = {
     "tiny": (lambda: random_llama(vocab_size=32_000, hidden=256, layers=4, heads=8, intermediate=688), 8, 128),
-    "demo": (None, 4, 128),  # the offline Qwen2.5-Coder-0.5B, loaded by openrlhf_safesteer.demo.model
+    "demo": (None, 4, 128),  # the offline Qwen2.5-Coder-0.5B, loaded by openrlhf_safesteer.loading
     "llama-1b": (lambda: random_llama(vocab_size=128_256, hidden=2048, layers=16, heads=32, intermediate=8192,
                                       dtype=torch.bfloat16), 8, 512),
 }
@@ -42,7 +42,7 @@ MODELS = {
 def load(name: str, device: str):
     builder, batch, length = MODELS[name]
     if builder is None:
-        from openrlhf_safesteer.demo.model import load_model
+        from openrlhf_safesteer.loading import load_model
 
         model, _ = load_model()
     else:
@@ -95,14 +95,6 @@ def run(models: list[str], only: set[int], repeats: int, device: str, demo_repor
         if 6 in only and device == "cpu":
             measure(name, engine_ratios.ratio_lora_memory, name, device)
     return ratios
-
-
-def write_json_atomic(path: str, payload: dict) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as handle:
-        json.dump(payload, handle, indent=2)
-    os.replace(handle.name, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
         "loadavg_1_5_15_after": [round(x, 2) for x in load_after],
     })
-    write_json_atomic(args.out, {
+    atomic_write_json(args.out, indent=2, obj={
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": args.device,
                     "torch": torch.__version__},
         "runs": runs,

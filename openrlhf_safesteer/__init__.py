@@ -7,6 +7,12 @@ lazily so `import openrlhf_safesteer` stays cheap on Ray workers and in the CLI.
 from __future__ import annotations
 
 import importlib
+import warnings
+
+# torch's CUDA module imports the deprecated `pynvml` package (pulled in by a dependency, not by this
+# project) and warns about it on every start; the warning names nothing a user of this package can change.
+# Every module of the package is imported through here, before any of them imports torch.
+warnings.filterwarnings("ignore", message="The pynvml package is deprecated", category=FutureWarning)
 
 __version__ = "0.1.0"
 

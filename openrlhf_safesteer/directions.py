@@ -9,8 +9,6 @@ padding, so the post-instruction positions are the last P columns of every row.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ from openrlhf_safesteer.chat import (
     prefill_shared_prefix,
     render_prompts,
 )
+from openrlhf_safesteer.files import json_sha256
 from openrlhf_safesteer.models import (
     decoder_layers,
     model_device,
@@ -52,7 +51,7 @@ class DirectionSelectionError(RuntimeError):
 
 def prompts_sha256(prompts: Sequence[str]) -> str:
     """Provenance hash of a prompt list (order matters)."""
-    return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode("utf-8")).hexdigest()
+    return json_sha256(list(prompts), ensure_ascii=False)
 
 
 def _check_prompts(name: str, prompts: Sequence[str]) -> None:

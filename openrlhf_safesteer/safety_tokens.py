@@ -32,6 +32,7 @@ from openrlhf_safesteer.chat import (
     render_prompts,
 )
 from openrlhf_safesteer.directions import prompts_sha256
+from openrlhf_safesteer.files import atomic_write_text
 from openrlhf_safesteer.models import (
     left_padded_position_ids,
     model_device,
@@ -42,7 +43,6 @@ from openrlhf_safesteer.models import (
 from openrlhf_safesteer.steering import (
     IncompatibleArtifactError,
     SteeringVector,
-    atomic_write_text,
     finite_coeff,
     steer,
 )

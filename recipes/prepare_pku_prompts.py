@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import tempfile
 
 
 def main() -> None:
@@ -27,18 +25,14 @@ def main() -> None:
 
     from datasets import load_dataset
 
+    from openrlhf_safesteer.files import atomic_write_text
+
     rows = load_dataset(args.dataset, split=args.split)
     prompts = sorted({r["prompt"].strip() for r in rows if not r["is_response_0_safe"] and not r["is_response_1_safe"]})
     if len(prompts) < args.n:
         raise SystemExit(f"only {len(prompts)} unsafe prompts in {args.dataset}:{args.split}, asked for {args.n}")
     random.Random(args.seed).shuffle(prompts)
-    directory = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        for prompt in prompts[: args.n]:
-            handle.write(json.dumps({"prompt": prompt}, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    atomic_write_text(args.out, "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts[: args.n]))
     print(f"wrote {args.n} prompts to {args.out}")
 
 

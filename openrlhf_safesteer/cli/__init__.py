@@ -4,21 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Each flag's default after its help, and the module docstring kept as written.
-
-    Unlike argparse's ArgumentDefaultsHelpFormatter, it says nothing where there is nothing to say:
-    no "(default: None)" for a flag whose default is decided at run time, no "(default: False)" for an
-    on/off switch, and no second default where the help text already gives one in words.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        help_text = action.help or ""
-        if (action.default is None or action.default is argparse.SUPPRESS or action.nargs == 0
-                or "default" in help_text.lower()):
-            return help_text
-        return super()._get_help_string(action)
+# Kept importable from here for the front ends; its home is helpformat (the OpenRLHF launcher's flags use it too).
+from openrlhf_safesteer.helpformat import HelpFormatter  # noqa: F401
 
 
 def check_out(out: str, check) -> None:
@@ -35,7 +22,7 @@ def check_chat_template(model: str) -> None:
     from transformers import AutoTokenizer
 
     from openrlhf_safesteer.chat import require_chat_template
-    from openrlhf_safesteer.demo.model import resolve_model
+    from openrlhf_safesteer.loading import resolve_model
 
     require_chat_template(AutoTokenizer.from_pretrained(resolve_model(model)))
 

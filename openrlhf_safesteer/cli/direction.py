@@ -16,7 +16,8 @@ import logging
 import random
 from pathlib import Path
 
-from openrlhf_safesteer.cli import HelpFormatter, add_device_map_flags, check_chat_template, check_out, device_placement
+from openrlhf_safesteer.cli import add_device_map_flags, check_chat_template, check_out, device_placement
+from openrlhf_safesteer.helpformat import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def plot_candidates(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openrlhf_safesteer.steering import atomic_savefig
+    from openrlhf_safesteer.files import atomic_savefig
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for position in sorted({row["position"] for row in table}):
@@ -137,9 +138,10 @@ def candidates_csv(rows: list[dict]) -> str:
 def run(args) -> int:
     import torch
 
-    from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.directions import DirectionSelectionError, select_direction
-    from openrlhf_safesteer.steering import atomic_write_text, check_vector_dir
+    from openrlhf_safesteer.files import atomic_write_text
+    from openrlhf_safesteer.loading import load_model
+    from openrlhf_safesteer.steering import check_vector_dir
 
     # Flags, --out, prompts and the tokenizer's chat template first: bad input fails before the model loads.
     check_flags(args)

@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from openrlhf_safesteer.cli import HelpFormatter
+from openrlhf_safesteer.helpformat import HelpFormatter
 
 logger = logging.getLogger(__name__)
 

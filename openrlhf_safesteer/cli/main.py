@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from openrlhf_safesteer.cli import HelpFormatter
+from openrlhf_safesteer.helpformat import HelpFormatter
 
 SUBCOMMANDS = {
     "direction": ("openrlhf_safesteer.cli.direction", "compute and select the refusal direction (steering vector)"),

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from openrlhf_safesteer.cli import HelpFormatter, add_device_map_flags, device_placement
+from openrlhf_safesteer.cli import add_device_map_flags, device_placement
+from openrlhf_safesteer.helpformat import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def run(args) -> int:
 
     from openrlhf_safesteer import data
     from openrlhf_safesteer.cli import check_chat_template, check_out
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
     from openrlhf_safesteer.safety_tokens import (
         default_horizon,
         default_min_prob,

@@ -34,8 +34,8 @@ from openrlhf_safesteer.compare.arms import (
     prompt_schedule,
     write_prompts,
 )
-from openrlhf_safesteer.demo.pipeline import write_json
-from openrlhf_safesteer.steering import atomic_write_text
+from openrlhf_safesteer.files import atomic_write_json as write_json
+from openrlhf_safesteer.files import atomic_write_text
 
 logger = logging.getLogger("openrlhf_safesteer.compare")
 
@@ -129,8 +129,8 @@ def timed_run(command: list[str], log_path: Path, env: dict[str, str], poll_seco
 def stage_artifacts(cfg: CompareConfig, out: Path, model_dir: str, sets, timings: dict) -> dict:
     """Vector, S and the base evaluation in out/artifacts (copied from --from, or made here)."""
     from openrlhf_safesteer.demo.evaluate import evaluate
-    from openrlhf_safesteer.demo.model import load_model
     from openrlhf_safesteer.demo.pipeline import make_artifacts
+    from openrlhf_safesteer.loading import load_model
 
     art = out / "artifacts"
     base_file = art / "eval_base.json"
@@ -199,7 +199,7 @@ def preference_pairs(cfg: CompareConfig, model_dir: str, vector_dir: Path, draws
     Both sampled like the rollouts (temperature 1, top_p 1, max_new_tokens), the teacher at the training
     coefficient. No human label and no judge: the same signal SafeSteer's teacher gives, as pairs.
     """
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
     from openrlhf_safesteer.local.rollout import sample_rollouts
     from openrlhf_safesteer.steering import SteeringVector, steer
 
@@ -221,7 +221,7 @@ def preference_pairs(cfg: CompareConfig, model_dir: str, vector_dir: Path, draws
 
 def load_trained(model_dir: str, final: Path):
     """(model, tokenizer) of an arm's final folder: a PEFT adapter merged into the base, or a full model."""
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
 
     if (final / "adapter_config.json").is_file():
         from peft import PeftModel
@@ -251,7 +251,7 @@ def arm_env() -> dict[str, str]:
 def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir: Path, sets) -> dict:
     """Train one arm in its own process, evaluate its final model; returns (and writes) its result."""
     from openrlhf_safesteer.demo.evaluate import evaluate
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
 
     arm_dir = out / "arms" / arm
     result_file = arm_dir / "result.json"
@@ -292,7 +292,7 @@ def stage_parity(cfg: CompareConfig, out: Path, model_dir: str) -> dict | None:
     """
     from safetensors.torch import load_file
 
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
     from openrlhf_safesteer.local.engine import TrainConfig, make_teacher, micro_batch_loss, prepare_student
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
     from openrlhf_safesteer.steering import SteeringVector
@@ -346,7 +346,7 @@ def rollouts_from_openrlhf(sequences: torch.Tensor, attention_mask: torch.Tensor
 def run(cfg: CompareConfig) -> dict:
     from openrlhf_safesteer.cpu_kernels import onednn_linear
     from openrlhf_safesteer.demo.evaluate import EvalSets
-    from openrlhf_safesteer.demo.model import resolve_model
+    from openrlhf_safesteer.loading import resolve_model
 
     from .report import write_report
 
@@ -418,7 +418,7 @@ def build_report(cfg: CompareConfig, model_dir: str, base_eval: dict, results: d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from openrlhf_safesteer.cli import HelpFormatter
+    from openrlhf_safesteer.helpformat import HelpFormatter
 
     p = argparse.ArgumentParser(prog="python -m openrlhf_safesteer.compare.run", formatter_class=HelpFormatter,
                                 description="SafeSteer (OpenRLHF plugin, both objectives, and the local engine) "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from openrlhf_safesteer.steering import atomic_savefig, atomic_write_text
+from openrlhf_safesteer.files import atomic_savefig, atomic_write_text
 
 from .evaluate import refusal_changes
 

@@ -8,14 +8,15 @@ settings is never reused, and a re-run with the same settings only generates wha
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from openrlhf_safesteer.files import append_jsonl, json_sha256, read_jsonl
+from openrlhf_safesteer.optional import vllm_usable
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def embedded_model_name(path: str | None) -> str | None:
     if path is None:
         return None
     try:
-        from openrlhf_safesteer.demo.model import EMBEDDED_MODELS
+        from openrlhf_safesteer.loading import EMBEDDED_MODELS
     except ImportError:
         return None
     return path if path in EMBEDDED_MODELS else None
@@ -117,7 +118,7 @@ def load_checkpoint(checkpoint: Checkpoint, device: str | None = None, dtype: st
     if checkpoint.model is not None:
         return checkpoint.model, checkpoint.tokenizer
     if embedded_model_name(checkpoint.path):
-        from openrlhf_safesteer.demo.model import load_model
+        from openrlhf_safesteer.loading import load_model
 
         return load_model(checkpoint.path, device=device or "cpu")
     import torch
@@ -142,24 +143,15 @@ def load_checkpoint(checkpoint: Checkpoint, device: str | None = None, dtype: st
     return model.to(device).eval(), tokenizer
 
 
-def vllm_available() -> bool:
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 def choose_backend(settings: GenerationSettings, checkpoint: Checkpoint) -> str:
     """vLLM when asked or (auto) when installed with a GPU and the checkpoint is on disk; else HF."""
     if settings.backend == "vllm":
-        if not vllm_available():
+        if not vllm_usable():
             raise RuntimeError("backend 'vllm' needs vllm installed and a CUDA GPU; use --backend hf")
         if checkpoint.path is None or checkpoint.steer or embedded_model_name(checkpoint.path):
             raise RuntimeError(f"checkpoint {checkpoint.name!r}: vLLM needs a checkpoint on disk without steering")
         return "vllm"
-    if (settings.backend == "auto" and vllm_available() and checkpoint.path is not None and not checkpoint.steer
+    if (settings.backend == "auto" and vllm_usable() and checkpoint.path is not None and not checkpoint.steer
             and not embedded_model_name(checkpoint.path)):
         return "vllm"
     return "hf"
@@ -197,28 +189,8 @@ def hf_generate(model, tokenizer, prompts: Sequence[str], settings: GenerationSe
 
 
 def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by an interrupted run: regenerate it
-                logger.warning("%s: skipping a truncated line", path)
-    return rows
-
-
-def append_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
+    """A cache key: the first 16 hex digits of obj's canonical JSON sha256."""
+    return json_sha256(obj)[:16]
 
 
 def cached_generate(
@@ -233,7 +205,9 @@ def cached_generate(
     generate_fn maps a list of prompts to their replies. Returns (replies in prompt order, how many
     were generated now).
     """
-    cached = {row["key"]: row["reply"] for row in read_jsonl(cache_file) if row.get("run") == run_key}
+    # skip_bad_lines: a line cut by an interrupted run is generated again
+    cached = {row["key"]: row["reply"] for row in read_jsonl(cache_file, skip_bad_lines=True)
+              if row.get("run") == run_key}
     keys = [digest([run_key, p]) for p in prompts]
     missing = list(dict.fromkeys(p for p, k in zip(prompts, keys) if k not in cached))
     for start in range(0, len(missing), chunk):

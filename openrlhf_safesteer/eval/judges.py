@@ -275,10 +275,10 @@ class ModelJudge(Judge):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from openrlhf_safesteer.eval.generation import vllm_available
+        from openrlhf_safesteer.optional import vllm_usable
 
         try:
-            if self.backend == "vllm" or (self.backend == "auto" and vllm_available()):
+            if self.backend == "vllm" or (self.backend == "auto" and vllm_usable()):
                 from vllm import LLM
 
                 self._llm = LLM(model=self.model_name, seed=0)

@@ -12,35 +12,16 @@ Headline numbers, all in percent:
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from openrlhf_safesteer.files import atomic_write_json
+
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, then os.replace: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """An evaluation result file: indented JSON, non-ASCII text kept as written, replaced atomically."""
+    atomic_write_json(path, obj, indent=2, ensure_ascii=False)
 
 
 def headline_value(entry: dict[str, Any]) -> float | None:
@@ -153,7 +134,7 @@ def plot_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from openrlhf_safesteer.steering import atomic_savefig
+    from openrlhf_safesteer.files import atomic_savefig
 
     checkpoints, rows = summary_rows(results)
     if not rows:

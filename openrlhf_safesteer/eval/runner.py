@@ -49,14 +49,12 @@ from openrlhf_safesteer.eval.benchmarks import (
 from openrlhf_safesteer.eval.generation import (
     Checkpoint,
     GenerationSettings,
-    append_jsonl,
     cached_generate,
     choose_backend,
     digest,
     embedded_model_name,
     hf_generate,
     load_checkpoint,
-    read_jsonl,
     vllm_generate,
 )
 from openrlhf_safesteer.eval.judges import (
@@ -73,8 +71,8 @@ from openrlhf_safesteer.eval.report import (
     markdown_table,
     plot_results,
     write_json_atomic,
-    write_text_atomic,
 )
+from openrlhf_safesteer.files import append_jsonl, atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +121,7 @@ def _template_info(tokenizer) -> dict[str, Any]:
 def _resolved_path(path: str) -> str:
     """The directory of a checkpoint path; the demo's embedded GGUF models are converted once into the user cache."""
     if embedded_model_name(path):
-        from openrlhf_safesteer.demo.model import resolve_model
+        from openrlhf_safesteer.loading import resolve_model
 
         return resolve_model(path)
     return path
@@ -250,8 +248,8 @@ def load_results(out_dir: Path) -> dict[str, Any]:
 def _judge_verdicts(judge: Judge, cache_file: Path, items: list[EvalItem], replies: list[str]) -> list[Verdict]:
     """Verdicts for (item, reply) pairs, reusing those cached under the same judge key."""
     jkey = digest(judge.key())
-    cached = {row["key"]: Verdict(row["unsafe"], row.get("raw", "")) for row in read_jsonl(cache_file)
-              if row.get("judge") == jkey}
+    cached = {row["key"]: Verdict(row["unsafe"], row.get("raw", ""))
+              for row in read_jsonl(cache_file, skip_bad_lines=True) if row.get("judge") == jkey}
     keys = [digest([jkey, it.prompt, it.context, r]) for it, r in zip(items, replies)]
     todo = [i for i, k in enumerate(keys) if k not in cached]
     if todo:
@@ -535,7 +533,7 @@ def _finish(out: Path, run: dict[str, Any], errors: list[dict[str, Any]], scored
         run["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         write_json_atomic(out / "runs" / f"{run['started'].replace(':', '')}.json", run)
     if any(s.get("safety") or s.get("general") for s in results["checkpoints"].values()):
-        write_text_atomic(out / "table.md", markdown_table(results))
+        atomic_write_text(out / "table.md", markdown_table(results))
         if config.plot and final:
             plot_results(results, out / "chart.png")
     return results

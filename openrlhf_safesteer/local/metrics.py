@@ -7,16 +7,15 @@ import logging
 import os
 from pathlib import Path
 
+from openrlhf_safesteer.files import atomic_write_text, read_jsonl
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(out: str | os.PathLike) -> list[dict]:
-    path = Path(out) / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return read_jsonl(Path(out) / METRICS_FILE)
 
 
 class MetricsLogger:
@@ -26,9 +25,8 @@ class MetricsLogger:
                  wandb_project: str = "safesteer", config: dict | None = None):
         self.path = Path(out) / METRICS_FILE
         kept = [r for r in read_metrics(out) if r.get("step", 0) <= resume_step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)   # atomic rewrite: steps past the checkpoint will be redone
+        # atomic rewrite: steps past the checkpoint will be redone
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = self._wandb = None
         if tensorboard:

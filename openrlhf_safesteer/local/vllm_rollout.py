@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
-from openrlhf_safesteer.optional import really_installed
+from openrlhf_safesteer.optional import vllm_missing, vllm_usable  # noqa: F401  (the engine asks here)
 
 from .rollout import Rollouts, build_rollouts
 
@@ -41,30 +41,6 @@ Tensor = torch.Tensor
 # vLLM accepts only these values for max_lora_rank (its LoRAConfig validates them); an adapter of
 # rank r runs under any max_lora_rank >= r, so the engine uses the smallest allowed value >= r.
 VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-
-
-def vllm_installed() -> bool:
-    """True when the real vLLM package is importable (not openrlhf_safesteer.plugin.compat's stand-in)."""
-    return really_installed("vllm")
-
-
-def cuda_available() -> bool:
-    return torch.cuda.is_available()
-
-
-def vllm_missing() -> list[str]:
-    """What keeps vLLM rollouts from running here, in words (empty when they can run)."""
-    missing = []
-    if not vllm_installed():
-        missing.append("vLLM is not installed")
-    if not cuda_available():
-        missing.append("no CUDA GPU is available")
-    return missing
-
-
-def vllm_usable() -> bool:
-    """vLLM rollouts can run here: vLLM is really installed and a CUDA GPU is present."""
-    return not vllm_missing()
 
 
 def vllm_max_lora_rank(lora_r: int) -> int:

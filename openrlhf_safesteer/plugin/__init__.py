@@ -11,13 +11,11 @@ OpenRLHF has no plugin registry, so the engine is a set of subclasses that the l
   actor's own logits (objective `exact`, the paper's loss), or OpenRLHF's stock PPO loss (`sampled`).
 - `rollout.HFRolloutActor`: an HF-generate rollout engine that answers like OpenRLHF's vLLM engine.
 
-Importing this package registers import stand-ins for flash_attn/vllm on machines that lack them
-(see `compat`), so that OpenRLHF's modules import on a CPU machine and on every Ray worker.
+Importing this package changes nothing: the import stand-ins for flash_attn/vllm on machines that
+lack them (see `compat`) are installed by the processes that import OpenRLHF: the launcher and the
+flag checker (`compat.prepare_process()` before OpenRLHF's entry point runs) and each Ray actor.
 """
 
-from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin.compat import SUPPORTED_OPENRLHF
 
-compat.configure_cpu_environment()
-compat.install_import_stand_ins()
-
-SUPPORTED_OPENRLHF = compat.SUPPORTED_OPENRLHF
+__all__ = ["SUPPORTED_OPENRLHF"]

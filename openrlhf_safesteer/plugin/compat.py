@@ -33,6 +33,7 @@ import uuid
 from typing import Any
 
 from openrlhf_safesteer.optional import STAND_IN_MARK, really_installed
+from openrlhf_safesteer.optional import vllm_installed as vllm_available  # the real package, never the stand-in
 
 logger = logging.getLogger(__name__)
 
@@ -66,10 +67,6 @@ def check_openrlhf_version() -> str:
             f"{SUPPORTED_OPENRLHF[0]}."
         )
     return version
-
-
-def vllm_available() -> bool:
-    return really_installed("vllm")
 
 
 def flash_attn_available() -> bool:

@@ -16,14 +16,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import ray
 import torch
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+# No OpenRLHF import at module level: the actor installs the CPU stand-ins (compat.prepare_process) in its
+# own process before it imports OpenRLHF's agent executors.
 from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import ray  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

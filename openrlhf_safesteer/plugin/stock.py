@@ -25,6 +25,10 @@ import sys
 
 from openrlhf_safesteer.plugin import compat
 
+# A CPU-only entry point whose classes subclass OpenRLHF's at import, here and in every Ray worker that
+# unpickles them: OpenRLHF's modules import only with the stand-ins in place (a no-op where the real
+# packages are installed).
+compat.configure_cpu_environment()
 compat.install_import_stand_ins()
 
 import ray  # noqa: E402

@@ -44,18 +44,18 @@ def stage1(root, out, placement):
 
 @pytest.mark.slow
 def test_split_model_gives_the_same_vector_and_safety_tokens(toy_files, tmp_path, monkeypatch):
-    from openrlhf_safesteer.demo import model as demo_model
+    from openrlhf_safesteer import loading
 
     root, half = toy_files
     placements = []
-    real_load = demo_model.load_model
+    real_load = loading.load_model
 
     def recording_load(*args, **kwargs):
         model, tokenizer = real_load(*args, **kwargs)
         placements.append(set(getattr(model, "hf_device_map", {"": "whole"}).values()))
         return model, tokenizer
 
-    monkeypatch.setattr(demo_model, "load_model", recording_load)
+    monkeypatch.setattr(loading, "load_model", recording_load)
     whole_vector, whole_tokens = stage1(root, tmp_path / "whole", ["--device", "cpu"])
     split = ["--device-map", "auto", "--max-memory", f"cpu={half}", "--offload-folder", str(tmp_path / "offload")]
     split_vector, split_tokens = stage1(root, tmp_path / "split", split)

@@ -1,5 +1,5 @@
 """The core's mechanics on a real instruction-tuned model: the offline demo model (Qwen2.5-Coder-0.5B-Instruct,
-converted from the GGUF packages by openrlhf_safesteer.demo.model; no hub). Slow; skipped without the packages."""
+converted from the GGUF packages by openrlhf_safesteer.loading; no hub). Slow; skipped without the packages."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from openrlhf_safesteer.chat import render_prompts
-from openrlhf_safesteer.demo.model import QWEN_CODER_05B, missing_packages
 from openrlhf_safesteer.directions import candidate_directions
+from openrlhf_safesteer.loading import QWEN_CODER_05B, missing_packages
 from openrlhf_safesteer.steering import SteeringVector, steer
 from openrlhf_safesteer.templates import (
     post_instruction_ids,
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def qwen():
-    from openrlhf_safesteer.demo.model import QWEN_CODER_05B, load_model, part_paths
+    from openrlhf_safesteer.loading import QWEN_CODER_05B, load_model, part_paths
 
     part_paths(QWEN_CODER_05B)   # installed but broken (a part file missing): ModelFileError fails the tests
 

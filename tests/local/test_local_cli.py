@@ -67,11 +67,13 @@ def test_train_cli_rejects_bad_artifacts_before_loading(artifacts):
 @pytest.fixture()
 def no_model_load(monkeypatch):
     """Fail the test if `safesteer train` loads the model's weights."""
-    import openrlhf_safesteer.demo.model as demo_model
+    from openrlhf_safesteer import loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was found")
-    monkeypatch.setattr(demo_model, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)
+    # cli/train.py still imports the loader through the demo's re-export (openrlhf_safesteer.demo.model)
+    monkeypatch.setattr("openrlhf_safesteer.demo.model.load_model", refuse)
 
 
 def test_train_cli_checks_out_settings_and_template_before_loading(artifacts, no_model_load):

@@ -16,6 +16,7 @@ from typing import ClassVar
 import pytest
 import torch
 
+from openrlhf_safesteer import optional
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
 from openrlhf_safesteer.local import vllm_rollout
 from openrlhf_safesteer.local.engine import TrainConfig, prepare_student, train
@@ -245,7 +246,7 @@ def test_vllm_rollout_refuses_full_fine_tuning(tok, fake_vllm):
 
 
 def test_train_uses_the_vllm_sampler_when_chosen(tok, fake_vllm, monkeypatch, tmp_path):
-    monkeypatch.setattr(vllm_rollout, "cuda_available", lambda: True)   # the stand-in engine runs on CPU
+    monkeypatch.setattr(optional, "cuda_available", lambda: True)   # the stand-in engine runs on CPU
     model = tiny_model("llama", tok, layers=2, hidden=32)
     vector = SteeringVector(torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)), layer=1)
     cfg = TrainConfig(out=str(tmp_path / "run"), lr=1e-3, prompts_per_step=2, samples_per_prompt=2, micro_batch_size=4,
@@ -270,8 +271,8 @@ def test_train_uses_the_vllm_sampler_when_chosen(tok, fake_vllm, monkeypatch, tm
 
 
 def test_validate_rejects_vllm_without_vllm_and_gpu(monkeypatch):
-    monkeypatch.setattr(vllm_rollout, "vllm_installed", lambda: False)
-    monkeypatch.setattr(vllm_rollout, "cuda_available", lambda: False)
+    monkeypatch.setattr(optional, "vllm_installed", lambda: False)
+    monkeypatch.setattr(optional, "cuda_available", lambda: False)
     with pytest.raises(ValueError, match="vLLM is not installed and no CUDA GPU is available"):
         TrainConfig(rollout_backend="vllm", lora_r=8).validate()
 
@@ -286,8 +287,8 @@ def test_validate_on_this_machine(monkeypatch):
 def test_validate_rejects_unknown_backend_and_vllm_full_fine_tuning(monkeypatch):
     with pytest.raises(ValueError, match="rollout_backend must be one of"):
         TrainConfig(rollout_backend="sglang").validate()
-    monkeypatch.setattr(vllm_rollout, "vllm_installed", lambda: True)
-    monkeypatch.setattr(vllm_rollout, "cuda_available", lambda: True)
+    monkeypatch.setattr(optional, "vllm_installed", lambda: True)
+    monkeypatch.setattr(optional, "cuda_available", lambda: True)
     with pytest.raises(ValueError, match="needs LoRA"):
         TrainConfig(rollout_backend="vllm", lora_r=0).validate()
     TrainConfig(rollout_backend="vllm", lora_r=8).validate()
@@ -297,10 +298,10 @@ def test_validate_rejects_unknown_backend_and_vllm_full_fine_tuning(monkeypatch)
 def test_auto_backend_picks_hf_without_vllm(monkeypatch):
     from openrlhf_safesteer.local.engine import rollout_backend
 
-    monkeypatch.setattr(vllm_rollout, "vllm_installed", lambda: False)
+    monkeypatch.setattr(optional, "vllm_installed", lambda: False)
     assert rollout_backend(TrainConfig(lora_r=8)) == "hf"
-    monkeypatch.setattr(vllm_rollout, "vllm_installed", lambda: True)
-    monkeypatch.setattr(vllm_rollout, "cuda_available", lambda: True)
+    monkeypatch.setattr(optional, "vllm_installed", lambda: True)
+    monkeypatch.setattr(optional, "cuda_available", lambda: True)
     assert rollout_backend(TrainConfig(lora_r=8)) == "vllm"
     assert rollout_backend(TrainConfig(lora_r=0)) == "hf"
     assert rollout_backend(TrainConfig(lora_r=8, rollout_backend="hf")) == "hf"
