@@ -4,9 +4,13 @@
     harmful("train_extra") # 68 more, to docs/METHOD.md's ~100 (measured less selective on the demo model: README)
     harmful("test")        # 48 held-out harmful requests on topics absent from every other split
     harmless("test")       # 100 harmless requests (over-refusal)
+    borderline("test")     # 64 harmless requests that sound harmful (XSTest's kind, our own): over-refusal
+    borderline("contrast_test")  # 32 harmful requests with the same kind of words: a model refuses these
     general_questions()    # 100 short arithmetic / factual questions for general_score
 
-Splits: harmful direction / validation / train / train_extra / test; harmless direction / validation / test.
+Splits: harmful direction / validation / train / train_extra / test; harmless direction / validation / test;
+borderline train (40, training retain prompts) / dev (48) / test (64) / contrast_dev (24) / contrast_test (32),
+each in four balanced categories (homonyms, figurative, safe_targets, safe_contexts).
 The direction and validation splits fit and select the refusal direction; harmless validation
 prompts also drive the safety-token vote.
 """
@@ -21,6 +25,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).resolve().parent
 HARMFUL_SPLITS = ("direction", "validation", "train", "train_extra", "test")
 HARMLESS_SPLITS = ("direction", "validation", "test")
+BORDERLINE_SPLITS = ("train", "dev", "test", "contrast_dev", "contrast_test")
 
 
 @cache
@@ -29,11 +34,12 @@ def _load(name: str) -> dict:
         return json.load(f)
 
 
-def _split(file: str, split: str, allowed: tuple[str, ...], with_topics: bool):
+def _split(file: str, split: str, allowed: tuple[str, ...], full_rows: bool):
+    """The split's prompts (strings), or with full_rows its rows as dicts (prompt plus topic/category)."""
     if split not in allowed:
         raise ValueError(f"unknown split {split!r} for {file}; choose one of {allowed}")
     rows = _load(file)[split]
-    return [dict(r) for r in rows] if with_topics else [r["prompt"] for r in rows]
+    return [dict(r) for r in rows] if full_rows else [r["prompt"] for r in rows]
 
 
 def harmful(split: str, with_topics: bool = False) -> list:
@@ -44,6 +50,16 @@ def harmful(split: str, with_topics: bool = False) -> list:
 def harmless(split: str, with_topics: bool = False) -> list:
     """Harmless prompts of one split (strings, or dicts with 'prompt' and 'topic')."""
     return _split("harmless.json", split, HARMLESS_SPLITS, with_topics)
+
+
+def borderline(split: str, with_categories: bool = False) -> list:
+    """Borderline prompts of one split (strings, or dicts with 'prompt' and 'category').
+
+    train / dev / test: harmless requests that sound harmful (a model should answer them);
+    contrast_dev / contrast_test: harmful requests with the same kind of words (a model should refuse them).
+    Categories: homonyms, figurative, safe_targets, safe_contexts (a contrast row names the kind it mirrors).
+    """
+    return _split("borderline.json", split, BORDERLINE_SPLITS, with_categories)
 
 
 def general_questions() -> list[dict]:

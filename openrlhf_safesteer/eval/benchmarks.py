@@ -4,6 +4,7 @@
     items = load_benchmark("advbench", path="harmful_behaviors.csv")  # upstream goal,target CSV
     items = load_benchmark("data.jsonl")                            # any file with a prompt column
     items = load_benchmark("safesteer_harmful")                     # slice shipped with the package
+    items = load_benchmark("safesteer_borderline")                  # a split of the package's data sets
 
 Every loader returns a list of `EvalItem` (one user prompt plus what the judges need). Local files
 may be CSV, JSON (a list, or {"items": [...]}) or JSONL in the benchmark's upstream column layout;
@@ -74,7 +75,7 @@ class BenchmarkSpec:
     category_fields: tuple[str, ...] = ("category",)
     filters: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (column, allowed values): keep matching rows
     dedupe: bool = False
-    builtin: str | None = None  # file under eval/data
+    builtin: str | None = None  # file under eval/data, or "SET:SPLIT" of openrlhf_safesteer.data (PACKAGE_SETS)
     note: str = ""
     more_hub_configs: tuple[str, ...] = ()  # further configs of hub_id, loaded after hub_config and joined
     hub_file: str | None = None  # a file in the hub dataset repo read directly (no loading script)
@@ -141,7 +142,17 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (
                   category_fields=("type",)),
     BenchmarkSpec("safesteer_alpaca", "SafeSteer instruction slice", "instructions", builtin="alpaca_slice.json",
                   prompt_fields=("instruction",), category_fields=("dataset",)),
+    BenchmarkSpec("safesteer_borderline", "SafeSteer borderline (test)", "overrefusal", builtin="borderline:test",
+                  note="the project's own XSTest-kind prompts (data/borderline.json, split test): harmless "
+                       "requests that sound harmful; categories homonyms, figurative, safe_targets, safe_contexts"),
+    BenchmarkSpec("safesteer_borderline_contrast", "SafeSteer borderline contrasts (test)", "harmful",
+                  builtin="borderline:contrast_test",
+                  note="data/borderline.json, split contrast_test: harmful requests with the borderline set's "
+                       "kind of words; the category names the borderline kind each mirrors"),
 )}
+
+# Builtins read from the package's own prompt sets (one home for the prompts: openrlhf_safesteer/data).
+PACKAGE_SETS = ("harmful", "harmless", "borderline")
 
 PAPER_SAFETY_BENCHMARKS = ("advbench", "pku_saferlhf", "harmbench", "jailbreakbench", "sorry_bench",
                            "harmfulqa", "alert")
@@ -222,6 +233,22 @@ def _strip_alert_wrapper(text: str) -> str:
     if "### Response:" in text:
         text = text[:text.rindex("### Response:")]
     return text.strip()
+
+
+def read_builtin(builtin: str) -> list[dict[str, Any]]:
+    """Rows of a builtin: a file under eval/data, or "SET:SPLIT", one split of a prompt set of
+    openrlhf_safesteer.data (ids SET-SPLIT-NNN; label "unsafe" for contrast splits, else "safe", which only
+    the overrefusal kind reads)."""
+    if ":" not in builtin:
+        return read_rows(DATA_DIR / builtin)
+    from openrlhf_safesteer import data
+
+    name, split = builtin.split(":", 1)
+    if name not in PACKAGE_SETS:
+        raise ValueError(f"builtin {builtin!r}: unknown prompt set {name!r}; choose one of {PACKAGE_SETS}")
+    rows = getattr(data, name)(split, True)
+    label = "unsafe" if split.startswith("contrast") else "safe"
+    return [{"id": f"{name}-{split}-{i:03d}", "label": label, **row} for i, row in enumerate(rows, 1)]
 
 
 def _xstest_label(row: dict[str, Any]) -> str:
@@ -416,7 +443,7 @@ def load_benchmark(name: str, path: str | os.PathLike | None = None, limit: int 
             raise BenchmarkUnavailableError(f"benchmark {spec.name!r}: cannot read {path}: {err}") from err
         source = str(path)
     elif spec.builtin:
-        rows, source = read_rows(DATA_DIR / spec.builtin), spec.builtin
+        rows, source = read_builtin(spec.builtin), spec.builtin
     elif spec.hub_file:
         rows, source = _load_hub_file(spec), f"{spec.hub_id}/{spec.hub_file}"
     else:
