@@ -311,11 +311,24 @@ class _Cast:
         return self.cache[key]
 
 
-def _addition_pre_hook(vector: Tensor, coeff: float):
-    cast = _Cast(vector * coeff)
+def _addition_pre_hook(vector: Tensor, coeff: float | Tensor):
+    """coeff: a number (every row), or per-row coefficients (B,), or per-token ones (B, T) (packed rows)."""
+    if not isinstance(coeff, torch.Tensor):
+        cast = _Cast(vector * coeff)
 
-    def add(hidden: Tensor) -> Tensor:
-        return hidden + cast.like(hidden)
+        def add(hidden: Tensor) -> Tensor:
+            return hidden + cast.like(hidden)
+    else:
+        cast, scales = _Cast(vector), _Cast(coeff)
+
+        def add(hidden: Tensor) -> Tensor:
+            scale = scales.like(hidden)
+            rows_only = scale.dim() == 1
+            if scale.shape != hidden.shape[:scale.dim()]:
+                raise ValueError(f"per-{'row' if rows_only else 'token'} steering coefficients of shape "
+                                 f"{tuple(scale.shape)} do not fit hidden states {tuple(hidden.shape)}")
+            scale = scale[:, None, None] if rows_only else scale[..., None]   # (B, 1, 1) or (B, T, 1)
+            return hidden + scale * cast.like(hidden)
 
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         # Decoder blocks take the residual stream as their first positional argument in HF, but
@@ -329,21 +342,39 @@ def _addition_pre_hook(vector: Tensor, coeff: float):
     return hook
 
 
-def _resolve(model: nn.Module, steering_vector: SteeringVector, coeff: float | None) -> tuple[nn.Module, float]:
+def row_coefficients(coeff: Tensor) -> Tensor:
+    """Per-row (B,) or per-token (B, T) steering coefficients as a CPU float32 tensor; ValueError unless finite."""
+    coeff = torch.as_tensor(coeff).detach()
+    if coeff.dim() not in (1, 2) or coeff.numel() == 0:
+        raise ValueError(f"per-row steering coefficients must be (B,) or (B, T), got shape {tuple(coeff.shape)}")
+    if not torch.isfinite(coeff).all():
+        raise ValueError("per-row steering coefficients must be finite")
+    return coeff.to("cpu", torch.float32)
+
+
+def _resolve(model: nn.Module, steering_vector: SteeringVector,
+             coeff: float | Tensor | None) -> tuple[nn.Module, float | Tensor]:
     steering_vector.check_compatible(model)
-    coeff = steering_vector.coeff if coeff is None else finite_coeff(coeff)
+    if isinstance(coeff, torch.Tensor):
+        coeff = row_coefficients(coeff)
+    else:
+        coeff = steering_vector.coeff if coeff is None else finite_coeff(coeff)
     return decoder_layers(model)[steering_vector.layer], coeff
 
 
-def attach_steering(model: nn.Module, steering_vector: SteeringVector, coeff: float | None = None) -> RemovableHandle:
+def attach_steering(model: nn.Module, steering_vector: SteeringVector,
+                    coeff: float | Tensor | None = None) -> RemovableHandle:
     """Add coeff * d to the input of decoder layer `steering_vector.layer` at every position, until
-    `handle.remove()`. coeff defaults to the vector's own. Works through PEFT/DeepSpeed wrappers."""
+    `handle.remove()`. coeff defaults to the vector's own; a tensor gives each row its own coefficient
+    ((B,): row b gets coeff[b] * d; (B, T): per token, e.g. packed sequences), 0 leaving a row unsteered.
+    Works through PEFT/DeepSpeed wrappers."""
     layer, coeff = _resolve(model, steering_vector, coeff)
     return layer.register_forward_pre_hook(_addition_pre_hook(steering_vector.vector, coeff), with_kwargs=True)
 
 
 @contextlib.contextmanager
-def steer(model: nn.Module, steering_vector: SteeringVector, coeff: float | None = None) -> Iterator[nn.Module]:
+def steer(model: nn.Module, steering_vector: SteeringVector,
+          coeff: float | Tensor | None = None) -> Iterator[nn.Module]:
     """Context manager form of attach_steering: the model is the steered teacher inside the block."""
     handle = attach_steering(model, steering_vector, coeff)
     try:

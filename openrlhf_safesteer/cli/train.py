@@ -30,6 +30,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="safety-token set JSON from `safesteer tokens`")
     p.add_argument("--prompts", help="harmful prompts: JSON list / JSONL with 'prompt' / text file; default: the "
                    "project's harmful training split")
+    p.add_argument("--retain-prompts-per-step", type=int, default=d.retain_prompts_per_step,
+                   help="the project's selectivity extension (docs/METHOD.md section 8): retain prompts per step, "
+                        "whose teacher is the unsteered base; 0 (default): the paper's method")
+    p.add_argument("--retain-prompts", help="retain prompts (same formats as --prompts); default: the project's "
+                   "borderline-safe training split")
     p.add_argument("--out", required=True, help="run directory (checkpoints/, final/, metrics.jsonl)")
     p.add_argument("--safesteer.objective", dest="objective", default=d.objective, choices=OBJECTIVES,
                    help="exact: localized reverse KL on S (SafeSteer); sampled: its sampled-token advantage; "
@@ -90,10 +95,16 @@ def run(args) -> int:
     if vector is None and args.objective != "system_prompt":
         raise SystemExit(f"--vector is required for --safesteer.objective {args.objective}")
     prompts = data.load_prompt_file(args.prompts) if args.prompts else data.harmful("train")
+    retain = None
+    if args.retain_prompts_per_step:
+        retain = data.load_prompt_file(args.retain_prompts) if args.retain_prompts else data.borderline("train")
+    elif args.retain_prompts:
+        raise SystemExit("--retain-prompts needs --retain-prompts-per-step > 0")
     cfg = TrainConfig(
         out=args.out, objective=args.objective, lr=args.lr, weight_decay=args.weight_decay,
         warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm, epochs=args.epochs,
-        max_steps=args.max_steps, prompts_per_step=args.prompts_per_step, samples_per_prompt=args.samples_per_prompt,
+        max_steps=args.max_steps, prompts_per_step=args.prompts_per_step,
+        retain_prompts_per_step=args.retain_prompts_per_step, samples_per_prompt=args.samples_per_prompt,
         micro_batch_size=args.micro_batch_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, coeff=args.coeff, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         freeze_embeddings=args.freeze_embeddings, teacher=args.teacher,
@@ -104,13 +115,13 @@ def run(args) -> int:
     cfg.validate()
     # the run folder and the tokenizer need no weights: a fresh run over old checkpoints, a resume with other
     # settings or a tokenizer without a chat template fail here, not after the model load
-    resume_point(cfg, run_identity(cfg, prompts, vector, tokens.ids))
+    resume_point(cfg, run_identity(cfg, prompts, vector, tokens.ids, retain))
     check_chat_template(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, device=device)
     tokens.check_compatible(model.get_output_embeddings().weight.shape[0], tokenizer)
     logger.info("training on %d prompts with |S| = %d, objective %s", len(prompts), len(tokens.ids), cfg.objective)
-    result = train(model, tokenizer, vector, torch.tensor(tokens.ids), prompts, cfg)
+    result = train(model, tokenizer, vector, torch.tensor(tokens.ids), prompts, cfg, retain)
     if result.final_dir is not None:
         print(f"trained model: {result.final_dir}")
     else:

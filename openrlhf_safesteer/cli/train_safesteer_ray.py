@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     except compat.UnsupportedOpenRLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    openrlhf_argv = default_openrlhf_flags(openrlhf_argv, config.objective)
+    openrlhf_argv = default_openrlhf_flags(openrlhf_argv, config.objective, config.coeff_key)
 
     from openrlhf_safesteer.plugin.install import run_openrlhf_main
     from openrlhf_safesteer.steering import IncompatibleArtifactError

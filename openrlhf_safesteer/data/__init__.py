@@ -94,20 +94,19 @@ def _row_prompt(row, where: str) -> str:
     return prompt
 
 
-def _jsonl_prompts(path: Path, text: str) -> list[str]:
-    prompts = []
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, object]]:
+    rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as e:   # its own "line 1" would be the line's, not the file's
             raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
-        prompts.append(_row_prompt(row, f"{path}:{lineno}"))
-    return prompts
+    return rows
 
 
-def _json_prompts(path: Path, text: str) -> list[str]:
+def _json_rows(path: Path, text: str) -> list[tuple[str, object]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as e:
@@ -115,7 +114,14 @@ def _json_prompts(path: Path, text: str) -> list[str]:
     if not isinstance(rows, list):   # a dict would be iterated by key: {"prompts": [...]} became one prompt
         raise ValueError(f"{path} must hold a JSON list of prompts (strings or {{\"prompt\": ...}} objects), "
                          f"got a JSON {type(rows).__name__}")
-    return [_row_prompt(row, f"{path}[{i}]") for i, row in enumerate(rows)]
+    return [(f"{path}[{i}]", row) for i, row in enumerate(rows)]
+
+
+def read_prompt_rows(path: str | Path) -> list[tuple[str, object]]:
+    """The rows of a JSON-list or JSONL prompt file, each with where it is ('file:line' or 'file[i]')."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    return _jsonl_rows(path, text) if path.suffix == ".jsonl" else _json_rows(path, text)
 
 
 def load_prompt_file(path: str | Path) -> list[str]:
@@ -125,10 +131,8 @@ def load_prompt_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        prompts = _jsonl_prompts(path, text)
-    elif path.suffix == ".json":
-        prompts = _json_prompts(path, text)
+    if path.suffix in (".json", ".jsonl"):
+        prompts = [_row_prompt(row, where) for where, row in read_prompt_rows(path)]
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:

@@ -1,4 +1,5 @@
-"""The demo's before/after evaluation: refusal on held-out harmful and harmless prompts, and general_score.
+"""The demo's before/after evaluation: refusal on held-out harmful, harmless and borderline-safe prompts (with
+their harmful contrast set), and general_score.
 
 Greedy decoding with the model's chat template; the refusal-string judge (openrlhf_safesteer.refusal)
 reads the opening of each reply, so short replies suffice.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from openrlhf_safesteer import data
 from openrlhf_safesteer.chat import generate, generate_with_first_logprobs
@@ -32,12 +33,17 @@ class EvalSets:
     harmful: list[str]
     harmless: list[str]
     general: list[dict]
+    # borderline-safe prompts that merely sound harmful, and truly harmful ones in the same words (selectivity)
+    borderline: list[str] = field(default_factory=list)
+    contrast: list[str] = field(default_factory=list)
 
     @classmethod
     def default(cls, limit: int | None = None) -> EvalSets:
-        """The held-out harmful and harmless test splits and the general questions (first `limit` of each)."""
+        """The held-out test splits (harmful, harmless, borderline-safe and its contrast) and the general
+        questions (first `limit` of each)."""
         _check_limit(limit)
-        return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit])
+        return cls(data.harmful("test")[:limit], data.harmless("test")[:limit], data.general_questions()[:limit],
+                   data.borderline("test")[:limit], data.borderline("contrast_test")[:limit])
 
     @classmethod
     def dev(cls, limit: int | None = None) -> EvalSets:
@@ -47,13 +53,15 @@ class EvalSets:
         _check_limit(limit)
         return cls((data.harmful("direction") + data.harmful("validation"))[:limit],
                    (data.harmless("direction") + data.harmless("validation"))[:limit],
-                   data.general_questions()[:limit])
+                   data.general_questions()[:limit], data.borderline("dev")[:limit],
+                   data.borderline("contrast_dev")[:limit])
 
 
 def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general_tokens: int = 6,
              batch_size: int = 50, progress: bool = True) -> dict:
     """Returns {harmful_refusal_rate, harmful_asr, harmless_refusal_rate, general_score (0-100),
-    harmful_refusal_score, harmless_refusal_score, samples, seconds}.
+    harmful_refusal_score, harmless_refusal_score, samples, seconds}, and for the sets.borderline / .contrast
+    prompts (when given) borderline_refusal_rate, contrast_refusal_rate and their refusal scores.
 
     Rates are fractions in [0, 1]; general_score is a percentage. The two refusal scores are the mean
     docs/METHOD.md refusal score (logit of the refusal openers' next-token probability at the end of the prompt):
@@ -74,6 +82,9 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     refusal_ids = refusal_token_ids(tokenizer)
     harmful_scores = refusal_scores_from_logprobs(harmful_first, refusal_ids)
     harmless_scores = refusal_scores_from_logprobs(harmless_first, refusal_ids)
+    # a call of their own: appended to the batch above, they would re-pad its last rows (and could move a reply)
+    selectivity = refusal_sets(model, tokenizer, {"borderline": sets.borderline, "contrast": sets.contrast},
+                                refusal_tokens, batch_size, refusal_ids, progress)
     model.train(was_training)
     harmful_refusals = [is_refusal(r) for r in harmful]
     harmless_refusals = [is_refusal(r) for r in harmless]
@@ -94,11 +105,37 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
             "general": [{"question": q["question"], "reply": r, "correct": c}
                         for q, r, c in zip(sets.general, general, correct)],
         },
-        "seconds": time.time() - start,
     }
+    for name, part in selectivity.items():
+        result[f"{name}_refusal_rate"] = part["rate"]
+        result[f"{name}_refusal_score"] = part["score"]
+        result["n"][name] = len(part["samples"])
+        result["samples"][name] = part["samples"]
+    result["seconds"] = time.time() - start
     logger.info("harmful refusal %.2f (score %.2f), harmless refusal %.2f (score %.2f), general_score %.1f (%.0f s)",
                 result["harmful_refusal_rate"], result["harmful_refusal_score"], result["harmless_refusal_rate"],
                 result["harmless_refusal_score"], result["general_score"], result["seconds"])
+    return result
+
+
+def refusal_sets(model, tokenizer, sets: dict[str, list[str]], refusal_tokens: int, batch_size: int,
+                  refusal_ids, progress: bool) -> dict[str, dict]:
+    """Greedy refusal rate, mean refusal score and samples of each non-empty prompt set, in one generate call."""
+    names = [name for name, prompts in sets.items() if prompts]
+    prompts = [p for name in names for p in sets[name]]
+    if not prompts:
+        return {}
+    replies, first = generate_with_first_logprobs(model, tokenizer, prompts, refusal_tokens, batch_size,
+                                                  progress=progress)
+    scores = refusal_scores_from_logprobs(first, refusal_ids).tolist()
+    result, at = {}, 0
+    for name in names:
+        rows = slice(at, at + len(sets[name]))
+        at = rows.stop
+        flags = [is_refusal(r) for r in replies[rows]]
+        result[name] = {"rate": sum(flags) / len(flags), "score": sum(scores[rows]) / len(flags),
+                        "samples": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
+                                    zip(sets[name], replies[rows], flags, scores[rows])]}
     return result
 
 

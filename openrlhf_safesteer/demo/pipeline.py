@@ -83,6 +83,10 @@ class DemoConfig:
     freeze_embeddings: bool = False    # full fine-tuning only
     warmup_ratio: float = 0.1
     micro_batch_size: int = 8
+    # The project's selectivity extension (docs/METHOD.md section 8), off by default (0: the paper's method):
+    # retain prompts per step from these borderline-safe splits, their teacher the unsteered base.
+    retain_prompts_per_step: int = 0
+    retain_splits: list[str] = field(default_factory=lambda: ["train"])
     # evaluation
     eval_limit: int | None = None      # use only the first N prompts of each eval set (tests)
     # reply tokens judged for refusal: "I'm sorry, but I can't assist with that." is 12 tokens, and cutting the
@@ -127,6 +131,7 @@ class DemoConfig:
             # a repeated objective would train twice into the same folder
             raise ValueError(f"--objectives must name distinct engine objectives, got {self.objectives}")
         train_prompts(self)
+        retain_prompts(self)
         for objective in self.objectives:
             try:
                 train_config(self, objective, Path(self.out) / "train").validate()
@@ -199,11 +204,22 @@ def train_prompts(cfg: DemoConfig) -> list[str]:
     return [p for split in cfg.train_splits for p in data.harmful(split)]
 
 
+def retain_prompts(cfg: DemoConfig) -> list[str] | None:
+    """The borderline-safe prompts of the retain term (None without it); the dev and test splits are refused."""
+    if not cfg.retain_prompts_per_step:
+        return None
+    held_out = {"dev", "test", "contrast_dev", "contrast_test"}
+    if not cfg.retain_splits or held_out & set(cfg.retain_splits):
+        raise ValueError(f"retain_splits must name borderline splits other than {sorted(held_out)}, "
+                         f"got {cfg.retain_splits}")
+    return [p for split in cfg.retain_splits for p in data.borderline(split)]
+
+
 def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = True) -> TrainConfig:
     """The local engine's settings for one of the demo's training runs (a fresh run, never resumed)."""
     return TrainConfig(
         out=str(out), objective=objective, lr=cfg.lr, max_steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
-        samples_per_prompt=cfg.samples_per_prompt, micro_batch_size=cfg.micro_batch_size,
+        retain_prompts_per_step=cfg.retain_prompts_per_step, samples_per_prompt=cfg.samples_per_prompt, micro_batch_size=cfg.micro_batch_size,
         max_new_tokens=cfg.max_new_tokens, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_targets=list(cfg.lora_targets), lora_layers=cfg.lora_layers, freeze_embeddings=cfg.freeze_embeddings,
         warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed, progress=cfg.progress,
@@ -316,7 +332,8 @@ def _run_demo(cfg: DemoConfig) -> dict:
             # only SafeSteer's model is kept (DIR/final); the ablation's 2 GB merged copy is not written
             tcfg = train_config(cfg, objective, out / f"train_{name}", save_final=name == "safesteer")
             clear_checkpoints(Path(tcfg.out))
-            result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(cfg), tcfg)
+            result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(cfg), tcfg,
+                           retain_prompts(cfg))
         with _timed(timings, f"evaluate {name}"):
             trained = merged(result.model)
             runs[name] = {"eval": evaluate(trained, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
@@ -331,7 +348,9 @@ def _run_demo(cfg: DemoConfig) -> dict:
         gc.collect()
 
     def entry(ev: dict) -> dict:
-        return {k: ev[k] for k in ("harmful_refusal_rate", "harmful_asr", "harmless_refusal_rate", "general_score")}
+        keys = ("harmful_refusal_rate", "harmful_asr", "harmless_refusal_rate", "borderline_refusal_rate",
+                "contrast_refusal_rate", "general_score")
+        return {k: ev[k] for k in keys if k in ev}
 
     report = {
         "model": cfg.model,

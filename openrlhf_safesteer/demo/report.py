@@ -86,9 +86,14 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
     return made
 
 
+def _percent(e: dict, key: str) -> str:
+    return f"{100 * e[key]:.1f}" if key in e else "-"     # reports from before the borderline sets: '-'
+
+
 def _row(name: str, e: dict) -> str:
     return (f"| {name} | {100 * e['harmful_refusal_rate']:.1f} | {100 * e['harmful_asr']:.1f} | "
-            f"{100 * e['harmless_refusal_rate']:.1f} | {e['general_score']:.1f} |")
+            f"{100 * e['harmless_refusal_rate']:.1f} | {_percent(e, 'borderline_refusal_rate')} | "
+            f"{_percent(e, 'contrast_refusal_rate')} | {e['general_score']:.1f} |")
 
 
 def _some(prompts: list[str], shown: int = 10) -> str:
@@ -119,11 +124,13 @@ def write_report(out: Path, report: dict) -> Path:
         f"# SafeSteer demo on `{report['model']}`",
         "",
         (f"Held-out evaluation, greedy decoding: {n['harmful']} harmful prompts on topics absent from training, "
-        f"{n['harmless']} harmless prompts, {n['general']} general_score questions. Refusal judged by the "
-        "refusal-string judge (`openrlhf_safesteer.refusal`)."),
+        f"{n['harmless']} harmless prompts, {n.get('borderline', 0)} borderline-safe prompts that merely sound "
+        f"harmful and {n.get('contrast', 0)} harmful ones in the same words (contrast), {n['general']} "
+        "general_score questions. Refusal judged by the refusal-string judge (`openrlhf_safesteer.refusal`)."),
         "",
-        "| model | harmful refusal % | attack success % | harmless refusal % | general_score |",
-        "|---|---|---|---|---|",
+        "| model | harmful refusal % | attack success % | harmless refusal % | borderline-safe refusal % | "
+        "contrast refusal % | general_score |",
+        "|---|---|---|---|---|---|---|",
         _row("base", report["base"]),
     ]
     for name in ("safesteer", "full_vocab", "sampled", "forward", "renormalized", "system_prompt"):

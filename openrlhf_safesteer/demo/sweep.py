@@ -35,9 +35,9 @@ from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
 
-from .evaluate import EvalSets, evaluate, refusal_changes
+from .evaluate import EvalSets, evaluate, refusal_changes, refusal_sets
 from .model import load_model
-from .pipeline import DemoConfig, clear_checkpoints, goal_check, train_prompts
+from .pipeline import DemoConfig, clear_checkpoints, goal_check, retain_prompts, train_prompts
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ def _layers(value: str) -> list[int]:
 
 # which held-out sets a sweep evaluates on: the demo's test splits, or the direction + validation splits
 EVAL_SETS = ("test", "dev")
+BASE_FILE = "base.json"   # the base model's evaluation (no samples) that the rows are compared with
 
 # override key -> parser. "coeff" is the teacher's steering coefficient during training (default: the demo's
 # teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`);
@@ -73,7 +74,7 @@ SWEEP_KEYS = {
     "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
     "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag,
     "train_splits": _names, "warmup_ratio": float, "objective": str, "coeff": float, "tokens": str,
-    "temperature": float, "seed": int,
+    "temperature": float, "seed": int, "retain_prompts_per_step": int, "retain_splits": _names,
 }
 
 
@@ -128,6 +129,7 @@ def check_run(base: DemoConfig, overrides: dict, out: Path) -> None:
         if demo.steps < 1:
             raise ValueError(f"steps must be >= 1, got {demo.steps}")
         train_prompts(demo)
+        retain_prompts(demo)
         train_config(base, overrides, out).validate()
     except ValueError as e:
         raise ValueError(f"bad --run {name!r}: {e}") from None
@@ -148,15 +150,20 @@ def append_row(path: Path, row: dict) -> None:
     atomic_write_text(path, old + json.dumps(row) + "\n")
 
 
+def _rate(e: dict, key: str) -> str:
+    return f"{100 * e[key]:.1f}%" if key in e else "-"    # rows from before the borderline-safe sets: '-'
+
+
 def sweep_table(base: dict, rows: list[dict]) -> str:
     """Markdown table; the score columns are the mean refusal scores' shift from the base model (rows from
     before the scores existed show '-'). "goal met" is recomputed from each row's eval, not read from the row,
     so rows written before a fix of `goal_check` are judged by the current rule."""
-    header = [("| run | harmful refusal | ASR | harmless refusal | general_score | harmful score shift | "
-               "harmless score shift | goal met | train s |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+    header = [("| run | harmful refusal | ASR | harmless refusal | borderline-safe refusal | general_score | "
+               "harmful score shift | harmless score shift | goal met | train s |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     base_row = (f"| base | {100 * base['harmful_refusal_rate']:.1f}% | {100 * base['harmful_asr']:.1f}% | "
-                f"{100 * base['harmless_refusal_rate']:.1f}% | {base['general_score']:.1f} | 0 | 0 | | |")
+                f"{100 * base['harmless_refusal_rate']:.1f}% | {_rate(base, 'borderline_refusal_rate')} | "
+                f"{base['general_score']:.1f} | 0 | 0 | | |")
     lines = [*header, base_row]
 
     def shift(e: dict, key: str) -> str:
@@ -167,17 +174,17 @@ def sweep_table(base: dict, rows: list[dict]) -> str:
     for r in rows:
         e = r["eval"]
         lines.append(f"| {r['name']} | {100 * e['harmful_refusal_rate']:.1f}% | {100 * e['harmful_asr']:.1f}% | "
-                     f"{100 * e['harmless_refusal_rate']:.1f}% | {e['general_score']:.1f} | "
-                     f"{shift(e, 'harmful_refusal_score')} | {shift(e, 'harmless_refusal_score')} | "
+                     f"{100 * e['harmless_refusal_rate']:.1f}% | {_rate(e, 'borderline_refusal_rate')} | "
+                     f"{e['general_score']:.1f} | {shift(e, 'harmful_refusal_score')} | {shift(e, 'harmless_refusal_score')} | "
                      f"{'yes' if goal_check(base, e)['met'] else 'no'} | {r['train_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def _eval_prompts(samples: dict) -> dict[str, list[str]]:
     """The prompts of an evaluation's samples, per set, in order (what two evaluations must share to compare)."""
-    return {"harmful": [s["prompt"] for s in samples.get("harmful", [])],
-            "harmless": [s["prompt"] for s in samples.get("harmless", [])],
-            "general": [s["question"] for s in samples.get("general", [])]}
+    prompts = {name: [s["prompt"] for s in samples.get(name, [])]
+               for name in ("harmful", "harmless", "borderline", "contrast")}
+    return {**prompts, "general": [s["question"] for s in samples.get("general", [])]}
 
 
 def _subset_eval(ev: dict, part: slice) -> dict:
@@ -305,6 +312,7 @@ def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSe
     (computed once, kept in out/base_scores.json)."""
     base_eval = json.loads((source / "eval_base.json").read_text())
     check_same_prompts(base_eval, sets, source / "eval_base.json")
+    base_eval = with_base_selectivity(base_eval, out, model_name, sets)
     keys = ("harmful_refusal_score", "harmless_refusal_score")
     if all(k in base_eval for k in keys):
         return base_eval
@@ -321,13 +329,40 @@ def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSe
     return {**base_eval, **json.loads(cache.read_text())}
 
 
+def with_base_selectivity(base_eval: dict, out: Path, model_name: str, sets: EvalSets,
+                          refusal_tokens: int = 12) -> dict:
+    """The base evaluation plus the borderline-safe and contrast sets when it predates them (measured once,
+    kept in out/base_selectivity.json)."""
+    wanted = {"borderline": sets.borderline, "contrast": sets.contrast}
+    missing = {name: prompts for name, prompts in wanted.items()
+               if prompts and _eval_prompts(base_eval.get("samples", {})).get(name) != list(prompts)}
+    if not missing:
+        return base_eval
+    cache = out / "base_selectivity.json"
+    measured = json.loads(cache.read_text()) if cache.is_file() else {}
+    if any([s["prompt"] for s in measured.get(name, {}).get("samples", [])] != list(prompts)
+           for name, prompts in missing.items()):
+        from openrlhf_safesteer.directions import refusal_token_ids
+
+        model, tokenizer = load_model(model_name)
+        measured = refusal_sets(model, tokenizer, missing, refusal_tokens, 50, refusal_token_ids(tokenizer), False)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps(measured) + "\n")
+        del model
+    base_eval = {**base_eval, "samples": dict(base_eval.get("samples", {})), "n": dict(base_eval.get("n", {}))}
+    for name, part in measured.items():
+        base_eval[f"{name}_refusal_rate"], base_eval[f"{name}_refusal_score"] = part["rate"], part["score"]
+        base_eval["samples"][name], base_eval["n"][name] = part["samples"], len(part["samples"])
+    return base_eval
+
+
 def dev_base_eval(out: Path, model_name: str, sets: EvalSets, refusal_tokens: int) -> dict:
     """The base model's evaluation on the dev sets, measured once and kept in out/base_eval_dev.json."""
     cache = out / "base_eval_dev.json"
     if cache.is_file():
         base_eval = json.loads(cache.read_text())
         check_same_prompts(base_eval, sets, cache)
-        return base_eval
+        return with_base_selectivity(base_eval, out, model_name, sets, refusal_tokens)
     model, tokenizer = load_model(model_name)
     base_eval = evaluate(model, tokenizer, sets, refusal_tokens, progress=False)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,6 +404,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         base_eval = dev_base_eval(out, model_name, sets, base_cfg.refusal_tokens)
     vector = SteeringVector.load(source / "vector")
     out.mkdir(parents=True, exist_ok=True)
+    # what every row is compared with (the selectivity summary reads it back)
+    atomic_write_text(out / BASE_FILE, json.dumps({k: v for k, v in base_eval.items() if k != "samples"}) + "\n")
     rows = []
     for overrides in runs:
         name = run_name(overrides)
@@ -381,9 +418,10 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         vector.check_compatible(student)
         tcfg = train_config(base_cfg, overrides, out / "runs" / name.replace(" ", "_").replace("/", "_"))
         t0 = time.time()
-        prompts = train_prompts(demo_config(base_cfg, overrides))
+        demo = demo_config(base_cfg, overrides)
         clear_checkpoints(Path(tcfg.out))     # a row that trained but was never written (crash in its eval)
-        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), prompts, tcfg)
+        result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(demo), tcfg,
+                       retain_prompts(demo))
         train_seconds = time.time() - t0
         ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)
         row = {"name": name, "overrides": overrides, "eval_sets": eval_sets, "train_seconds": train_seconds,

@@ -4,10 +4,11 @@
     result = train(model, tokenizer, steering_vector, safety_tokens, prompts, cfg)
 
 One optimizer step (docs/METHOD.md section 4):
-  1. take the next `prompts_per_step` prompts of a seeded per-epoch permutation;
+  1. take the next `prompts_per_step` prompts of a seeded per-epoch permutation (and, with the retain term,
+     the next `retain_prompts_per_step` retain prompts of their own permutation: docs/METHOD.md section 8);
   2. the student samples `samples_per_prompt` completions each (HF generate, seeded per step);
   3. the teacher (frozen base + steering hook; with LoRA the same weights, adapter disabled) scores
-     prompt + completion without gradient, gathered on S;
+     prompt + completion without gradient, gathered on S (retain rows: the base unsteered);
   4. the student scores the same tokens with gradient; loss = the chosen objective, accumulated over
      micro-batches; clip the gradient norm; AdamW; cosine schedule with linear warm-up.
 
@@ -85,6 +86,9 @@ class TrainConfig:
     epochs: float = 1.0                 # passes over the prompts (fractions allowed)
     max_steps: int | None = None        # overrides epochs when set
     prompts_per_step: int = 4
+    # the project's selectivity extension (docs/METHOD.md section 8; 0: the paper's method): this many retain
+    # prompts (borderline-safe / harmless) per step join the batch, their teacher the unsteered base
+    retain_prompts_per_step: int = 0
     samples_per_prompt: int = 8
     micro_batch_size: int = 8           # sequences per forward/backward (gradient accumulation inside a step)
     max_new_tokens: int = 512
@@ -124,6 +128,9 @@ class TrainConfig:
         self._validate_numbers()
         if self.teacher not in ("auto", "frozen_copy", "shared_lora"):
             raise ValueError(f"teacher must be auto, frozen_copy or shared_lora, got {self.teacher!r}")
+        if self.retain_prompts_per_step and self.objective == "system_prompt":
+            raise ValueError("the retain term (retain_prompts_per_step > 0) needs a steering-vector teacher; "
+                             "objective system_prompt has none to switch off")
         if self.teacher == "shared_lora" and self.lora_r <= 0:
             raise ValueError("teacher=shared_lora needs LoRA (lora_r > 0)")
         if self.bf16 and not torch.cuda.is_available():
@@ -153,6 +160,7 @@ class TrainConfig:
             ("epochs", self.max_steps is not None or self.epochs > 0, "> 0 (or set --max-steps)"),
             ("stop_after", self.stop_after is None or self.stop_after >= 1, ">= 1 (or unset)"),
             ("save_every", self.save_every >= 0, ">= 0 (0: only at the end)"),
+            ("retain_prompts_per_step", self.retain_prompts_per_step >= 0, ">= 0 (0: no retain term)"),
         )
         for name, ok, allowed in checks:
             if not ok:
@@ -195,6 +203,12 @@ def step_prompts(prompts: list[str], step: int, prompts_per_step: int, seed: int
     epoch, index = divmod(step, per_epoch)
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
     return [prompts[i] for i in order[index * prompts_per_step:(index + 1) * prompts_per_step]]
+
+
+def retain_seed(seed: int) -> int:
+    """The seed of the retain prompts' permutation: a stream of its own, so the harmful prompts of every step
+    are those of the run without the retain term."""
+    return seed + 500_009
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -412,8 +426,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 # teacher (frozen_copy and shared_lora are the same teacher), rollout_backend, vllm_gpu_memory_utilization,
 # and bf16 (a run may move between a GPU and a CPU).
 RUN_FIELDS = ("objective", "lr", "weight_decay", "warmup_ratio", "max_grad_norm", "prompts_per_step",
-              "samples_per_prompt", "max_new_tokens", "temperature", "top_p", "lora_r", "lora_alpha", "lora_targets",
-              "lora_layers", "freeze_embeddings", "seed")
+              "retain_prompts_per_step", "samples_per_prompt", "max_new_tokens", "temperature", "top_p", "lora_r",
+              "lora_alpha", "lora_targets", "lora_layers", "freeze_embeddings", "seed")
 
 
 def _digest(obj) -> str:
@@ -421,7 +435,7 @@ def _digest(obj) -> str:
 
 
 def run_identity(cfg: TrainConfig, prompts: list[str], steering_vector: SteeringVector | None,
-                 safety_ids) -> dict:
+                 safety_ids, retain_prompts: list[str] | None = None) -> dict:
     """What makes two invocations the same run (JSON values; see RUN_FIELDS for what is left out and why)."""
     uses_vector = cfg.objective != "system_prompt" and steering_vector is not None
     ids = [int(i) for i in torch.as_tensor(safety_ids).flatten().tolist()]
@@ -435,6 +449,8 @@ def run_identity(cfg: TrainConfig, prompts: list[str], steering_vector: Steering
         coeff=((cfg.coeff if cfg.coeff is not None else steering_vector.coeff) if uses_vector else None),
         system_prompt=cfg.system_prompt if cfg.objective == "system_prompt" else None,
     )
+    if cfg.retain_prompts_per_step:     # absent otherwise: checkpoints of runs without the term still resume
+        identity["retain_prompts"] = f"{len(retain_prompts)} prompts, sha256 {_digest(list(retain_prompts))}"
     return json.loads(json.dumps(identity))   # tuples -> lists: comparable with what state.json gives back
 
 
@@ -526,11 +542,19 @@ class TrainResult:
     final_dir: Path | None
 
 
+def retain_scale(rows: int, harmful_rows: int) -> Tensor:
+    """Rollouts.teacher_scale of a batch whose first `harmful_rows` rows are harmful and the rest retain: (rows,)."""
+    scale = torch.zeros(rows)
+    scale[:harmful_rows] = 1.0
+    return scale
+
+
 def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, safety_ids: Tensor,
-          prompts: list[str], cfg: TrainConfig) -> TrainResult:
+          prompts: list[str], cfg: TrainConfig, retain_prompts: list[str] | None = None) -> TrainResult:
     """Run SafeSteer's localized on-policy distillation on `model` (modified in place / wrapped).
 
     safety_ids (K,) long: the safety-token set S. prompts: harmful user prompts (plain text).
+    retain_prompts: borderline-safe / harmless prompts for the retain term (cfg.retain_prompts_per_step > 0).
     Returns the trained module (a PeftModel with LoRA, or the merged model when save_final=True).
     """
     from tqdm.auto import tqdm
@@ -539,6 +563,12 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
     cfg.validate()
     if not prompts:
         raise ValueError("no training prompts")
+    if cfg.retain_prompts_per_step and not retain_prompts:
+        raise ValueError(f"{_flag('retain_prompts_per_step')} = {cfg.retain_prompts_per_step} needs retain prompts "
+                         "(--retain-prompts)")
+    if retain_prompts and not cfg.retain_prompts_per_step:
+        raise ValueError(f"retain prompts were given but {_flag('retain_prompts_per_step')} is 0: set it, "
+                         "or leave the retain prompts out")
     if cfg.objective != "system_prompt":
         if steering_vector is None:
             raise ValueError(f"objective {cfg.objective!r} needs a steering vector")
@@ -549,7 +579,7 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
     safety_ids = torch.as_tensor(safety_ids, dtype=torch.long)
     check_safety_ids(safety_ids, vocab)
     require_chat_template(tokenizer)   # rollouts render chats: fail before the teacher copy, not at step 0
-    identity = run_identity(cfg, prompts, steering_vector, safety_ids)
+    identity = run_identity(cfg, prompts, steering_vector, safety_ids, retain_prompts)
     ckpt = resume_point(cfg, identity)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -592,6 +622,11 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
         for step in bar:
             t0 = time.time()
             batch_prompts = step_prompts(prompts, step, cfg.prompts_per_step, cfg.seed)
+            n_harmful = len(batch_prompts) * cfg.samples_per_prompt
+            if cfg.retain_prompts_per_step:
+                # one generate call for both kinds: on a CPU 16 rows decode in about the time of 8
+                batch_prompts = batch_prompts + step_prompts(retain_prompts, step, cfg.retain_prompts_per_step,
+                                                             retain_seed(cfg.seed))
             if sampler is not None:
                 rollouts = sampler.sample(batch_prompts, cfg.samples_per_prompt, cfg.max_new_tokens, cfg.temperature,
                                           cfg.top_p, step_seed(cfg.seed, step), tokenizer, step)
@@ -599,6 +634,8 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
                 rollouts = sample_rollouts(student, tokenizer, batch_prompts, cfg.samples_per_prompt,
                                            cfg.max_new_tokens, cfg.temperature, cfg.top_p,
                                            seed=step_seed(cfg.seed, step))
+            if cfg.retain_prompts_per_step:
+                rollouts.teacher_scale = retain_scale(len(rollouts.prompts), n_harmful)
             t1 = time.time()
             optimizer.zero_grad(set_to_none=True)
             torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
@@ -609,9 +646,11 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
             record = {
                 "step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0],
                 "response_length": float(rollouts.response_lengths().float().mean()),
-                "rollout_refusal_rate": refusal_rate(rollouts.completions),
+                "rollout_refusal_rate": refusal_rate(rollouts.completions[:n_harmful]),
                 "rollout_seconds": t1 - t0, "step_seconds": time.time() - t0,
             }
+            if cfg.retain_prompts_per_step:
+                record["retain_rollout_refusal_rate"] = refusal_rate(rollouts.completions[n_harmful:])
             history.append(record)
             metrics_log.log(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", mass_S=f"{record['student_mass_on_S']:.3f}",
@@ -625,7 +664,6 @@ def train(model: nn.Module, tokenizer, steering_vector: SteeringVector | None, s
                 break
     finally:
         metrics_log.close()
-        teacher.remove()
         if sampler is not None:
             sampler.close()
     done = start + len(history)

@@ -31,6 +31,8 @@ class Rollouts:
     tokens up to and including the first end-of-turn token; loss_mask (B, P + C - 1): 1 at the
     positions that predict a completion token (aligned with logits[:, :-1]); prompt_len P;
     prompts: the B user prompts (each repeated M times); completions: decoded texts.
+    teacher_scale: None (every row's teacher is the steered base), or (B,) float multipliers of the
+    teacher's steering coefficient per row: 1 on the harmful rows, 0 on retain rows (docs/METHOD.md section 8).
     """
 
     input_ids: Tensor
@@ -39,6 +41,7 @@ class Rollouts:
     prompt_len: int
     prompts: list[str]
     completions: list[str]
+    teacher_scale: Tensor | None = None
 
     @property
     def completion_len(self) -> int:
@@ -51,9 +54,17 @@ class Rollouts:
         """(B,) number of completion tokens per sequence (eos included)."""
         return self.attention_mask[:, self.prompt_len:].sum(-1)
 
-    def select(self, rows: slice) -> Rollouts:
+    def take(self, rows: Tensor) -> Rollouts:
+        """The rows at these indices (B',) long, in that order."""
+        index = rows.tolist()
+        scale = None if self.teacher_scale is None else self.teacher_scale[rows]
         return Rollouts(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.prompt_len,
-                        self.prompts[rows], self.completions[rows])
+                        [self.prompts[i] for i in index], [self.completions[i] for i in index], scale)
+
+    def select(self, rows: slice) -> Rollouts:
+        scale = None if self.teacher_scale is None else self.teacher_scale[rows]
+        return Rollouts(self.input_ids[rows], self.attention_mask[rows], self.loss_mask[rows], self.prompt_len,
+                        self.prompts[rows], self.completions[rows], scale)
 
 
 def completion_masks(completion_ids: Tensor, stop_ids: list[int]) -> Tensor:

@@ -1,9 +1,11 @@
 """The SafeSteer teacher for the local engine.
 
 Two ways to hold it, numerically the same teacher (tests/local/test_local_teacher.py):
-- `frozen_copy`: a deep copy of the base model, frozen, with the steering hook attached for good;
-- `shared_lora`: the student's own weights with its LoRA adapter disabled, the hook attached only
-  for the teacher's forward pass. One copy of the weights in memory.
+- `frozen_copy`: a deep copy of the base model, frozen;
+- `shared_lora`: the student's own weights with its LoRA adapter disabled. One copy of the weights in memory.
+Either way the steering hook is attached for the teacher's forward pass only: with the teacher's coefficient,
+or, when the rollouts carry `teacher_scale`, with coeff * scale per row (the retain rows of docs/METHOD.md
+section 8 get 0: their teacher is the unsteered base).
 The ablation "system-prompt teacher" is the frozen/disabled base WITHOUT the hook, scoring the same
 completion after a prompt rendered with a safety system prompt.
 """
@@ -24,7 +26,7 @@ from openrlhf_safesteer.chat import (
     shared_prefix_layout,
 )
 from openrlhf_safesteer.objectives import gather_logprobs
-from openrlhf_safesteer.steering import SteeringVector, attach_steering, steer
+from openrlhf_safesteer.steering import SteeringVector, steer
 
 from .rollout import Rollouts
 
@@ -68,37 +70,29 @@ class Teacher:
         self.coeff = coeff
         self.system_prompt = system_prompt
         self.tokenizer = tokenizer
-        self._handle = None
         if mode == "frozen_copy":
             self.model = copy.deepcopy(model).eval()
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            if steering_vector is not None:
-                steering_vector.check_compatible(self.model)
-                self._handle = attach_steering(self.model, steering_vector, coeff)
+        elif not hasattr(model, "disable_adapter"):
+            raise TypeError("shared_lora teacher needs a PEFT model (with disable_adapter()); use frozen_copy")
         else:
-            if not hasattr(model, "disable_adapter"):
-                raise TypeError("shared_lora teacher needs a PEFT model (with disable_adapter()); use frozen_copy")
-            if steering_vector is not None:
-                steering_vector.check_compatible(model)
             self.model = model
+        if steering_vector is not None:
+            steering_vector.check_compatible(self.model)
 
     @contextlib.contextmanager
-    def _active(self):
-        if self.mode == "frozen_copy":
+    def _active(self, coeff: float | None):
+        """The model as the teacher: adapter disabled (shared_lora), steering hook attached with `coeff`
+        (None: the teacher's own; 0: none, the plain base)."""
+        with contextlib.ExitStack() as stack:
+            if self.mode == "shared_lora":
+                stack.callback(self.model.train, self.model.training)
+                self.model.eval()
+                stack.enter_context(self.model.disable_adapter())
+            if self.steering_vector is not None and coeff != 0:
+                stack.enter_context(steer(self.model, self.steering_vector, coeff))
             yield self.model
-            return
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter():
-                if self.steering_vector is not None:
-                    with steer(self.model, self.steering_vector, self.coeff):
-                        yield self.model
-                else:
-                    yield self.model
-        finally:
-            self.model.train(was_training)
 
     def _inputs(self, rollouts: Rollouts) -> tuple[Tensor, Tensor, int]:
         if not self.system_prompt:
@@ -113,9 +107,27 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, rollouts: Rollouts) -> Tensor:
-        """Teacher logits at the completion-predicting positions (B, C, V), float32."""
+        """Teacher logits at the completion-predicting positions (B, C, V), float32.
+
+        With rollouts.teacher_scale, each group of rows sharing a scale is scored in a pass of its own under the
+        coefficient coeff * scale: the chat header the rows share is encoded once per pass (completion_logits),
+        and a retain row's header must be the plain base's, not the steered one's. The engine's micro-batches
+        hold one kind of row each whenever the harmful rows fill whole micro-batches, so this costs no pass.
+        """
+        if rollouts.teacher_scale is None:
+            return self._logits(rollouts, self.coeff)
+        coeff = self.steering_vector.coeff if self.coeff is None else self.coeff
+        scales = rollouts.teacher_scale
+        parts = [(rows, self._logits(rollouts.take(rows), coeff * scale))
+                 for scale in scales.unique().tolist() for rows in [(scales == scale).nonzero().flatten()]]
+        out = parts[0][1].new_empty(rollouts.input_ids.shape[0], *parts[0][1].shape[1:])
+        for rows, logits in parts:
+            out[rows] = logits
+        return out
+
+    def _logits(self, rollouts: Rollouts, coeff: float | None) -> Tensor:
         input_ids, attention_mask, prompt_len = self._inputs(rollouts)
-        with self._active() as model:
+        with self._active(coeff) as model:
             return completion_logits(model, input_ids, attention_mask, prompt_len).float()
 
     @torch.no_grad()
@@ -129,8 +141,3 @@ class Teacher:
         sampled = rollouts.input_ids[:, rollouts.prompt_len:]                           # (B, C)
         on_s = gather_logprobs(logits, safety_ids, log_normaliser=log_normaliser)
         return on_s, gather_logprobs(logits, sampled, log_normaliser=log_normaliser)
-
-    def remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="exact objective only: reverse (the paper), or the ablations forward / renormalized")
     parser.add_argument("--safesteer.coeff", type=float, default=None,
                         help="steering coefficient of the teacher (default: the vector's own, 1.0 in the paper)")
+    parser.add_argument("--safesteer.coeff_key", default=None, metavar="KEY",
+                        help="the project's selectivity extension (docs/METHOD.md section 8): the prompt dataset's "
+                             "column holding each prompt's teacher scale, 1 = the steered teacher (a harmful "
+                             "prompt), 0 = the unsteered base (a retain prompt); OpenRLHF carries it as the "
+                             "prompt's label (--data.label_key KEY is set for you). Unset: every prompt steered")
     parser.add_argument("--safesteer.rollout", default="auto", choices=ROLLOUTS,
                         help="rollout engine: vllm (OpenRLHF's), hf (HF generate in Ray actors: CPU machines, small "
                              "models, no vLLM), auto = vllm when it is installed, else hf")
@@ -91,6 +96,7 @@ class SafeSteerConfig:
     objective: str = "exact"
     divergence: str = "reverse"
     coeff: float | None = None
+    coeff_key: str | None = None
     rollout: str = "auto"
     dump_dir: str | None = None
     keep_prompt_order: bool = False
@@ -130,7 +136,7 @@ def flag_given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def default_openrlhf_flags(argv: list[str], objective: str = "exact") -> list[str]:
+def default_openrlhf_flags(argv: list[str], objective: str = "exact", coeff_key: str | None = None) -> list[str]:
     """OpenRLHF flags whose OpenRLHF default does not fit SafeSteer, set unless the user chose them.
 
     --algo.advantage.estimator defaults to gae, which makes OpenRLHF place a critic; SafeSteer's
@@ -138,8 +144,12 @@ def default_openrlhf_flags(argv: list[str], objective: str = "exact") -> list[st
     --actor.loss_agg_mode defaults to token-mean (every token of the batch weighs the same); docs/METHOD.md
     section 4 and the exact objective take the token mean within each sequence, then the mean over
     sequences, so the sampled objective gets seq-mean-token-mean too.
+    --data.label_key carries --safesteer.coeff_key's column to the experience maker (SafeSteer has no reward, so
+    the label is free).
     """
     extra = []
+    if coeff_key and not flag_given(argv, "--data.label_key"):
+        extra += ["--data.label_key", coeff_key]
     if not flag_given(argv, "--algo.advantage.estimator"):
         extra += ["--algo.advantage.estimator", "reinforce"]
     if objective == "sampled" and not flag_given(argv, "--actor.loss_agg_mode"):
@@ -233,6 +243,8 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         problems.append("--vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts only through "
                         "engines (vLLM, or with --safesteer.rollout hf the HF-generate engine)")
     problems += prompt_refusals(args, config.dry_run)
+    if config.coeff_key:
+        problems += coeff_key_problems(args, config)
     rollout = resolve_rollout(config)
     if this_machine and rollout == "vllm" and not compat.vllm_available():
         problems.append("--safesteer.rollout vllm: vLLM is not installed here; use --safesteer.rollout hf")
@@ -322,6 +334,45 @@ def dataset_problems(spec: str, dry_run: bool) -> list[str]:
                 problems.append(f"--data.prompt_dataset {path} is an empty folder")
         elif not _has_content(path):
             problems.append(f"--data.prompt_dataset {path} is empty: it needs one prompt per row")
+    return problems
+
+
+def teacher_scale(value, key: str) -> float:
+    """One prompt's teacher scale from its --safesteer.coeff_key column (a number, or a string of one)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--safesteer.coeff_key {key}: a prompt's {key!r} is {value!r}, not a number "
+                         "(1: steered teacher, 0: the unsteered base)") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"--safesteer.coeff_key {key}: a prompt's {key!r} is {value!r}; it must be finite")
+    return scale
+
+
+def coeff_key_problems(args: SimpleNamespace, config: SafeSteerConfig) -> list[str]:
+    """--safesteer.coeff_key: OpenRLHF's label must carry the column, and every row of a local JSON/JSONL prompt
+    file must hold a finite number in it (OpenRLHF would fail on a missing key only inside PromptDataset, after
+    Ray and the engines have started; a bad value would fail in the first experience batch)."""
+    key = config.coeff_key
+    if args.data.label_key != key:
+        return [f"--safesteer.coeff_key {key} travels as OpenRLHF's label, but --data.label_key is "
+                f"{args.data.label_key!r}: drop --data.label_key (the launcher sets it) or give the same key"]
+    problems = []
+    for entry in (args.data.prompt_dataset or "").split(","):
+        path = entry.split("@")[0].strip()
+        if not path.endswith((".json", ".jsonl")) or not os.path.isfile(path):
+            continue
+        from openrlhf_safesteer.data import read_prompt_rows
+
+        for where, row in read_prompt_rows(path):
+            if not isinstance(row, dict) or key not in row:
+                problems.append(f"{where}: no {key!r} column (--safesteer.coeff_key)")
+                break
+            try:
+                teacher_scale(row[key], key)
+            except ValueError as error:
+                problems.append(f"{where}: {error}")
+                break
     return problems
 
 

@@ -8,6 +8,9 @@ tokens and S) and the steered reference actor for the teacher's, then:
 - objective `sampled`: sets advantage_t = -[y_t in S] (log p_s(y_t) - log p_t(y_t) + 1) per token
   (core `sampled_advantages`): no reward, no critic, no whitening or group baseline that would mix
   tokens or sequences.
+With --safesteer.coeff_key, each prompt's teacher scale (its label: 1 harmful, 0 retain) goes to the teacher
+actor, which steers each row with coeff * scale (docs/METHOD.md section 8: the retain rows' teacher is the
+unsteered base, so the same loss pulls the student back to the base on them).
 It logs per sequence the KL over S, the student's and teacher's mass on S, and the sampled-token
 log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer has none).
 """
@@ -34,6 +37,7 @@ from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor  # noq
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
 
 from openrlhf_safesteer.objectives import sampled_advantages  # noqa: E402
+from openrlhf_safesteer.plugin.config import teacher_scale  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, _save_dump  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,11 @@ def per_sequence_safety(student_on_s: torch.Tensor, teacher_on_s: torch.Tensor, 
     }
 
 
+def teacher_scales(labels: list, key: str) -> torch.Tensor:
+    """(B,) float: each row's teacher scale, read from the prompt labels that carry --safesteer.coeff_key."""
+    return torch.tensor([teacher_scale(label, key) for label in labels], dtype=torch.float32)
+
+
 class SafeSteerExperienceMaker(RemoteExperienceMaker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -74,7 +83,10 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
         )
         colocated = args.train.colocate_all or args.train.colocate_actor_ref
         student_refs = self._dispatch_forward(self.actor_model_group, colocated, **forward_kwargs)
-        teacher_refs = self._dispatch_forward(self.initial_model_group, colocated, **forward_kwargs)
+        teacher_kwargs = dict(forward_kwargs)
+        if self.safesteer.coeff_key:
+            teacher_kwargs["steering_scales"] = [teacher_scales(s.labels, self.safesteer.coeff_key) for s in samples_list]
+        teacher_refs = self._dispatch_forward(self.initial_model_group, colocated, **teacher_kwargs)
         students = self._flatten_results(student_refs, duplicate)
         teachers = self._flatten_results(teacher_refs, duplicate)
         if not len(samples_list) == len(students) == len(teachers):

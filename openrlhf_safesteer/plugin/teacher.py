@@ -9,6 +9,10 @@ care how sequences are laid out; `plugin.logits.padded_logits` undoes the (B, T,
 OpenRLHF's packed gather returns). The vector lives in the hook as a plain tensor, never as a
 parameter or buffer, so ZeRO-3 never partitions it.
 
+With `--safesteer.coeff_key KEY` the experience maker also sends each row's teacher scale (the prompt's KEY
+column: 1 a harmful prompt, 0 a retain prompt whose teacher is the unsteered base; docs/METHOD.md section 8),
+and the hook adds coeff * scale * d to each row, or, under packing, to each of the row's tokens.
+
 `forward` returns, per micro-batch, a dict of CPU tensors:
     "logprobs":       (B, A)     teacher log-prob of each sampled token (OpenRLHF's usual output)
     "logprobs_on_s":  (B, A, K)  teacher log-probs of the K safety tokens at every position
@@ -31,7 +35,7 @@ import ray  # noqa: E402
 from openrlhf.trainer.ray.launcher import ReferenceModelActor  # noqa: E402
 
 from openrlhf_safesteer.plugin.logits import action_logprobs  # noqa: E402
-from openrlhf_safesteer.steering import attach_steering  # noqa: E402
+from openrlhf_safesteer.steering import steer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +53,17 @@ def teacher_outputs(logits: torch.Tensor, sequences: torch.Tensor, action_mask: 
     return action_logprobs(logits, sequences, action_mask, safety_ids)
 
 
+def row_coefficients(coeff: float, scales: torch.Tensor, attention_mask: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The hook's coefficients for rows with teacher scales (B,): coeff * scales (B,), or, for packed sequences
+    (OpenRLHF unpads the (B, T) batch into one (1, N) row of its real tokens, in row-major order), per token (1, N)."""
+    if scales.shape != attention_mask.shape[:1]:
+        raise ValueError(f"{tuple(scales.shape)} teacher scales for a batch of {attention_mask.shape[0]} rows")
+    per_row = coeff * scales.float()
+    if not packed:
+        return per_row
+    return per_row[:, None].expand(attention_mask.shape)[attention_mask.bool()][None]
+
+
 class SteeredReferenceActor(_StockReference):
     """OpenRLHF's ReferenceModelActor + the steering hook; returns teacher log-probs on S."""
 
@@ -61,8 +76,9 @@ class SteeredReferenceActor(_StockReference):
         config = strategy.args.safesteer
         self.safety_ids = torch.tensor(config.safety_ids, dtype=torch.long)
         # self.model is OpenRLHF's Actor; .model is the DeepSpeed engine; the core's decoder_layers
-        # sees through both to the HF model's blocks.
-        self._steering_handle = attach_steering(self.model.model, config.steering_vector, config.coeff)
+        # sees through both to the HF model's blocks. The hook is attached per forward (with that batch's
+        # coefficients), so nothing else that runs this model is ever steered.
+        self.steering_vector, self.coeff = config.steering_vector, config.coeff
         strategy.print(f"[safesteer] teacher = reference + {config.coeff:g} * d at decoder layer "
                        f"{config.steering_vector.layer}; |S| = {len(config.safety_ids)}")
 
@@ -74,14 +90,20 @@ class SteeredReferenceActor(_StockReference):
         return_output=False,
         packed_seq_lens: Optional[list[int]] = None,
         mm_train_inputs_list=None,
+        steering_scales: Optional[torch.Tensor] = None,
     ) -> dict[str, torch.Tensor]:
+        """steering_scales (B,): each row's multiplier of the teacher's coefficient (None: 1 for every row)."""
         device = torch.cuda.current_device()
         mm_inputs = {}
         if mm_train_inputs_list and getattr(self.model, "is_vlm", False):
             from openrlhf.utils.vlm_utils import merge_mm_train_inputs
 
             mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, device)
-        with torch.no_grad():
+        coeff = self.coeff
+        if steering_scales is not None:
+            coeff = row_coefficients(self.steering_vector.coeff if coeff is None else coeff, steering_scales,
+                                     attention_mask, getattr(self.model, "packing_samples", False))
+        with torch.no_grad(), steer(self.model.model, self.steering_vector, coeff):
             # action_mask=None + return_output: the Actor returns its logits (already divided by the
             # rollout temperature, like the student's), gathered back to (B, T, V) under packing.
             output = self.model(

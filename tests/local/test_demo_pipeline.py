@@ -155,7 +155,8 @@ def test_sweep_reuses_a_demo_run_and_resumes(tiny_demo, tmp_path, caplog):
         train_prompts(demo_config(DemoConfig(), parse_run("train_splits=train,test")))
     base = json.loads((demo / "eval_base.json").read_text())
     assert rows[1]["goal"] == goal_check(base, rows[1]["eval"])
-    assert rows[0]["eval"]["n"] == {"harmful": 3, "harmless": 3, "general": 3}   # the demo's eval_limit carried over
+    # the demo's eval_limit carried over, to the borderline-safe sets too
+    assert rows[0]["eval"]["n"] == {"harmful": 3, "harmless": 3, "general": 3, "borderline": 3, "contrast": 3}
     assert set(load_done(tmp_path / "sweep" / "sweep.jsonl")) == {r["name"] for r in rows}
     table = (tmp_path / "sweep" / "sweep.md").read_text()
     assert "| steps=2 coeff=0.5 |" in table

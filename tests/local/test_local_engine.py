@@ -113,7 +113,6 @@ def test_lora_shared_teacher_equals_frozen_copy_teacher(tok):
     with torch.no_grad(), student.disable_adapter():
         again = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
     torch.testing.assert_close(again, base_logits)
-    frozen.remove()
 
 
 @pytest.mark.parametrize("objective", ["exact", "sampled", "forward", "full_vocab", "renormalized", "system_prompt"])
@@ -131,7 +130,6 @@ def _fixed_eval_loss(model, tok, sv, ids, rollouts):
     teacher = Teacher(model, sv, "frozen_copy")
     with torch.no_grad():
         loss, metrics, _ = micro_batch_loss(model, teacher, rollouts, ids, TrainConfig())
-    teacher.remove()
     return float(loss), metrics
 
 

@@ -35,7 +35,7 @@ from openrlhf_safesteer.plugin.config import SafeSteerConfig  # noqa: E402
 from openrlhf_safesteer.plugin.logits import padded_logits  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer, SafeSteerPolicyActor  # noqa: E402
 from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor  # noqa: E402
-from openrlhf_safesteer.steering import SteeringVector, attach_steering  # noqa: E402
+from openrlhf_safesteer.steering import SteeringVector  # noqa: E402
 
 PROMPT_LEN = 4
 LENGTHS = (9, 6, 11, 3)
@@ -101,12 +101,9 @@ def test_teacher_and_student_forwards_under_packing_equal_the_unpacked_batch(tin
                                args=SimpleNamespace(safesteer=SimpleNamespace(safety_ids=tiny.ids.tolist())))
     results = {}
     for packing in (False, True):
-        teacher_self = SimpleNamespace(model=actor(tiny.model, packing), strategy=strategy, safety_ids=tiny.ids)
-        handle = attach_steering(teacher_self.model.model, tiny.vector)
-        try:
-            teacher = SteeredReferenceActor.forward(teacher_self, tiny.sequences, tiny.action, tiny.attention)
-        finally:
-            handle.remove()
+        teacher_self = SimpleNamespace(model=actor(tiny.model, packing), strategy=strategy, safety_ids=tiny.ids,
+                                       steering_vector=tiny.vector, coeff=tiny.vector.coeff)
+        teacher = SteeredReferenceActor.forward(teacher_self, tiny.sequences, tiny.action, tiny.attention)
         student_self = SimpleNamespace(actor=actor(tiny.model, packing), strategy=strategy)
         student = SafeSteerPolicyActor.forward(student_self, tiny.sequences, tiny.action, tiny.attention)
         results[packing] = teacher, student

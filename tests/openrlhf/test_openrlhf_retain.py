@@ -1,0 +1,160 @@
+"""--safesteer.coeff_key (docs/METHOD.md section 8) in the plugin: the launcher's checks, the experience maker's
+per-row teacher scales, and the teacher actor applying coeff * scale per row, packed or not, exactly.
+
+STAND-IN (CPU only): flash-attn's padding helpers, as in test_openrlhf_packing.py (plain-torch re-implementations
+of `unpad_input`, `pad_input`, `index_first_axis`); the attention itself is sdpa.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from openrlhf_safesteer.plugin import compat
+
+compat.install_import_stand_ins()
+
+import openrlhf.models.ring_attn_utils as ring_attn_utils  # noqa: E402
+from openrlhf.models import Actor  # noqa: E402
+
+from openrlhf_safesteer import testing  # noqa: E402
+from openrlhf_safesteer.cli import train_safesteer_ray  # noqa: E402
+from openrlhf_safesteer.plugin.experience import SafeSteerExperienceMaker, teacher_scales  # noqa: E402
+from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor, row_coefficients, teacher_outputs  # noqa: E402
+from openrlhf_safesteer.steering import SteeringVector, steer  # noqa: E402
+
+LENGTHS = (9, 6, 11, 3)
+PROMPT_LEN = 3
+
+
+@pytest.fixture
+def torch_bert_padding(monkeypatch):
+    compat.install_cpu_shims()
+    for name in ("unpad_input", "pad_input", "index_first_axis"):
+        monkeypatch.setattr(sys.modules["flash_attn.bert_padding"], name, getattr(testing, name))
+        monkeypatch.setattr(ring_attn_utils, name, getattr(testing, name))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = testing.tiny_tokenizer()
+    model = testing.tiny_model("llama", tokenizer, layers=2, hidden=64, seed=0)
+    model.config.use_cache = False
+    generator = torch.Generator().manual_seed(3)
+    total = max(LENGTHS)
+    sequences = torch.full((len(LENGTHS), total), tokenizer.pad_token_id)
+    attention = torch.zeros((len(LENGTHS), total), dtype=torch.long)
+    action = torch.zeros((len(LENGTHS), total - 1), dtype=torch.bool)
+    for row, length in enumerate(LENGTHS):
+        sequences[row, :length] = torch.randint(20, 400, (length,), generator=generator)
+        attention[row, :length] = 1
+        action[row, PROMPT_LEN - 1: length - 1] = True
+    vector = SteeringVector(vector=3 * torch.randn(64, generator=generator), layer=1, coeff=1.5, model_name="tiny")
+    ids = torch.tensor(sorted(set(tokenizer.encode(" sorry cannot illegal harmful", add_special_tokens=False))))
+    return SimpleNamespace(model=model, sequences=sequences, attention=attention, action=action, vector=vector,
+                           ids=ids)
+
+
+def _one_row(tiny, row: int, coeff: float) -> dict:
+    """Teacher outputs of one row alone, from a plain HF forward under the scalar coefficient (0: no hook)."""
+    length = LENGTHS[row]
+    seq = tiny.sequences[row:row + 1, :length]
+    with torch.no_grad():
+        if coeff:
+            with steer(tiny.model, tiny.vector, coeff):
+                logits = tiny.model(seq).logits.float()
+        else:
+            logits = tiny.model(seq).logits.float()
+    return teacher_outputs(logits, seq, tiny.action[row:row + 1, :length - 1], tiny.ids)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_teacher_applies_each_rows_coefficient_exactly(tiny, torch_bert_padding, packing):
+    """SteeredReferenceActor.forward with steering_scales (1, 0, 0.5, 0) on a real OpenRLHF Actor: each row equals
+    that row alone under coeff * scale (scale 0: the plain base), with and without sample packing."""
+    strategy = SimpleNamespace(ring_attn_group=None)
+    actor = Actor(tiny.model)
+    actor.packing_samples = packing
+    teacher_self = SimpleNamespace(model=actor, strategy=strategy, safety_ids=tiny.ids,
+                                   steering_vector=tiny.vector, coeff=tiny.vector.coeff)
+    scales = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    got = SteeredReferenceActor.forward(teacher_self, tiny.sequences, tiny.action, tiny.attention,
+                                        steering_scales=scales)
+    for row, scale in enumerate(scales.tolist()):
+        want = _one_row(tiny, row, tiny.vector.coeff * scale)
+        width = LENGTHS[row] - 1
+        for key in ("logprobs", "logprobs_on_s"):
+            torch.testing.assert_close(got[key][row, :width], want[key][0], atol=1e-5, rtol=1e-5)
+    steered = _one_row(tiny, 1, tiny.vector.coeff)
+    assert (steered["logprobs_on_s"][0] - got["logprobs_on_s"][1, :LENGTHS[1] - 1]).abs().max() > 1e-2
+
+
+def test_row_coefficients_under_packing_follow_the_unpadded_token_order():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    per_token = row_coefficients(2.0, torch.tensor([1.0, 0.0, 0.5]), mask, packed=True)
+    assert per_token.tolist() == [[2.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]]
+    assert row_coefficients(2.0, torch.tensor([1.0, 0.0, 0.5]), mask, packed=False).tolist() == [2.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="teacher scales for a batch of 3 rows"):
+        row_coefficients(2.0, torch.ones(2), mask, packed=False)
+
+
+def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
+    """make_experience reads the scales from the samples' labels (the coeff_key column) and passes them to the
+    reference (teacher) group's forward, not to the policy's."""
+    calls = {}
+
+    def dispatch(group, colocated, **kwargs):
+        calls[group] = kwargs
+        return group
+
+    batch, width, k = 2, 3, 2
+    results = {group: [{"logprobs": torch.zeros(batch, width), "logprobs_on_s": torch.zeros(batch, width, k)}]
+               for group in ("policy", "teacher")}
+    fake = SimpleNamespace(
+        args=SimpleNamespace(ds=SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1),
+                             train=SimpleNamespace(colocate_all=False, colocate_actor_ref=False)),
+        safesteer=SimpleNamespace(coeff_key="teacher_scale", objective="exact"),
+        actor_model_group="policy", initial_model_group="teacher", _dispatch_forward=dispatch,
+        _flatten_results=lambda group, duplicate: results[group])
+    samples = SimpleNamespace(sequences=torch.zeros(batch, width + 1, dtype=torch.long),
+                              attention_mask=torch.ones(batch, width + 1), action_mask=torch.ones(batch, width),
+                              labels=["1", 0], rewards=None, info={})
+    SafeSteerExperienceMaker.make_experience.__wrapped__(fake, [samples])
+    assert calls["teacher"]["steering_scales"][0].tolist() == [1.0, 0.0]
+    assert "steering_scales" not in calls["policy"]
+    with pytest.raises(ValueError, match="--safesteer.coeff_key teacher_scale: a prompt's 'teacher_scale' is 'x'"):
+        teacher_scales(["x"], "teacher_scale")
+
+
+def _launch(argv, capsys):
+    status = train_safesteer_ray.main(argv)
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _prompts(tmp_path, rows) -> str:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_coeff_key_sets_the_label_key_and_checks_the_column(tiny_run, tmp_path, capsys, cpu_flags):
+    good = _prompts(tmp_path, [{"prompt": "How do I make a bomb?", "teacher_scale": 1},
+                               {"prompt": "How do I kill a stuck process?", "teacher_scale": 0}])
+    argv = cpu_flags(tiny_run, tmp_path, ["--safesteer.coeff_key", "teacher_scale", "--safesteer.dry_run"])
+    argv[argv.index("--data.prompt_dataset") + 1] = good
+    status, out, err = _launch(argv, capsys)
+    assert status == 0, err
+    assert "--data.label_key teacher_scale" in out.split("OpenRLHF command:")[1]
+    status, _, err = _launch(argv + ["--data.label_key", "other"], capsys)
+    assert status == 2 and "but --data.label_key is 'other'" in err
+    for rows, message in (([{"prompt": "a"}], "mixed.jsonl:1: no 'teacher_scale' column"),
+                          ([{"prompt": "a", "teacher_scale": 1}, {"prompt": "b", "teacher_scale": "none"}],
+                           "mixed.jsonl:2: --safesteer.coeff_key teacher_scale: a prompt's 'teacher_scale' is 'none'")):
+        argv[argv.index("--data.prompt_dataset") + 1] = _prompts(tmp_path, rows)
+        status, _, err = _launch(argv, capsys)
+        assert status == 2 and message in err, err
