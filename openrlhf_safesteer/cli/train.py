@@ -84,7 +84,7 @@ def run(args) -> int:
 
     from openrlhf_safesteer import data
     from openrlhf_safesteer.cli import check_chat_template
-    from openrlhf_safesteer.demo.model import load_model
+    from openrlhf_safesteer.loading import load_model
     from openrlhf_safesteer.local.engine import TrainConfig, resume_point, run_identity, train
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
     from openrlhf_safesteer.steering import SteeringVector

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import logging
 import math
 import time
@@ -23,12 +22,13 @@ import torch
 from openrlhf_safesteer import data
 from openrlhf_safesteer.chat import generate
 from openrlhf_safesteer.cpu_kernels import onednn_linear
+from openrlhf_safesteer.files import atomic_write_json, replace_dir
+from openrlhf_safesteer.loading import DEFAULT_MODEL, load_model
 from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.refusal import refusal_rate
-from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, replace_dir, steer
+from openrlhf_safesteer.steering import SteeringVector, steer
 
 from .evaluate import EvalSets, evaluate
-from .model import DEFAULT_MODEL, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +144,6 @@ class DemoConfig:
             from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 
             SafetyTokenSet.load(self.tokens)
-
-
-def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def _timed(timings: dict, name: str):
@@ -272,7 +268,7 @@ def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) 
                 kl_threshold=cfg.kl_threshold, progress=cfg.progress, fallback=True)
             vector.source["candidates"] = [r.to_dict() for r in table]
         vector.save(out / "vector")
-        write_json(out / "direction_candidates.json", [r.to_dict() for r in table])
+        atomic_write_json(out / "direction_candidates.json", [r.to_dict() for r in table])
 
     with _timed(timings, "teacher check"):
         n = cfg.teacher_check_prompts
@@ -293,7 +289,7 @@ def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) 
         tokens.save(out / "safety_tokens.json")
         texts = tokens.texts or [tokenizer.decode([i]) for i in tokens.ids]
         logger.info("safety tokens S (%d): %s", len(tokens.ids), " | ".join(texts[:20]))
-    write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
+    atomic_write_json(out / "teacher_check.json", {**teacher, "safety_tokens": texts,
                                              "refusal_openers": refusal_openers_in(texts)})
 
     return vector, table, teacher, tokens, texts
@@ -318,7 +314,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     with _timed(timings, "evaluate base"):
         base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
     # stage results land on disk as they come, so a long or interrupted run still shows what it measured
-    write_json(out / "eval_base.json", base_eval)
+    atomic_write_json(out / "eval_base.json", base_eval)
 
     vector, table, teacher, tokens, texts = make_artifacts(model, tokenizer, cfg, out, timings)
 
@@ -339,7 +335,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
             runs[name] = {"eval": evaluate(trained, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
                           "history": result.history,
                           "final_dir": str(result.final_dir) if result.final_dir else None}
-        write_json(out / f"eval_{name}.json", runs[name]["eval"])
+        atomic_write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":
             final = out / "final"
             replace_dir(result.final_dir, final)
@@ -370,7 +366,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
     }
     if "safesteer" in report:
         report["goal"] = goal_check(report["base"], report["safesteer"])
-    write_json(out / "report.json", report)
+    atomic_write_json(out / "report.json", report)
     write_report(out, report)
     logger.info("demo finished in %.0f s; report at %s", report["timings_seconds"]["total"], out / "report.md")
     return report

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from openrlhf_safesteer.cpu_kernels import onednn_linear
-from openrlhf_safesteer.steering import atomic_savefig, atomic_write_text
+from openrlhf_safesteer.files import atomic_savefig, atomic_write_text
+from openrlhf_safesteer.files import atomic_write_json as write_json
 
-from .pipeline import goal_check, write_json
+from .pipeline import goal_check
 from .sweep import BASE_FILE, EVAL_SETS, parse_run, run_name, run_sweep
 
 logger = logging.getLogger(__name__)

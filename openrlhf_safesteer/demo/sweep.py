@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 
 from openrlhf_safesteer.cpu_kernels import onednn_linear
+from openrlhf_safesteer.files import atomic_write_json, atomic_write_text, read_jsonl
+from openrlhf_safesteer.loading import load_model
 from openrlhf_safesteer.local.engine import TrainConfig, merged, train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
-from openrlhf_safesteer.steering import SteeringVector, atomic_write_text
+from openrlhf_safesteer.steering import SteeringVector
 
 from .evaluate import EvalSets, evaluate, refusal_changes, refusal_sets
-from .model import load_model
 from .pipeline import DemoConfig, clear_checkpoints, goal_check, retain_prompts, train_prompts
 from .pipeline import train_config as demo_train_config
 
@@ -138,10 +139,8 @@ def check_run(base: DemoConfig, overrides: dict, out: Path) -> None:
 
 
 def load_done(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["name"]: r for r in rows}
+    """The rows of sweep.jsonl by run name ({} when there is none yet)."""
+    return {r["name"]: r for r in read_jsonl(path)}
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -324,7 +323,7 @@ def base_eval_with_scores(source: Path, out: Path, model_name: str, sets: EvalSe
         scores = {keys[0]: refusal_score(model, tokenizer, sets.harmful).mean().item(),
                   keys[1]: refusal_score(model, tokenizer, sets.harmless).mean().item()}
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, json.dumps(scores) + "\n")
+        atomic_write_json(cache, scores, indent=None)
         del model
     return {**base_eval, **json.loads(cache.read_text())}
 
@@ -347,7 +346,7 @@ def with_base_selectivity(base_eval: dict, out: Path, model_name: str, sets: Eva
         model, tokenizer = load_model(model_name)
         measured = refusal_sets(model, tokenizer, missing, refusal_tokens, 50, refusal_token_ids(tokenizer), False)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, json.dumps(measured) + "\n")
+        atomic_write_json(cache, measured, indent=None)
         del model
     base_eval = {**base_eval, "samples": dict(base_eval.get("samples", {})), "n": dict(base_eval.get("n", {}))}
     for name, part in measured.items():
@@ -366,7 +365,7 @@ def dev_base_eval(out: Path, model_name: str, sets: EvalSets, refusal_tokens: in
     model, tokenizer = load_model(model_name)
     base_eval = evaluate(model, tokenizer, sets, refusal_tokens, progress=False)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cache, json.dumps(base_eval) + "\n")
+    atomic_write_json(cache, base_eval, indent=None)
     del model
     return base_eval
 
@@ -405,7 +404,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
     vector = SteeringVector.load(source / "vector")
     out.mkdir(parents=True, exist_ok=True)
     # what every row is compared with (the selectivity summary reads it back)
-    atomic_write_text(out / BASE_FILE, json.dumps({k: v for k, v in base_eval.items() if k != "samples"}) + "\n")
+    atomic_write_json(out / BASE_FILE, {k: v for k, v in base_eval.items() if k != "samples"}, indent=None)
     rows = []
     for overrides in runs:
         name = run_name(overrides)

@@ -25,7 +25,6 @@ checkpoint holds the trainable weights, the AdamW moments and the schedule posit
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from openrlhf_safesteer.chat import require_chat_template
+from openrlhf_safesteer.files import atomic_write_text, json_sha256, replace_dir
 from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.objectives import (
     SUBSET_OBJECTIVES,
@@ -48,8 +48,9 @@ from openrlhf_safesteer.objectives import (
     sampled_advantages,
     sequence_mean,
 )
+from openrlhf_safesteer.optional import vllm_missing, vllm_usable
 from openrlhf_safesteer.refusal import refusal_rate
-from openrlhf_safesteer.steering import SteeringVector, atomic_write_text, replace_dir
+from openrlhf_safesteer.steering import SteeringVector
 
 from .metrics import MetricsLogger
 from .rollout import Rollouts, sample_rollouts
@@ -167,8 +168,6 @@ class TrainConfig:
                 raise ValueError(f"{_flag(name)} must be {allowed}, got {getattr(self, name)}")
 
     def _validate_rollout_backend(self) -> None:
-        from .vllm_rollout import vllm_missing
-
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
@@ -258,8 +257,6 @@ def rollout_backend(cfg: TrainConfig) -> str:
     """The rollout sampler: cfg.rollout_backend, with auto = vllm when usable and training LoRA, else hf."""
     if cfg.rollout_backend != "auto":
         return cfg.rollout_backend
-    from .vllm_rollout import vllm_usable
-
     return "vllm" if cfg.lora_r > 0 and vllm_usable() else "hf"
 
 
@@ -431,7 +428,8 @@ RUN_FIELDS = ("objective", "lr", "weight_decay", "warmup_ratio", "max_grad_norm"
 
 
 def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]
+    """The short sha256 run identities store (of a list: the same digest as sha256(json.dumps(obj)))."""
+    return json_sha256(obj)[:16]
 
 
 def run_identity(cfg: TrainConfig, prompts: list[str], steering_vector: SteeringVector | None,

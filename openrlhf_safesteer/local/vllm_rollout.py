@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
-from openrlhf_safesteer.optional import vllm_missing, vllm_usable  # noqa: F401  (the engine asks here)
 
 from .rollout import Rollouts, build_rollouts
 

@@ -93,8 +93,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the bad input was found")
 
     monkeypatch.setattr(loading, "load_model", refuse)
-    # cli/train.py still imports the loader through the demo's re-export (openrlhf_safesteer.demo.model)
-    monkeypatch.setattr("openrlhf_safesteer.demo.model.load_model", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -72,8 +72,6 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was found")
     monkeypatch.setattr(loading, "load_model", refuse)
-    # cli/train.py still imports the loader through the demo's re-export (openrlhf_safesteer.demo.model)
-    monkeypatch.setattr("openrlhf_safesteer.demo.model.load_model", refuse)
 
 
 def test_train_cli_checks_out_settings_and_template_before_loading(artifacts, no_model_load):

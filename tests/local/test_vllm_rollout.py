@@ -18,7 +18,6 @@ import torch
 
 from openrlhf_safesteer import optional
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
-from openrlhf_safesteer.local import vllm_rollout
 from openrlhf_safesteer.local.engine import TrainConfig, prepare_student, train
 from openrlhf_safesteer.local.rollout import build_rollouts
 from openrlhf_safesteer.local.vllm_rollout import (
@@ -278,7 +277,7 @@ def test_validate_rejects_vllm_without_vllm_and_gpu(monkeypatch):
 
 
 def test_validate_on_this_machine(monkeypatch):
-    if vllm_rollout.vllm_usable():
+    if optional.vllm_usable():
         pytest.skip("vLLM and a GPU are present here")
     with pytest.raises(ValueError, match="rollout_backend='vllm' needs vLLM installed and a CUDA GPU"):
         TrainConfig(rollout_backend="vllm", lora_r=8).validate()
