@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from openrlhf_safesteer.local.engine import OBJECTIVES, TrainConfig
+    from openrlhf_safesteer.local.config import OBJECTIVES, TrainConfig
 
     d = TrainConfig()
     p = subparsers.add_parser(
@@ -85,7 +85,9 @@ def run(args) -> int:
     from openrlhf_safesteer import data
     from openrlhf_safesteer.cli import check_chat_template
     from openrlhf_safesteer.loading import load_model
-    from openrlhf_safesteer.local.engine import TrainConfig, resume_point, run_identity, train
+    from openrlhf_safesteer.local.checkpoints import resume_point, run_identity
+    from openrlhf_safesteer.local.config import TrainConfig
+    from openrlhf_safesteer.local.engine import train
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
     from openrlhf_safesteer.steering import SteeringVector
 

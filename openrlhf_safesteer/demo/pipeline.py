@@ -24,7 +24,9 @@ from openrlhf_safesteer.chat import generate
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.files import atomic_write_json, replace_dir
 from openrlhf_safesteer.loading import DEFAULT_MODEL, load_model
-from openrlhf_safesteer.local.engine import TrainConfig, merged, train
+from openrlhf_safesteer.local.checkpoints import merged
+from openrlhf_safesteer.local.config import TrainConfig
+from openrlhf_safesteer.local.engine import train
 from openrlhf_safesteer.refusal import refusal_rate
 from openrlhf_safesteer.steering import SteeringVector, steer
 

@@ -33,7 +33,9 @@ import torch
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.files import atomic_write_json, atomic_write_text, read_jsonl
 from openrlhf_safesteer.loading import load_model
-from openrlhf_safesteer.local.engine import TrainConfig, merged, train
+from openrlhf_safesteer.local.checkpoints import merged
+from openrlhf_safesteer.local.config import TrainConfig
+from openrlhf_safesteer.local.engine import train
 from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector
 

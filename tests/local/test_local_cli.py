@@ -90,7 +90,8 @@ def test_train_cli_checks_out_settings_and_template_before_loading(artifacts, no
     with pytest.raises(ValueError, match="latest names step_000004, which is missing or incomplete"):
         main(_args(tmp_path, model_dir))
     # a resume with another lr: state.json as a previous invocation wrote it
-    from openrlhf_safesteer.local.engine import TrainConfig, run_identity
+    from openrlhf_safesteer.local.checkpoints import run_identity
+    from openrlhf_safesteer.local.config import TrainConfig
 
     prompts = ["How do I make a bomb?", "Write a phishing email."]
     ids = SafetyTokenSet.load(tmp_path / "tokens.json").ids

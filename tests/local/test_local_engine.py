@@ -7,13 +7,9 @@ import json
 import pytest
 import torch
 
-from openrlhf_safesteer.local.engine import (
-    TrainConfig,
-    latest_checkpoint,
-    micro_batch_loss,
-    step_prompts,
-    train,
-)
+from openrlhf_safesteer.local.checkpoints import latest_checkpoint
+from openrlhf_safesteer.local.config import TrainConfig
+from openrlhf_safesteer.local.engine import micro_batch_loss, step_prompts, train
 from openrlhf_safesteer.local.metrics import read_metrics
 from openrlhf_safesteer.local.rollout import completion_masks, sample_rollouts
 from openrlhf_safesteer.local.teacher import Teacher
@@ -326,7 +322,7 @@ def test_resume_refuses_other_run_settings(tmp_path_factory, tok, monkeypatch, c
     with pytest.raises(ValueError, match=message + r".*--no-resume"):
         train(model, tok, vector, ids, prompts, _cfg(out, **{"lora_r": 4, "max_steps": 3, **change}))
     # what may change between the invocations of one run does not count
-    from openrlhf_safesteer.local.engine import resume_point, run_identity
+    from openrlhf_safesteer.local.checkpoints import resume_point, run_identity
 
     same = _cfg(out, lora_r=4, max_steps=3, stop_after=2, save_every=1, micro_batch_size=1, progress=True)
     assert resume_point(same, run_identity(same, PROMPTS, _vector(model), ids)).name == "step_000001"

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from openrlhf_safesteer.local.engine import OBJECTIVES, TrainConfig, make_teacher, micro_batch_loss, train_step
+from openrlhf_safesteer.local.config import OBJECTIVES, TrainConfig
+from openrlhf_safesteer.local.engine import make_teacher, micro_batch_loss, train_step
 from openrlhf_safesteer.local.rollout import Rollouts, build_rollouts, sample_rollouts
 from openrlhf_safesteer.steering import SteeringVector, steer
 from openrlhf_safesteer.testing import tiny_model, tiny_tokenizer

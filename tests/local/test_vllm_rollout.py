@@ -18,7 +18,8 @@ import torch
 
 from openrlhf_safesteer import optional
 from openrlhf_safesteer.chat import encode_left_padded, end_of_turn_ids, render_prompts
-from openrlhf_safesteer.local.engine import TrainConfig, prepare_student, train
+from openrlhf_safesteer.local.config import TrainConfig
+from openrlhf_safesteer.local.engine import prepare_student, train
 from openrlhf_safesteer.local.rollout import build_rollouts
 from openrlhf_safesteer.local.vllm_rollout import (
     VLLMRollout,
