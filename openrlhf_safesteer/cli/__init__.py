@@ -3,9 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 # Kept importable from here for the front ends; its home is helpformat (the OpenRLHF launcher's flags use it too).
 from openrlhf_safesteer.helpformat import HelpFormatter  # noqa: F401
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config: Any, names: list[str] | None = None,
+                     required: tuple[str, ...] = ()) -> None:
+    """A flag for each field of the config dataclass instance `config` (`local.config.knob` fields: their help,
+    choices and flag name; `config`'s values are the defaults): `names` in that order, or every field with a
+    flag in field order. The type comes from the annotation: int / float / str, `list[...]` takes one or more
+    values, a bool is an on/off switch (--NAME, or --no-NAME when it defaults to True). `required` fields have
+    no default. Parsed, each value is at args.FIELD_NAME (`config_values` collects them)."""
+    from openrlhf_safesteer.local.config import flag_name
+
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for name in names or [f.name for f in fields.values() if f.metadata.get("cli", True)]:
+        f = fields[name]
+        default = getattr(config, name)
+        kwargs: dict[str, Any] = {"dest": name, "help": f.metadata.get("help")}
+        annotation = str(f.type).replace(" | None", "")
+        if annotation == "bool":
+            parser.add_argument(flag_name(f), action="store_false" if default else "store_true", **kwargs)
+            continue
+        if annotation.startswith("list["):
+            annotation, kwargs["nargs"] = annotation[len("list["):-1], "+"
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        if name in required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        parser.add_argument(flag_name(f), type=_FLAG_TYPES[annotation], **kwargs)
+
+
+def config_values(args: argparse.Namespace, config_cls: type, names: list[str] | None = None) -> dict[str, Any]:
+    """The parsed values of the flags add_config_flags made for `config_cls` (the same `names`), by field name."""
+    fields = dataclasses.fields(config_cls)
+    return {name: getattr(args, name) for name in names or [f.name for f in fields if f.metadata.get("cli", True)]}
 
 
 def check_out(out: str, check) -> None:

@@ -14,7 +14,7 @@ import gc
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.files import atomic_write_json, replace_dir
 from openrlhf_safesteer.loading import DEFAULT_MODEL, load_model
 from openrlhf_safesteer.local.checkpoints import merged
-from openrlhf_safesteer.local.config import TrainConfig
+from openrlhf_safesteer.local.config import TrainConfig, knob
 from openrlhf_safesteer.local.engine import train
 from openrlhf_safesteer.refusal import refusal_rate
 from openrlhf_safesteer.steering import SteeringVector, steer
@@ -36,73 +36,72 @@ logger = logging.getLogger(__name__)
 
 
 
+# The demo's training settings, sized for 2 CPU cores; every other TrainConfig field keeps its default. Why each
+# value: docs/demo.md, "Settings and departures from the method".
+DEMO_TRAINING = TrainConfig(max_steps=10, prompts_per_step=8, samples_per_prompt=1, max_new_tokens=24, lr=6e-5,
+                            lora_r=16, coeff=1.0, resume=False)
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def training(name: str, help: str | None = None):
+    """A DemoConfig field that sets TrainConfig's `name` in every training run of the demo: its default is
+    DEMO_TRAINING's, its help TrainConfig's (unless given), its checks TrainConfig's (run by `train_config(...)
+    .validate()`), its flag named after the demo's field."""
+    default = getattr(DEMO_TRAINING, name)
+    help = help or _TRAIN_FIELDS[name].metadata["help"]
+    if isinstance(default, list):
+        return knob(help=help, train=name, factory=lambda: list(default))
+    return knob(default, help, train=name)
+
+
 @dataclass
 class DemoConfig:
-    """Everything the demo does, sized for 2 CPU cores (measured 23 min 9 s; ~19 min 30 s at quieter speeds: README)."""
+    """Everything the demo does, sized for 2 CPU cores (about 15-17 minutes there: docs/demo.md, which also says
+    how each default was measured). Fields made with `training` set the TrainConfig of its training runs."""
 
-    out: str = "safesteer_demo"
-    model: str = DEFAULT_MODEL
-    seed: int = 0
-    # direction (docs/METHOD.md section 1, reduced grid). Measured over layers 12-17 at coefficient 2: only 13 and 15
-    # pass the rules (12, 14, 16, 17: ablation KL 0.52, 0.24, 0.13, 0.32 > 0.1) and 15 is selected (its ablation
-    # drops harmful refusal most: -3.91 vs -2.35 for 13); the demo scores 14-16 (same vector, 2 minutes less).
-    layers: list[int] = field(default_factory=lambda: list(range(14, 17)))
-    positions: list[int] = field(default_factory=lambda: [-1])
-    # Selection and the safety-token vote use coefficient 2: at docs/METHOD.md's 1, every candidate in layers 12-17
-    # failed the rules (ablation KL > 0.1, or harmless prompts not refused when steered).
-    coeff: float = 2.0
-    # The teacher during training uses docs/METHOD.md's default coefficient 1. Measured (sweep, lr 1e-4, 10 steps):
-    # teacher coefficient 1 -> held-out harmful refusal 75%, coefficient 2 -> 67%, same harmless refusal (25%).
-    teacher_coeff: float | None = 1.0   # None: the selection coefficient
-    kl_threshold: float = 0.1
-    # safety tokens (section 3): docs/METHOD.md's constants for Qwen, H = 7 and min_prob 1e-8.
-    # Measured on the default model (layer 15, coeff 2; `python -m openrlhf_safesteer.demo.sweep`, README):
-    # with H = 7 S is semantic (' illegal', ' malicious', 'unsafe', ' unethical', ...), tokens the student
-    # rarely emits and the teacher does, so the localized reverse KL pulls them up and held-out harmful
-    # refusal rises. An earlier demo used H = 1 with min_prob 1e-3, where S is the refusal openers
-    # ('I', 'Sorry', ...) plus other common openers: the student already emits those above p_teacher / e,
-    # the loss pushes their mass off S, and training made the model open with 'Sure' (harmful refusal 46% -> 0%).
-    horizon: int = 7
-    min_prob: float = 1e-8
-    token_samples: int = 4
-    token_prompts: int = 12
-    k: int = 50
-    # training (section 4, sized for a CPU). train_splits: the harmful splits trained on (never "test").
-    train_splits: list[str] = field(default_factory=lambda: ["train"])
-    objectives: list[str] = field(default_factory=lambda: ["exact", "full_vocab"])
-    # 8 distinct prompts x 1 sample per step (same compute as 4 x 2): measured, the update then follows what the
-    # harmful prompts share rather than each prompt, and is selective (held-out harmful refusal score +1.04 vs
-    # harmless +0.66; at 4 x 2, +0.59 vs +0.85). lr 6e-5: at 1e-4 harmless refusal rose to 21% (sweep, README).
-    steps: int = 10
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 24
-    lr: float = 6e-5
-    lora_r: int = 16                   # 0: full fine-tuning (as in docs/METHOD.md; needs freeze_embeddings on 24 GB)
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=lambda: list(TrainConfig().lora_targets))
-    lora_layers: list[int] | None = None  # decoder layers with adapters (None: all)
-    freeze_embeddings: bool = False    # full fine-tuning only
-    warmup_ratio: float = 0.1
-    micro_batch_size: int = 8
-    # The project's selectivity extension (docs/METHOD.md section 8), off by default (0: the paper's method):
-    # retain prompts per step from these borderline-safe splits, their teacher the unsteered base.
-    retain_prompts_per_step: int = 0
-    retain_splits: list[str] = field(default_factory=lambda: ["train"])
-    # evaluation
-    eval_limit: int | None = None      # use only the first N prompts of each eval set (tests)
-    # reply tokens judged for refusal: "I'm sorry, but I can't assist with that." is 12 tokens, and cutting the
-    # previous run's 144 16-token replies to 12 changed no judgement (64-token replies: none either)
-    refusal_tokens: int = 12
-    teacher_check_prompts: int = 6
-    threads: int | None = None
-    # inference (generation, teacher, evaluation) on oneDNN's matrix products: the same 148 eval replies,
-    # base evaluation 64.9 s -> 44.2 s (`python -m benchmarks.cpu_linear --eval`; cpu_kernels.py)
-    onednn: bool = True
-    progress: bool = True
-    # reuse artifacts of an earlier run (sweeps): skip the direction / safety-token stages
-    vector: str | None = None
-    tokens: str | None = None
+    out: str = knob("safesteer_demo", "output directory")
+    model: str = knob(DEFAULT_MODEL, "embedded model name, HF directory or hub id")
+    seed: int = training("seed", "seed of every random choice")
+    layers: list[int] = knob(help="decoder layers searched for the direction", factory=lambda: list(range(14, 17)))
+    positions: list[int] = knob(help="prompt positions searched for the direction (from the end)", cli=False,
+                                factory=lambda: [-1])
+    coeff: float = knob(2.0, "steering coefficient for the direction search and the safety-token vote")
+    teacher_coeff: float | None = training("coeff", "steering coefficient of the teacher during training "
+                                           "(docs/METHOD.md: 1; None: --coeff)")
+    kl_threshold: float = knob(0.1, "direction rule: largest KL of the steered harmless replies", cli=False)
+    horizon: int = knob(7, "safety-token horizon H (docs/METHOD.md: 7 for Qwen)")
+    min_prob: float = knob(1e-8, "ban ids whose mean teacher probability is below this (docs/METHOD.md: 1e-8 for Qwen)")
+    token_samples: int = knob(4, "steered samples per prompt for S")
+    token_prompts: int = knob(12, "harmless prompts voting S")
+    k: int = knob(50, "size of S", cli=False)
+    train_splits: list[str] = knob(help="harmful prompt splits to train on (openrlhf_safesteer/data/harmful.json; "
+                                   "never 'test')", factory=lambda: ["train"])
+    objectives: list[str] = knob(help="engine objectives to train (exact = SafeSteer; full_vocab = the ablation)",
+                                 factory=lambda: ["exact", "full_vocab"])
+    steps: int = training("max_steps", "optimizer steps per training run")
+    prompts_per_step: int = training("prompts_per_step")
+    samples_per_prompt: int = training("samples_per_prompt")
+    max_new_tokens: int = training("max_new_tokens")
+    lr: float = training("lr")
+    lora_r: int = training("lora_r")
+    lora_alpha: float = training("lora_alpha")
+    lora_targets: list[str] = training("lora_targets")
+    lora_layers: list[int] | None = training("lora_layers")
+    freeze_embeddings: bool = training("freeze_embeddings")
+    warmup_ratio: float = training("warmup_ratio")
+    micro_batch_size: int = training("micro_batch_size")
+    retain_prompts_per_step: int = training("retain_prompts_per_step")
+    retain_splits: list[str] = knob(help="borderline-safe splits of the retain prompts (never dev or test)",
+                                    cli=False, factory=lambda: ["train"])
+    eval_limit: int | None = knob(None, "evaluate only the first N prompts of each set")
+    refusal_tokens: int = knob(12, "reply tokens judged for refusal", cli=False)
+    teacher_check_prompts: int = knob(6, "harmful and harmless prompts of the steered teacher's check", cli=False)
+    threads: int | None = knob(None, "torch CPU threads (None: torch's choice; 1 is faster on a CPU shared with "
+                               "other jobs)")
+    onednn: bool = knob(True, "inference (generation, teacher, evaluation) on oneDNN's matrix products", cli=False)
+    progress: bool = training("progress", "hide progress bars")
+    vector: str | None = knob(None, "reuse a steering-vector folder (skips the direction search)")
+    tokens: str | None = knob(None, "reuse a safety-token JSON (skips the vote)")
 
     def summary(self) -> str:
         return "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(self).items())
@@ -214,14 +213,19 @@ def retain_prompts(cfg: DemoConfig) -> list[str] | None:
 
 
 def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = True) -> TrainConfig:
-    """The local engine's settings for one of the demo's training runs (a fresh run, never resumed)."""
-    return TrainConfig(
-        out=str(out), objective=objective, lr=cfg.lr, max_steps=cfg.steps, prompts_per_step=cfg.prompts_per_step,
-        retain_prompts_per_step=cfg.retain_prompts_per_step, samples_per_prompt=cfg.samples_per_prompt, micro_batch_size=cfg.micro_batch_size,
-        max_new_tokens=cfg.max_new_tokens, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_targets=list(cfg.lora_targets), lora_layers=cfg.lora_layers, freeze_embeddings=cfg.freeze_embeddings,
-        warmup_ratio=cfg.warmup_ratio, coeff=cfg.teacher_coeff, seed=cfg.seed, progress=cfg.progress,
-        save_final=save_final, resume=False)
+    """The local engine's settings for one of the demo's training runs (a fresh run, never resumed):
+    DEMO_TRAINING with the demo's training fields (`training`) and the run's objective and folder."""
+    settings = {f.metadata["train"]: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if "train" in f.metadata}
+    settings = {name: list(value) if isinstance(value, list) else value for name, value in settings.items()}
+    return dataclasses.replace(DEMO_TRAINING, out=str(out), objective=objective, save_final=save_final, **settings)
+
+
+def demo_config_from_settings(settings: dict) -> DemoConfig:
+    """The DemoConfig that report.json["settings"] of a demo run records (dataclasses.asdict of it). Keys a newer
+    demo dropped are ignored, those an older demo lacked take today's defaults: the field names of the
+    training settings are the same as before they were derived from TrainConfig, so every old report loads."""
+    names = {f.name for f in dataclasses.fields(DemoConfig)}
+    return DemoConfig(**{key: value for key, value in settings.items() if key in names})
 
 
 def clear_checkpoints(train_dir: Path) -> None:

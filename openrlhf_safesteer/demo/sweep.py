@@ -40,7 +40,14 @@ from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 from openrlhf_safesteer.steering import SteeringVector
 
 from .evaluate import EvalSets, evaluate, refusal_changes, refusal_sets
-from .pipeline import DemoConfig, clear_checkpoints, goal_check, retain_prompts, train_prompts
+from .pipeline import (
+    DemoConfig,
+    clear_checkpoints,
+    demo_config_from_settings,
+    goal_check,
+    retain_prompts,
+    train_prompts,
+)
 from .pipeline import train_config as demo_train_config
 
 logger = logging.getLogger(__name__)
@@ -68,16 +75,28 @@ def _layers(value: str) -> list[int]:
 EVAL_SETS = ("test", "dev")
 BASE_FILE = "base.json"   # the base model's evaluation (no samples) that the rows are compared with
 
-# override key -> parser. "coeff" is the teacher's steering coefficient during training (default: the demo's
-# teacher_coeff); "tokens" is another safety-token JSON (e.g. from `safesteer tokens --horizon 1`);
-# "lora_r=0 freeze_embeddings=1" is full fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list;
-# "lora_layers=16-23" puts adapters on those decoder layers only; "train_splits=train,direction,validation"
-# trains on more harmful prompts (every split but the held-out test).
+def _parser(f: dataclasses.Field):
+    """How a --run value of config field `f` is read, from its annotation: a number, a name, 0/1/true/false,
+    a comma list of names, or layers ('16-23' or '15,18,20')."""
+    annotation = str(f.type).replace(" | None", "")
+    return {"int": int, "float": float, "str": str, "bool": _flag, "list[str]": _names, "list[int]": _layers}[annotation]
+
+
+# override key -> parser, from the demo's fields (and two engine settings the demo fixes: objective, temperature).
+# "coeff" is the teacher's steering coefficient during training (the demo's teacher_coeff); "tokens" is another
+# safety-token JSON (e.g. from `safesteer tokens --horizon 1`); "lora_r=0 freeze_embeddings=1" is full
+# fine-tuning; "lora_targets=gate_proj,up_proj,down_proj" a comma list; "lora_layers=16-23" puts adapters on those
+# decoder layers only; "train_splits=train,direction,validation" trains on more harmful prompts (every split but
+# the held-out test).
+_DEMO_FIELDS = {f.name: f for f in dataclasses.fields(DemoConfig)}
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 SWEEP_KEYS = {
-    "lr": float, "steps": int, "prompts_per_step": int, "samples_per_prompt": int, "max_new_tokens": int,
-    "lora_r": int, "lora_alpha": float, "lora_targets": _names, "lora_layers": _layers, "freeze_embeddings": _flag,
-    "train_splits": _names, "warmup_ratio": float, "objective": str, "coeff": float, "tokens": str,
-    "temperature": float, "seed": int, "retain_prompts_per_step": int, "retain_splits": _names,
+    **{name: _parser(_DEMO_FIELDS[name]) for name in (
+        "lr", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lora_r", "lora_alpha",
+        "lora_targets", "lora_layers", "freeze_embeddings", "train_splits", "warmup_ratio", "seed",
+        "retain_prompts_per_step", "retain_splits")},
+    "coeff": _parser(_DEMO_FIELDS["teacher_coeff"]), "tokens": _parser(_DEMO_FIELDS["tokens"]),
+    **{name: _parser(_TRAIN_FIELDS[name]) for name in ("objective", "temperature")},
 }
 
 
@@ -383,7 +402,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         raise ValueError(f"eval_sets must be one of {EVAL_SETS}, got {eval_sets!r}")
     report_path = source / "report.json"
     settings = json.loads(report_path.read_text())["settings"] if report_path.is_file() else {}
-    base_cfg = DemoConfig(**{k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
+    base_cfg = demo_config_from_settings(settings)
     base_cfg.progress = False
     model_name = model or base_cfg.model
     for needed in ("vector", "safety_tokens.json", "eval_base.json"):

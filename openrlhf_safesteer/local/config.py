@@ -6,8 +6,10 @@ comparison build theirs from it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -17,72 +19,142 @@ from .teacher import DEFAULT_SAFETY_SYSTEM_PROMPT
 
 OBJECTIVES = ("exact", "sampled", "forward", "full_vocab", "renormalized", "system_prompt")
 ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
+TEACHER_MODES = ("auto", "frozen_copy", "shared_lora")
 
-# `safesteer train`'s flag for a TrainConfig field (or a run-identity key), so errors name what to change
-FLAGS = {"objective": "--safesteer.objective", "coeff": "--safesteer.coeff", "total_steps": "--max-steps/--epochs",
-         "prompts": "--prompts", "vector": "--vector", "safety_ids": "--tokens"}
+# Run-identity keys that are no TrainConfig field, with the `safesteer train` flags that set them
+IDENTITY_FLAGS = {"total_steps": "--max-steps/--epochs", "prompts": "--prompts", "vector": "--vector",
+                  "safety_ids": "--tokens"}
+
+
+def knob(default: Any = dataclasses.MISSING, help: str = "", *, check: tuple[Callable[[Any, Any], bool], str] | None = None,
+         choices: tuple | None = None, flag: str | None = None, cli: bool = True,
+         factory: Callable[[], Any] | None = None, **extra: Any) -> Any:
+    """A config field that carries its own help, its range check and its command-line flag.
+
+    check: (ok(value, config), "what is allowed"), tested by `check_fields` after the finiteness of floats.
+    choices: the allowed values (and the flag's argparse choices). flag: the flag's name when it is not
+    --NAME-WITH-DASHES (a bool that defaults to True gets --no-NAME; the help of a bool says what its flag
+    does). cli: False for a setting that has no flag. factory: a default_factory (lists). extra: more metadata.
+    """
+    metadata = {"help": help, "check": check, "choices": choices, "flag": flag, "cli": cli, **extra}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: its own, --no-NAME for a bool that defaults to True, else --NAME."""
+    if f.metadata.get("flag"):
+        return f.metadata["flag"]
+    prefix = "--no-" if f.default is True else "--"
+    return prefix + f.name.replace("_", "-")
 
 
 def flag_of(name: str) -> str:
     """'lr (--lr)': a setting with the `safesteer train` flag that sets it, for error messages."""
-    return f"{name} ({FLAGS.get(name, '--' + name.replace('_', '-'))})"
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    flag = IDENTITY_FLAGS.get(name) or (flag_name(fields[name]) if name in fields else "--" + name.replace("_", "-"))
+    return f"{name} ({flag})"
+
+
+def check_fields(config: Any) -> None:
+    """Every field's own checks, in field order: its choices, then (floats) finiteness, then its range.
+
+    NaN passes every `x <= 0` test, so finiteness is checked before the range; each failure here used to
+    surface only after the model load (torch's "Invalid learning rate: nan") or not at all (top_p 0: greedy
+    rollouts, the M samples of a prompt identical).
+    """
+    for f in dataclasses.fields(config):
+        value, choices, check = getattr(config, f.name), f.metadata.get("choices"), f.metadata.get("check")
+        if choices and value not in choices:
+            raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{flag_of(f.name)} must be a finite number, got {value}")
+        if check and not check[0](value, config):
+            raise ValueError(f"{flag_of(f.name)} must be {check[1]}, got {value}")
+
+
+def _at_least_one(value, cfg) -> bool:
+    return value >= 1
+
+
+def _positive(value, cfg) -> bool:
+    return value > 0
+
+
+def _unset_or_at_least_one(value, cfg) -> bool:
+    return value is None or value >= 1
 
 
 @dataclass
 class TrainConfig:
-    """Every knob of a local SafeSteer run (defaults: docs/METHOD.md, Qwen; the demo overrides for CPU)."""
+    """Every knob of a local SafeSteer run (defaults: docs/METHOD.md, Qwen; the demo overrides for CPU).
 
-    out: str = "safesteer_run"
-    objective: str = "exact"            # exact | sampled | forward | full_vocab | renormalized | system_prompt
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    max_grad_norm: float = 1.0
-    epochs: float = 1.0                 # passes over the prompts (fractions allowed)
-    max_steps: int | None = None        # overrides epochs when set
-    prompts_per_step: int = 4
-    # the project's selectivity extension (docs/METHOD.md section 8; 0: the paper's method): this many retain
-    # prompts (borderline-safe / harmless) per step join the batch, their teacher the unsteered base
-    retain_prompts_per_step: int = 0
-    samples_per_prompt: int = 8
-    micro_batch_size: int = 8           # sequences per forward/backward (gradient accumulation inside a step)
-    max_new_tokens: int = 512
-    temperature: float = 1.0
-    top_p: float = 1.0
-    coeff: float | None = None          # steering coefficient (None: the vector's own)
-    system_prompt: str = DEFAULT_SAFETY_SYSTEM_PROMPT  # only for objective=system_prompt
-    lora_r: int = 0                     # 0: full fine-tuning; > 0: LoRA rank (teacher shares the weights)
-    lora_alpha: float = 32.0
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                             "gate_proj", "up_proj", "down_proj"])
-    lora_layers: list[int] | None = None  # decoder layers that get adapters (None: all)
-    freeze_embeddings: bool = False     # full fine-tuning without the (huge) embedding matrices
-    teacher: str = "auto"               # auto | frozen_copy | shared_lora
-    gradient_checkpointing: bool = False
-    rollout_backend: str = "auto"       # auto (vllm when usable and LoRA, else hf) | hf | vllm
-    vllm_gpu_memory_utilization: float = 0.3  # GPU share of the vLLM rollout engine; the trainer needs the rest
-    bf16: bool = False                  # GPU only
-    seed: int = 0
-    save_every: int = 0                 # checkpoint every N steps (0: only at the end)
-    keep_checkpoints: int = 2
-    resume: bool = True                 # continue from out/checkpoints/latest when present
-    stop_after: int | None = None       # stop (with a checkpoint) after this many steps of this invocation
-    save_final: bool = True             # write out/final (merged if LoRA)
-    tensorboard: bool = False
-    wandb: bool = False
-    wandb_project: str = "safesteer"
-    progress: bool = True
+    Each field carries its help, its check and its `safesteer train` flag (`knob`); `cli/train.py` derives
+    the flags from them."""
+
+    out: str = knob("safesteer_run", "run directory (checkpoints/, final/, metrics.jsonl)")
+    objective: str = knob(
+        "exact", "exact: localized reverse KL on S (SafeSteer); sampled: its sampled-token advantage; "
+        "forward / full_vocab / renormalized / system_prompt: the docs/METHOD.md ablations",
+        choices=OBJECTIVES, flag="--safesteer.objective")
+    lr: float = knob(1e-5, "AdamW learning rate (peak of the cosine schedule)", check=(_positive, "> 0"))
+    weight_decay: float = knob(0.0, "AdamW weight decay", check=(lambda v, c: v >= 0, ">= 0"))
+    warmup_ratio: float = knob(0.1, "linear warm-up share of the steps", check=(lambda v, c: 0 <= v < 1, "in [0, 1)"))
+    max_grad_norm: float = knob(1.0, "gradient clipping norm", check=(_positive, "> 0"))
+    epochs: float = knob(1.0, "passes over the prompts (fractions allowed)",
+                         check=(lambda v, c: c.max_steps is not None or v > 0, "> 0 (or set --max-steps)"))
+    # max_steps 0 or less ran no step and wrote the untrained base as final/ (exit 0)
+    max_steps: int | None = knob(None, "optimizer steps (overrides --epochs)",
+                                 check=(_unset_or_at_least_one, ">= 1 (or unset: use --epochs)"))
+    prompts_per_step: int = knob(4, "prompts per optimizer step", check=(_at_least_one, ">= 1"))
+    retain_prompts_per_step: int = knob(
+        0, "the project's selectivity extension (docs/METHOD.md section 8): retain prompts (borderline-safe / "
+        "harmless) per step, whose teacher is the unsteered base; 0 (default): the paper's method",
+        check=(lambda v, c: v >= 0, ">= 0 (0: no retain term)"))
+    samples_per_prompt: int = knob(8, "on-policy completions per prompt (M)", check=(_at_least_one, ">= 1"))
+    micro_batch_size: int = knob(8, "sequences per forward/backward (gradient accumulation within a step)",
+                                 check=(_at_least_one, ">= 1"))
+    max_new_tokens: int = knob(512, "rollout length limit", check=(_at_least_one, ">= 1"))
+    temperature: float = knob(1.0, "rollout and loss temperature", check=(_positive, "> 0"))
+    top_p: float = knob(1.0, "rollout nucleus sampling", check=(lambda v, c: 0 < v <= 1, "in (0, 1]"))
+    coeff: float | None = knob(None, "steering coefficient (default: the vector's own)", flag="--safesteer.coeff")
+    system_prompt: str = knob(DEFAULT_SAFETY_SYSTEM_PROMPT, "the teacher's system prompt (objective system_prompt only)",
+                              cli=False)
+    lora_r: int = knob(0, "LoRA rank; 0 = full fine-tuning (with LoRA the teacher shares the weights)",
+                       check=(lambda v, c: v >= 0, ">= 0 (0: full fine-tuning)"))
+    # alpha 0 scales the adapter's update to zero: the run "trains" and writes the untrained base
+    lora_alpha: float = knob(32.0, "LoRA alpha", check=(lambda v, c: c.lora_r == 0 or v > 0, "> 0 with LoRA (--lora-r > 0)"))
+    lora_targets: list[str] = knob(help="module names that get LoRA adapters (those the model has)", cli=False,
+                                   factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"])
+    lora_layers: list[int] | None = knob(None, "decoder layers that get adapters (None: all)", cli=False)
+    freeze_embeddings: bool = knob(False, "full fine-tuning without the embeddings (saves memory: AdamW on the 0.5B "
+                                   "default model peaks at 15 GB otherwise)")
+    teacher: str = knob("auto", "auto: shared_lora with LoRA (one copy of the weights), else a frozen copy",
+                        choices=TEACHER_MODES)
+    gradient_checkpointing: bool = knob(False, "trade compute for memory")
+    rollout_backend: str = knob("auto", "on-policy sampler: hf generate, or vllm (needs vLLM, a CUDA GPU and "
+                                "--lora-r > 0); auto: vllm when all three hold, else hf", choices=ROLLOUT_BACKENDS)
+    vllm_gpu_memory_utilization: float = knob(0.3, "share of the GPU the vLLM rollout engine takes (the trainer "
+                                              "needs the rest)", check=(lambda v, c: 0 < v < 1, "in (0, 1)"))
+    bf16: bool = knob(False, "bf16 weights and compute (GPU only)")
+    seed: int = knob(0, "seed of the data order and every random stream")
+    save_every: int = knob(0, "checkpoint every N steps (0: at the end)", check=(lambda v, c: v >= 0, ">= 0 (0: only at the end)"))
+    keep_checkpoints: int = knob(2, "checkpoints kept (the newest)", cli=False)
+    resume: bool = knob(True, "start a fresh run; an --out that holds checkpoints is refused, not mixed in "
+                        "(without it: continue from OUT/checkpoints/latest when present)")
+    stop_after: int | None = knob(None, "stop with a checkpoint after N steps of this call",
+                                  check=(_unset_or_at_least_one, ">= 1 (or unset)"))
+    save_final: bool = knob(True, "write out/final (merged if LoRA)", cli=False)
+    tensorboard: bool = knob(False, "also log to OUT/tensorboard")
+    wandb: bool = knob(False, "also log to Weights & Biases")
+    wandb_project: str = knob("safesteer", "wandb project")
+    progress: bool = knob(True, "hide progress bars", cli=False)
 
     def validate(self) -> None:
         """Reject bad settings before anything heavy (the model load, the teacher copy, generation)."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("prompts_per_step", "samples_per_prompt", "micro_batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag_of(name)} must be >= 1, got {getattr(self, name)}")
-        self._validate_numbers()
-        if self.teacher not in ("auto", "frozen_copy", "shared_lora"):
-            raise ValueError(f"teacher must be auto, frozen_copy or shared_lora, got {self.teacher!r}")
+        check_fields(self)
         if self.retain_prompts_per_step and self.objective == "system_prompt":
             raise ValueError("the retain term (retain_prompts_per_step > 0) needs a steering-vector teacher; "
                              "objective system_prompt has none to switch off")
@@ -90,42 +162,6 @@ class TrainConfig:
             raise ValueError("teacher=shared_lora needs LoRA (lora_r > 0)")
         if self.bf16 and not torch.cuda.is_available():
             raise ValueError("bf16 training is for GPUs; on CPU train in float32")
-        self._validate_rollout_backend()
-
-    def _validate_numbers(self) -> None:
-        # NaN passes every `x <= 0` test, so finiteness is checked first; each failure here used to surface
-        # only after the model load (torch's "Invalid learning rate: nan") or not at all (top_p 0: greedy
-        # rollouts, the M samples of a prompt identical).
-        floats = ["lr", "weight_decay", "warmup_ratio", "max_grad_norm", "epochs", "temperature", "top_p", "lora_alpha"]
-        for name in floats + (["coeff"] if self.coeff is not None else []):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{flag_of(name)} must be a finite number, got {getattr(self, name)}")
-        checks = (
-            ("lr", self.lr > 0, "> 0"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("temperature", self.temperature > 0, "> 0"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("lora_r", self.lora_r >= 0, ">= 0 (0: full fine-tuning)"),
-            # alpha 0 scales the adapter's update to zero: the run "trains" and writes the untrained base
-            ("lora_alpha", self.lora_r == 0 or self.lora_alpha > 0, "> 0 with LoRA (--lora-r > 0)"),
-            # max_steps 0 or less ran no step and wrote the untrained base as final/ (exit 0)
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, ">= 1 (or unset: use --epochs)"),
-            ("epochs", self.max_steps is not None or self.epochs > 0, "> 0 (or set --max-steps)"),
-            ("stop_after", self.stop_after is None or self.stop_after >= 1, ">= 1 (or unset)"),
-            ("save_every", self.save_every >= 0, ">= 0 (0: only at the end)"),
-            ("retain_prompts_per_step", self.retain_prompts_per_step >= 0, ">= 0 (0: no retain term)"),
-        )
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{flag_of(name)} must be {allowed}, got {getattr(self, name)}")
-
-    def _validate_rollout_backend(self) -> None:
-        if self.rollout_backend not in ROLLOUT_BACKENDS:
-            raise ValueError(f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}")
-        if not 0 < self.vllm_gpu_memory_utilization < 1:
-            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1), got {self.vllm_gpu_memory_utilization}")
         if self.rollout_backend != "vllm":
             return
         if missing := vllm_missing():

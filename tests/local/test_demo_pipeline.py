@@ -3,6 +3,7 @@ report.json / report.md / plots / final come out. The real-model run is tests/lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -418,3 +419,40 @@ def test_demo_plots_are_replaced_atomically(tmp_path, monkeypatch):
         _plots(tmp_path, report)
     assert plot.read_bytes() == good
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["before_after.png"]
+
+
+def test_sweep_reads_the_settings_of_an_old_demo_report(tmp_path, monkeypatch):
+    """report.json["settings"] is dataclasses.asdict(DemoConfig) of the run; a demo from before the retain term and
+    before DemoConfig derived its training fields from TrainConfig still gives the sweep its settings back."""
+    import openrlhf_safesteer.demo.sweep as sweep
+    from openrlhf_safesteer.demo.pipeline import demo_config_from_settings
+
+    old = {"out": "outputs/demo_v13", "model": "qwen2.5-coder-0.5b", "seed": 0, "layers": [14, 15, 16],
+           "positions": [-1], "coeff": 2.0, "teacher_coeff": 1.0, "kl_threshold": 0.1, "horizon": 7, "min_prob": 1e-8,
+           "token_samples": 4, "token_prompts": 12, "k": 50, "train_splits": ["train"],
+           "objectives": ["exact", "full_vocab"], "steps": 10, "prompts_per_step": 8, "samples_per_prompt": 1,
+           "max_new_tokens": 24, "lr": 6e-5, "lora_r": 16, "lora_alpha": 32.0,
+           "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+           "lora_layers": None, "freeze_embeddings": False, "warmup_ratio": 0.1, "micro_batch_size": 8,
+           "eval_limit": 3, "refusal_tokens": 12, "teacher_check_prompts": 6, "threads": 1, "onednn": True,
+           "progress": True, "vector": None, "tokens": None, "a_setting_since_removed": 1}
+    cfg = demo_config_from_settings(old)
+    assert (cfg.steps, cfg.lr, cfg.teacher_coeff, cfg.eval_limit, cfg.retain_prompts_per_step) == (10, 6e-5, 1.0, 3, 0)
+    assert dataclasses.asdict(cfg) == {**dataclasses.asdict(DemoConfig()),
+                                       **{k: v for k, v in old.items() if k != "a_setting_since_removed"}}
+
+    demo = tmp_path / "demo"
+    (demo / "vector").mkdir(parents=True)
+    (demo / "safety_tokens.json").write_text("{}")
+    (demo / "eval_base.json").write_text("{}")
+    (demo / "report.json").write_text(json.dumps({"settings": old}))
+    seen = []
+
+    def capture(base, overrides, out):
+        seen.append(base)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(sweep, "check_run", capture)
+    with pytest.raises(RuntimeError, match="stop here"):
+        sweep.run_sweep(demo, tmp_path / "sweep", [sweep.parse_run("steps=1")])
+    assert dataclasses.replace(seen[0], progress=True) == cfg and seen[0].eval_limit == 3
