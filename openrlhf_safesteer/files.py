@@ -1,8 +1,8 @@
 """Files on disk, written so that no reader ever sees half of one, and read back the same way everywhere.
 
-- `atomic_write_text`, `atomic_write_json`, `atomic_savefig`: write to a temporary name in the target's
-  folder, then `os.replace` it into place; an interrupted write leaves the old file (or none), never a
-  truncated one.
+- `atomic_write_text`, `atomic_write_json`, `atomic_savefig`, and `atomic_write` for any writer that takes a
+  path (safetensors' save_file): write to a temporary name in the target's folder, then `os.replace` it into
+  place; an interrupted write leaves the old file (or none), never a truncated one.
 - `replace_dir`: swap a finished folder in whole; the old copy is removed only once the new one is in place.
 - `json_sha256`: the sha256 of an object's canonical JSON (sorted keys), for provenance and cache keys.
 - `read_jsonl` / `append_jsonl`: one JSON object per line (metrics, caches, sweeps).
@@ -20,22 +20,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 logger = logging.getLogger(__name__)
 
 
-def _temporary_beside(path: Path) -> str:
-    """A new, empty temporary file in path's folder (created with the folder), named after `path`; the
-    name does not end in path's suffix, so nothing that globs for the real files picks it up."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """write(tmp) to a new temporary file in path's folder (created with the folder), then os.replace it to
+    path; the temporary file is removed if anything fails. Its name is `.NAME.XXXX.tmp`: it does not end in
+    path's suffix, so nothing that globs for the real files picks it up, and a writer that picks its format
+    from the suffix must be told the format."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    return tmp
-
-
-def _replace_into(tmp: str, path: Path, write) -> None:
-    """write(tmp), then os.replace(tmp, path); the temporary file is removed if anything fails."""
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -47,26 +45,26 @@ def _replace_into(tmp: str, path: Path, write) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write text (UTF-8) to path via a temporary file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as handle:
             handle.write(text)
 
-    _replace_into(_temporary_beside(path), path, write)
+    atomic_write(path, write)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, ensure_ascii: bool = True) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1, ensure_ascii: bool = True,
+                      sort_keys: bool = False) -> None:
     """json.dumps(obj) plus a final newline, written atomically. Objects JSON cannot encode (paths, dtypes)
     are written as their str()."""
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, default=str) + "\n")
+    text = json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys, default=str)
+    atomic_write_text(path, text + "\n")
 
 
 def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     """fig.savefig as PNG to a temporary file in path's folder, then os.replace: an interrupted write never
     leaves a truncated plot at `path` (the temporary name does not end in .png, hence the explicit format)."""
-    path = Path(path)
-    _replace_into(_temporary_beside(path), path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:

@@ -22,7 +22,6 @@ import math
 import os
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+# The atomic writers live in openrlhf_safesteer.files (one copy for the package); save() uses two of them, and all
+# three stay importable from here, where they were first defined.
+from openrlhf_safesteer.files import atomic_savefig, atomic_write_text, replace_dir  # noqa: F401  (re-exported)
 from openrlhf_safesteer.models import (
     decoder_layers,
     hidden_size,
@@ -53,61 +55,6 @@ SIDE_FILES = frozenset({"candidates.json", "candidates.csv", "candidates.png", "
 
 class IncompatibleArtifactError(ValueError):
     """An artifact (steering vector, safety-token set) does not fit the model it is applied to."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write text to path via a temporary file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_savefig(fig, path: str | os.PathLike, dpi: int = 120) -> None:
-    """fig.savefig as PNG to a temporary file in path's folder, then os.replace: an interrupted write never
-    leaves a truncated plot at `path` (the temporary name does not end in .png, hence the explicit format)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def replace_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move the finished directory `new` to `final` (same file system), replacing what is there.
-
-    Never deletes before the new copy is in place: the old `final` is renamed aside, the new one renamed
-    in, and only then the old one removed. An interruption leaves either the old or the new complete copy
-    at `final` (plus, at worst, a hidden `.NAME.old-PID` folder to delete), never a half-deleted one.
-    """
-    new, final = Path(new), Path(final)
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if old.exists():
-        shutil.rmtree(old)
-    had_old = final.exists()
-    if had_old:
-        os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        if had_old and not final.exists():
-            os.replace(old, final)
-        raise
-    if had_old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def finite_coeff(coeff: float, name: str = "coeff") -> float:
