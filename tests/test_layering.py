@@ -8,9 +8,11 @@ third-party libraries: torch, transformers), and what that import loaded is comp
 - the evaluation never loads the plugin, OpenRLHF, Ray or a front end;
 - nothing but `cli` loads `cli`;
 - importing a plugin module registers no stand-in `vllm` / `flash_attn` module (the launcher and the Ray
-  actors install them in the processes that import OpenRLHF), so "is vLLM here?" cannot be fooled by one.
-A case that a module still breaks is marked xfail(strict=True) with the reason: it turns into a failure the
-day the module is fixed, so that the mark is removed with the fix.
+  workers install them in the processes that import OpenRLHF), and "is vLLM / flash-attn here?" is not fooled
+  by one once they are installed.
+A plugin module that subclasses OpenRLHF's classes cannot import where flash_attn or vllm is missing until
+the stand-ins are in place: its layer is then checked on a second import, in a fork that first runs what a
+Ray worker runs (`compat.worker_setup`).
 """
 
 from __future__ import annotations
@@ -47,19 +49,32 @@ PROBE = r"""
 import json, os, sys, warnings
 warnings.simplefilter("ignore")
 import torch, transformers  # noqa: F401  (third party: shared by every fork, checked by no rule)
+CUDA_ONLY = ("vllm", "flash_attn")
+as_worker = sys.argv[1] == "worker"
 results = {}
-for name in sys.argv[1:]:
+for name in sys.argv[2:]:
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(read)
         try:
+            if as_worker:  # what a Ray worker of the launcher's job runs before it unpickles an actor class
+                from openrlhf_safesteer.plugin import compat
+                compat.worker_setup()
             __import__(name)
             loaded = sorted(m for m in sys.modules
-                            if m.split(".")[0] in ("openrlhf_safesteer", "openrlhf", "ray", "vllm", "flash_attn"))
-            stand_ins = sorted(m for m in ("vllm", "flash_attn")
-                               if getattr(sys.modules.get(m), "__safesteer_stand_in__", False))
+                            if m.split(".")[0] in ("openrlhf_safesteer", "openrlhf", "ray", *CUDA_ONLY))
+            stand_ins = sorted(m for m in CUDA_ONLY if getattr(sys.modules.get(m), "__safesteer_stand_in__", False))
             out = {"loaded": loaded, "stand_ins": stand_ins}
+            if as_worker:
+                from openrlhf_safesteer import optional
+                from openrlhf_safesteer.plugin import compat
+                out["seen_as_installed"] = {"vllm": [compat.vllm_available(), optional.vllm_installed(),
+                                                     optional.vllm_usable()],
+                                            "flash_attn": [compat.flash_attn_available()]}
+        except ModuleNotFoundError as error:
+            out = ({"needs": error.name} if error.name in CUDA_ONLY else
+                   {"error": f"{type(error).__name__}: {error}"})
         except BaseException as error:  # noqa: BLE001 - reported, not raised, in the child
             out = {"error": f"{type(error).__name__}: {error}"}
         os.write(write, json.dumps(out).encode())
@@ -76,12 +91,25 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def imports() -> dict[str, dict]:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *MODULES], capture_output=True, text=True, timeout=900,
+def _probe(mode: str, names: list[str]) -> dict[str, dict]:
+    if not names:
+        return {}
+    proc = subprocess.run([sys.executable, "-c", PROBE, mode, *names], capture_output=True, text=True, timeout=900,
                           cwd=ROOT.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def imports() -> dict[str, dict]:
+    """Each module imported in a plain fresh process."""
+    return _probe("plain", MODULES)
+
+
+@pytest.fixture(scope="module")
+def worker_imports(imports) -> dict[str, dict]:
+    """The modules that need the stand-ins (a CUDA-only package is missing here), imported as a Ray worker does."""
+    return _probe("worker", [name for name, result in imports.items() if "needs" in result])
 
 
 def _layer(name: str) -> str:
@@ -110,43 +138,36 @@ def _loads(loaded: list[str], prefix: str) -> bool:
     return any(m == prefix or m.startswith(prefix + ".") for m in loaded)
 
 
-# plugin/config.py imports HelpFormatter from `cli` (its home is now openrlhf_safesteer.helpformat), and the
-# launcher's modules import config.
-CONFIG_IMPORTS_CLI = "plugin/config.py imports openrlhf_safesteer.cli.HelpFormatter (use openrlhf_safesteer.helpformat)"
-LAYER_XFAIL = {
-    f"{PACKAGE}.plugin.config": CONFIG_IMPORTS_CLI,
-    f"{PACKAGE}.plugin.install": CONFIG_IMPORTS_CLI,
-    f"{PACKAGE}.plugin.stock": CONFIG_IMPORTS_CLI + " (through plugin.install)",
-}
-
-# These modules subclass OpenRLHF's classes at import, and OpenRLHF imports flash_attn and vllm at import: they
-# install the stand-ins themselves until the launcher and the Ray workers do it before importing them.
-SUBCLASSES_OPENRLHF = ("imports OpenRLHF at module level and calls compat.install_import_stand_ins() there; "
-                       "to move to the launcher and a Ray worker_process_setup_hook")
-STAND_IN_XFAIL = {f"{PACKAGE}.plugin.{name}": f"plugin/{name}.py {SUBCLASSES_OPENRLHF}"
-                  for name in ("teacher", "experience", "policy", "stock")}
-
-
-def _cases(xfails: dict[str, str], names: list[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=xfails[n])) if n in xfails else n
-            for n in names]
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _cases(LAYER_XFAIL, MODULES))
-def test_module_loads_nothing_above_its_layer(imports, name):
+@pytest.mark.parametrize("name", MODULES)
+def test_module_loads_nothing_above_its_layer(imports, worker_imports, name):
     result = imports[name]
+    if "needs" in result:
+        assert _layer(name) == "plugin", f"importing {name} needs {result['needs']}, which is CUDA-only"
+        result = worker_imports[name]
     assert "error" not in result, f"importing {name} failed: {result.get('error')}"
     above = [prefix for prefix in _forbidden(name) if _loads(result["loaded"], prefix)]
     assert not above, f"importing {name} ({_layer(name)} layer) loads {above}"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", _cases(STAND_IN_XFAIL, [m for m in MODULES if _layer(m) == "plugin"]))
+@pytest.mark.parametrize("name", [m for m in MODULES if _layer(m) == "plugin"])
 def test_importing_a_plugin_module_registers_no_stand_in(imports, name):
+    """Where flash_attn or vllm is missing, a module that imports OpenRLHF fails to import on its own (the
+    launcher and the Ray workers install the stand-ins first); it never installs them itself."""
     result = imports[name]
     assert "error" not in result, f"importing {name} failed: {result.get('error')}"
-    assert not result["stand_ins"], f"importing {name} registered stand-ins for {result['stand_ins']}"
+    assert not result.get("stand_ins"), f"importing {name} registered stand-ins for {result['stand_ins']}"
+
+
+@pytest.mark.slow
+def test_stand_ins_do_not_count_as_installed(worker_imports):
+    """With the stand-ins in sys.modules, every "is it here?" check still answers for the real package."""
+    for name, result in worker_imports.items():
+        assert "error" not in result, f"importing {name} after compat.worker_setup failed: {result.get('error')}"
+        for package in result["stand_ins"]:
+            assert not any(result["seen_as_installed"][package]), \
+                f"{package} is a stand-in, but a check says installed: {result['seen_as_installed'][package]}"
 
 
 def test_every_layer_is_known():

@@ -11,9 +11,12 @@ OpenRLHF has no plugin registry, so the engine is a set of subclasses that the l
   actor's own logits (objective `exact`, the paper's loss), or OpenRLHF's stock PPO loss (`sampled`).
 - `rollout.HFRolloutActor`: an HF-generate rollout engine that answers like OpenRLHF's vLLM engine.
 
-Importing this package changes nothing: the import stand-ins for flash_attn/vllm on machines that
-lack them (see `compat`) are installed by the processes that import OpenRLHF: the launcher and the
-flag checker (`compat.prepare_process()` before OpenRLHF's entry point runs) and each Ray actor.
+Importing this package, or any module of it, changes nothing: the import stand-ins for flash_attn/vllm on
+machines that lack them (see `compat`) are installed by the processes that import OpenRLHF: the launcher, the
+flag checker and the CPU runner of OpenRLHF's own trainers (`compat.prepare_process()` before OpenRLHF's entry
+point runs), and every Ray worker of the job the launcher starts (`compat.worker_setup`, run by Ray before the
+worker unpickles an actor class). `teacher`, `experience`, `policy` and `stock_actors` subclass OpenRLHF's
+classes, so they import only in such a process.
 """
 
 from openrlhf_safesteer.plugin.compat import SUPPORTED_OPENRLHF

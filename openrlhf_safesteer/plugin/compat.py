@@ -2,7 +2,12 @@
 stand-ins for the two CUDA-only packages on machines without them, and CPU shims.
 
 Nothing here is needed on a GPU machine with flash-attn and vLLM installed: each function checks
-first and does nothing there.
+first and does nothing there. Importing this module changes nothing: the stand-ins are installed by the
+processes that import OpenRLHF, the launcher (`prepare_process()` before OpenRLHF's entry point runs) and
+every Ray worker of its job (`worker_setup`, Ray's worker_process_setup_hook, before the worker unpickles
+an actor class whose module imports OpenRLHF). "Is vLLM / flash-attn here?" (`vllm_available`,
+`flash_attn_available`, `openrlhf_safesteer.optional`) answers for the real package: a stand-in carries
+STAND_IN_MARK and never counts.
 
 Stand-ins (CPU machines only, clearly not the real thing):
 - `flash_attn`: `openrlhf.models` imports `flash_attn.bert_padding` at module import (ring attention
@@ -282,3 +287,26 @@ def prepare_process() -> None:
     configure_cpu_environment()
     install_import_stand_ins()
     install_cpu_shims()
+
+
+# ------------------------------------------------------------------------------------------ Ray workers
+
+# Ray runs this in every worker process of the job before the worker unpickles an actor class or a task
+# (ray.init(runtime_env={"worker_process_setup_hook": ...}), see install.ensure_ray): the SafeSteer actors'
+# modules subclass OpenRLHF's classes, and OpenRLHF's modules import flash_attn and vllm at import.
+WORKER_SETUP_HOOK = f"{__name__}.worker_setup"
+
+
+def worker_setup() -> None:
+    """A Ray worker's setup before it imports any SafeSteer actor module: the CPU environment variables and the
+    import stand-ins for whichever of flash_attn / vllm is not installed (a no-op on a GPU machine with both).
+    The CPU shims, which import DeepSpeed and OpenRLHF, are installed by each actor's __init__
+    (prepare_process), not here: a worker that runs no OpenRLHF code does not pay for them."""
+    configure_cpu_environment()
+    install_import_stand_ins()
+
+
+def stand_ins_needed() -> list[str]:
+    """The CUDA-only packages OpenRLHF imports that are not really installed here (each gets a stand-in)."""
+    return [name for name, present in (("flash_attn", flash_attn_available()), ("vllm", vllm_available()))
+            if not present]

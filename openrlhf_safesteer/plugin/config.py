@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
-from openrlhf_safesteer.cli import HelpFormatter
+from openrlhf_safesteer.helpformat import HelpFormatter
 
 logger = logging.getLogger(__name__)
 

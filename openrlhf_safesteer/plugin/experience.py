@@ -13,6 +13,10 @@ actor, which steers each row with coeff * scale (docs/METHOD.md section 8: the r
 unsteered base, so the same loss pulls the student back to the base on them).
 It logs per sequence the KL over S, the student's and teacher's mass on S, and the sampled-token
 log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer has none).
+
+Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
+where those are not installed, import it after `compat.prepare_process()` (the launcher does) or in a Ray worker
+set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importing it installs nothing.
 """
 
 from __future__ import annotations
@@ -22,23 +26,20 @@ import logging
 import os
 from typing import List
 
+import ray
 import torch
+from openrlhf.models.utils import masked_mean
+from openrlhf.trainer.ppo_trainer import PPOTrainer
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker
+from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from openrlhf_safesteer.objectives import sampled_advantages
 from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import ray  # noqa: E402
-from openrlhf.models.utils import masked_mean  # noqa: E402
-from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
-from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
-from openrlhf.trainer.ppo_utils.experience_maker import RemoteExperienceMaker  # noqa: E402
-from openrlhf.trainer.ray.launcher import RayActorGroup, RewardModelActor  # noqa: E402
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy  # noqa: E402
-
-from openrlhf_safesteer.objectives import sampled_advantages  # noqa: E402
-from openrlhf_safesteer.plugin.config import teacher_scale  # noqa: E402
-from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, _save_dump  # noqa: E402
+from openrlhf_safesteer.plugin.config import teacher_scale
+from openrlhf_safesteer.plugin.dump import save_dump
+from openrlhf_safesteer.plugin.policy import TEACHER_ON_S
 
 logger = logging.getLogger(__name__)
 
@@ -130,9 +131,9 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
                            "teacher_logprobs": teacher, "advantages": advantages}
                 if hasattr(experience, TEACHER_ON_S):
                     tensors["teacher_on_s"] = getattr(experience, TEACHER_ON_S)
-                _save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), tensors,
-                           {"batch": self._batches, "objective": self.safesteer.objective,
-                            "safety_ids": list(self.safesteer.safety_ids)})
+                save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), tensors,
+                          {"batch": self._batches, "objective": self.safesteer.objective,
+                           "safety_ids": list(self.safesteer.safety_ids)})
             experience.advantages = advantages
             experience.returns = advantages.clone()
             experience.info["return"] = advantages.sum(dim=-1)
@@ -226,7 +227,7 @@ class SafeSteerPPOTrainer(_StockTrainer):
             self.kl_ctl, self.strategy, self.tokenizer)
 
 
-class _Tracked:
+class Tracked:
     """A Ray actor class whose `.remote(...)` also records the handle in LAUNCHED."""
 
     def __init__(self, actor_class):
@@ -238,11 +239,11 @@ class _Tracked:
         return handle
 
     def options(self, **options):
-        return _Tracked(self.actor_class.options(**options))
+        return Tracked(self.actor_class.options(**options))
 
 
 # A controller: it holds no model, so it takes no CPU share from the model actors.
-SafeSteerPPOTrainerRemote = _Tracked(ray.remote(num_cpus=0)(SafeSteerPPOTrainer))
+SafeSteerPPOTrainerRemote = Tracked(ray.remote(num_cpus=0)(SafeSteerPPOTrainer))
 
 
 def end_launched_actors() -> int:

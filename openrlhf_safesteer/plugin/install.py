@@ -52,7 +52,7 @@ def _compile_openrlhf_main(module_name: str = OPENRLHF_MAIN):
 
 
 @contextlib.contextmanager
-def _patched(module, name: str, value):
+def patched(module, name: str, value):
     old = getattr(module, name)
     setattr(module, name, value)
     try:
@@ -61,10 +61,16 @@ def _patched(module, name: str, value):
         setattr(module, name, old)
 
 
-def _ensure_ray() -> None:
+def ensure_ray() -> None:
+    """Start Ray here unless this process is already connected to a cluster.
+
+    Every worker of the job runs compat.worker_setup first (Ray's worker_process_setup_hook), so that the
+    SafeSteer actor classes, whose modules import OpenRLHF, unpickle where flash_attn / vllm are not installed.
+    """
     import ray
 
     if ray.is_initialized():
+        _warn_without_worker_setup(ray)
         return
     env = {
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
@@ -75,7 +81,19 @@ def _ensure_ray() -> None:
         env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     # No cluster yet (a single-machine run): start one without the dashboard, which only costs
     # memory and start-up time here. On a cluster, `ray job submit` has already connected us.
-    ray.init(runtime_env={"env_vars": env}, include_dashboard=False)
+    ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": compat.WORKER_SETUP_HOOK},
+             include_dashboard=False)
+
+
+def _warn_without_worker_setup(ray) -> None:
+    """A cluster we joined runs no compat.worker_setup in its workers: fine where flash_attn and vLLM are
+    installed (a GPU cluster), not where the SafeSteer actors would need the stand-ins to import."""
+    missing = compat.stand_ins_needed()
+    hook = (ray.get_runtime_context().runtime_env or {}).get("worker_process_setup_hook")
+    if missing and not hook:
+        logger.warning("%s not installed here and this Ray job's workers run no setup hook: the SafeSteer actors "
+                       "will not import on workers without them. Submit the job with --runtime-env-json "
+                       "'{\"worker_process_setup_hook\": \"%s\"}'.", " and ".join(missing), compat.WORKER_SETUP_HOOK)
 
 
 def artifacts_ready(config: SafeSteerConfig) -> bool:
@@ -127,7 +145,7 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             from openrlhf_safesteer.plugin.rollout import create_hf_rollout_engines
 
             namespace["create_vllm_engines"] = create_hf_rollout_engines
-        _ensure_ray()
+        ensure_ray()
         import ray
 
         refused, warned = cluster_problems(ray.cluster_resources(), placement)
@@ -137,7 +155,7 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             raise SafeSteerConfigError(refused)
         # train() imports PPOTrainer from its module at call time.
         try:
-            with _patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):
+            with patched(ppo_trainer, "PPOTrainer", SafeSteerPPOTrainerRemote):
                 namespace["_openrlhf_train"](args)
             result["trained"] = True
         finally:

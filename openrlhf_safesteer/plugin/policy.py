@@ -11,38 +11,38 @@
 The teacher's (B, A, K) log-probs ride on each Experience as the attribute TEACHER_ON_S. OpenRLHF's
 batching helpers iterate the dataclass fields only, so the replay buffer below splits and re-pads
 that attribute alongside them.
+
+Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
+where those are not installed, import it after `compat.prepare_process()` (the launcher does) or in a Ray worker
+set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importing it installs nothing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Dict, Optional
 
+import ray
 import torch
-
-from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import ray  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from openrlhf.models import aggregate_loss  # noqa: E402
-from openrlhf.trainer.ppo_utils import NaiveReplayBuffer  # noqa: E402
-from openrlhf.trainer.ppo_utils.experience import (  # noqa: E402
+import torch.nn.functional as F
+from openrlhf.models import aggregate_loss
+from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
+from openrlhf.trainer.ppo_utils.experience import (
     Experience,
     make_experience_batch,
     remove_padding_in_sequences,
     split_experience_batch,
 )
-from openrlhf.trainer.ray import ppo_actor  # noqa: E402
-from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
-from openrlhf.utils.loss_utils import get_loss_batch_info  # noqa: E402
+from openrlhf.trainer.ray import ppo_actor
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+from openrlhf.utils.loss_utils import get_loss_batch_info
 
-from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics  # noqa: E402
-from openrlhf_safesteer.plugin.logits import action_logprobs, padded_logits  # noqa: E402
-from openrlhf_safesteer.plugin.rollout import HFWeightSync  # noqa: E402
+from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics
+from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin.dump import save_dump
+from openrlhf_safesteer.plugin.logits import action_logprobs, padded_logits
+from openrlhf_safesteer.plugin.rollout import HFWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +97,6 @@ class SafeSteerReplayBuffer(NaiveReplayBuffer):
         return experience
 
 
-def _save_dump(path: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Write tensors (safetensors) + meta (JSON), each atomically."""
-    from safetensors.torch import save_file
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path + ".safetensors")
-    with open(path + ".json.tmp", "w", encoding="utf-8") as handle:
-        json.dump(meta, handle, indent=2, sort_keys=True)
-    os.replace(path + ".json.tmp", path + ".json")
-
-
 class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
     """ActorPPOTrainer with the exact SafeSteer loss, and weight sync to HF-generate engines."""
 
@@ -159,7 +146,7 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         loss = aggregate_loss(per_token, mask, token_level_loss=False, **loss_batch_info)
 
         if self.safesteer.dump_dir and step == 0 and self.strategy.is_rank_0():
-            _save_dump(os.path.join(self.safesteer.dump_dir, f"policy_step{self._ppo_calls}"), {
+            save_dump(os.path.join(self.safesteer.dump_dir, f"policy_step{self._ppo_calls}"), {
                 "sequences": experience.sequences, "attention_mask": experience.attention_mask,
                 "action_mask": action_mask, "teacher_on_s": teacher_on_s, "per_token": per_token,
             }, {"loss": float(loss.detach()), "core_loss": float(core_loss.detach()), "ppo_call": self._ppo_calls,

@@ -12,6 +12,8 @@ What it replaces, and only where CUDA is absent (see `compat`):
   sync to them (NCCL broadcast) with a copy through Ray's object store (`HFWeightSync`; with LoRA the
   adapter tensors only);
 - Ray placement: CPU shares instead of GPUs (`SafeSteerActorGroup`, which places the same groups).
+The actor classes live in `plugin.stock_actors`, imported once `run` has prepared the process (and in each Ray
+worker after `compat.worker_setup`); importing this module imports no OpenRLHF and installs nothing.
 The parsers, the validation, the trainers, the losses, the advantage estimators and the reward
 function calls are OpenRLHF's, run unchanged.
 """
@@ -24,56 +26,20 @@ import socket
 import sys
 
 from openrlhf_safesteer.plugin import compat
-
-# A CPU-only entry point whose classes subclass OpenRLHF's at import, here and in every Ray worker that
-# unpickles them: OpenRLHF's modules import only with the stand-ins in place (a no-op where the real
-# packages are installed).
-compat.configure_cpu_environment()
-compat.install_import_stand_ins()
-
-import ray  # noqa: E402
-from openrlhf.trainer.ppo_trainer import PPOTrainer  # noqa: E402
-from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor  # noqa: E402
-
-from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, _Tracked, end_launched_actors  # noqa: E402
-from openrlhf_safesteer.plugin.install import _ensure_ray, _patched, exec_openrlhf_main  # noqa: E402
-from openrlhf_safesteer.plugin.policy import init_with_trainer  # noqa: E402
-from openrlhf_safesteer.plugin.rollout import HFWeightSync, create_hf_rollout_engines  # noqa: E402
+from openrlhf_safesteer.plugin.install import ensure_ray, exec_openrlhf_main, patched
 
 logger = logging.getLogger(__name__)
 
 ENTRY_POINTS = {"ppo": "openrlhf.cli.train_ppo_ray", "dpo": "openrlhf.cli.train_dpo"}
 
 
-class HFSyncActorPPOTrainer(HFWeightSync, ActorPPOTrainer):
-    """OpenRLHF's ActorPPOTrainer, syncing weights to HF-generate engines (nothing else differs)."""
-
-
-class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
-    """OpenRLHF's PolicyModelActor in a worker with the CPU shims, training with HFSyncActorPPOTrainer."""
-
-    def __init__(self, *args, **kwargs):
-        compat.prepare_process()
-        super().__init__(*args, **kwargs)
-
-    def init_model_from_pretrained(self, *args, **kwargs):
-        init_with_trainer(self, HFSyncActorPPOTrainer, *args, **kwargs)
-
-
-class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
-    """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims."""
-
-    def __init__(self, *args, **kwargs):
-        compat.prepare_process()
-        super().__init__(*args, **kwargs)
-
-
-CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)
-CPUPPOTrainerRemote = _Tracked(ray.remote(num_cpus=0)(CPUPPOTrainer))
-
-
 def _train_ppo_on_cpu(args, namespace: dict) -> None:
+    # OpenRLHF's modules (and the classes that subclass them) import here, after run()'s prepare_process.
     import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, end_launched_actors
+    from openrlhf_safesteer.plugin.rollout import create_hf_rollout_engines
+    from openrlhf_safesteer.plugin.stock_actors import CPUPolicyActorRemote, CPUPPOTrainerRemote
 
     if args.vllm.num_engines < 1:
         raise SystemExit("error: --vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts "
@@ -81,9 +47,9 @@ def _train_ppo_on_cpu(args, namespace: dict) -> None:
     namespace["PolicyModelActor"] = CPUPolicyActorRemote
     namespace["RayActorGroup"] = SafeSteerActorGroup
     namespace["create_vllm_engines"] = create_hf_rollout_engines
-    _ensure_ray()
+    ensure_ray()
     try:
-        with _patched(ppo_trainer, "PPOTrainer", CPUPPOTrainerRemote):
+        with patched(ppo_trainer, "PPOTrainer", CPUPPOTrainerRemote):
             namespace["_openrlhf_train"](args)
     finally:
         logger.info("ended %d actors", end_launched_actors())
@@ -136,8 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Ray pickles classes of __main__ by value, and a worker unpickling them would not run this module's
-    # stand-in installation: use the classes of the importable module instead.
-    from openrlhf_safesteer.plugin import stock
-
-    sys.exit(stock.main())
+    sys.exit(main())

@@ -18,6 +18,10 @@ and the hook adds coeff * scale * d to each row, or, under packing, to each of t
     "logprobs_on_s":  (B, A, K)  teacher log-probs of the K safety tokens at every position
 with A = action_mask.shape[1] (= T - 1) and both multiplied by action_mask. Full-vocabulary
 log-softmax, not renormalised over S. The (B, T, V) logits never leave the actor.
+
+Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
+where those are not installed, import it after `compat.prepare_process()` (the launcher does) or in a Ray worker
+set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importing it installs nothing.
 """
 
 from __future__ import annotations
@@ -25,17 +29,13 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+import ray
 import torch
+from openrlhf.trainer.ray.launcher import ReferenceModelActor
 
 from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import ray  # noqa: E402
-from openrlhf.trainer.ray.launcher import ReferenceModelActor  # noqa: E402
-
-from openrlhf_safesteer.plugin.logits import action_logprobs  # noqa: E402
-from openrlhf_safesteer.steering import steer  # noqa: E402
+from openrlhf_safesteer.plugin.logits import action_logprobs
+from openrlhf_safesteer.steering import steer
 
 logger = logging.getLogger(__name__)
 

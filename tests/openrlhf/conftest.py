@@ -6,7 +6,9 @@ OpenRLHF import, `compat.install_import_stand_ins()` registers a `types.ModuleTy
 `__spec__` for each of them (a MagicMock breaks transformers' optional-package probes). The flash_attn
 stand-in raises if called (packing needs the real kernels); the vllm stand-in only carries a plain
 `SamplingParams`. The engine role of vLLM is played by the real HF-generate rollout actor. The same
-function runs in the CPU recipe, so the tests exercise exactly what the recipe runs.
+function runs in the CPU recipe, so the tests exercise exactly what the recipe runs. This conftest installs them
+in the test process, as the launcher does in its own (importing a plugin module installs nothing), and the Ray
+session below runs `compat.worker_setup` in every worker, as `install.ensure_ray` does.
 
 Everything else is real: OpenRLHF 0.11.2's classes and trainer, Ray actors, DeepSpeed with its CPU
 accelerator (gloo), transformers models.
@@ -88,6 +90,23 @@ def cpu_flags():
     return base_flags
 
 
+@pytest.fixture
+def torch_bert_padding(monkeypatch):
+    """flash_attn.bert_padding's padding helpers, in plain torch (`openrlhf_safesteer.testing`), where OpenRLHF's
+    packing calls them: the stand-in module's functions, and `openrlhf.models.ring_attn_utils`, which imported
+    the names. With the CPU shims (torch.cuda.current_device() -> cpu), as in every CPU Ray worker."""
+    import sys
+
+    import openrlhf.models.ring_attn_utils as ring_attn_utils
+
+    from openrlhf_safesteer import testing
+
+    compat.install_cpu_shims()
+    for name in ("unpad_input", "pad_input", "index_first_axis"):
+        monkeypatch.setattr(sys.modules["flash_attn.bert_padding"], name, getattr(testing, name))
+        monkeypatch.setattr(ring_attn_utils, name, getattr(testing, name))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray session for every test that needs one (started once: about 7 s)."""
@@ -95,8 +114,10 @@ def ray_session():
 
     started = not ray.is_initialized()
     if started:
+        # As install.ensure_ray starts it: each worker installs the stand-ins before it unpickles an actor class.
         ray.init(num_cpus=2, include_dashboard=False,
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
+                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"},
+                              "worker_process_setup_hook": compat.WORKER_SETUP_HOOK})
     yield ray
     if started:
         ray.shutdown()

@@ -6,48 +6,33 @@ student's experience forward and the exact loss must give what the unpacked batc
 
 STAND-IN (CPU only): flash-attn does not install without CUDA, and the import stand-in raises when
 called. Its padding helpers are plain PyTorch, so `openrlhf_safesteer.testing` re-implements the three
-OpenRLHF calls (`unpad_input`, `pad_input`, `index_first_axis`) and this file installs them as the
-`flash_attn.bert_padding` module's functions (and in `openrlhf.models.ring_attn_utils`, which imported
-the names). Attention is sdpa: transformers keeps packed sequences apart with its packed-sequence mask
-built from the restarting position ids (the Actor passes no attention mask and disables the KV cache).
+OpenRLHF calls (`unpad_input`, `pad_input`, `index_first_axis`) and the conftest's `torch_bert_padding`
+fixture installs them as the `flash_attn.bert_padding` module's functions (and in
+`openrlhf.models.ring_attn_utils`, which imported the names). Attention is sdpa: transformers keeps packed
+sequences apart with its packed-sequence mask built from the restarting position ids (the Actor passes no
+attention mask and disables the KV cache).
 flash-attn's varlen kernels, which a GPU run uses, are not exercised here.
 """
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from openrlhf.models import Actor
+from openrlhf.trainer.ppo_utils.experience import Experience
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer
 
-from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import openrlhf.models.ring_attn_utils as ring_attn_utils  # noqa: E402
-from openrlhf.models import Actor  # noqa: E402
-from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
-from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer  # noqa: E402
-
-from openrlhf_safesteer import testing  # noqa: E402
-from openrlhf_safesteer.plugin.config import SafeSteerConfig  # noqa: E402
-from openrlhf_safesteer.plugin.logits import padded_logits  # noqa: E402
-from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer, SafeSteerPolicyActor  # noqa: E402
-from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor  # noqa: E402
-from openrlhf_safesteer.steering import SteeringVector  # noqa: E402
+from openrlhf_safesteer import testing
+from openrlhf_safesteer.plugin.config import SafeSteerConfig
+from openrlhf_safesteer.plugin.logits import padded_logits
+from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer, SafeSteerPolicyActor
+from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor
+from openrlhf_safesteer.steering import SteeringVector
 
 PROMPT_LEN = 4
 LENGTHS = (9, 6, 11, 3)
-
-
-@pytest.fixture
-def torch_bert_padding(monkeypatch):
-    """flash_attn.bert_padding's padding helpers, in plain torch, where OpenRLHF's packing calls them."""
-    compat.install_cpu_shims()  # torch.cuda.current_device() -> cpu, as in every CPU Ray worker
-    for name in ("unpad_input", "pad_input", "index_first_axis"):
-        monkeypatch.setattr(sys.modules["flash_attn.bert_padding"], name, getattr(testing, name))
-        monkeypatch.setattr(ring_attn_utils, name, getattr(testing, name))
 
 
 @pytest.fixture(scope="module")

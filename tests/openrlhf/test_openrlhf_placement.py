@@ -1,4 +1,4 @@
-"""Placement and rollout backend are explicit (issue 14, point 4): the launcher says what it asks Ray for,
+"""Placement and rollout backend are explicit: the launcher says what it asks Ray for,
 refuses CPU placement on a cluster with GPUs, refuses `--safesteer.rollout auto` falling back to HF generate
 on a CUDA machine, keeps OpenRLHF from setting NCCL_CUMEM_ENABLE=0 for the HF engines, and gives the
 sampled objective per-sequence loss aggregation. Every case goes through OpenRLHF 0.11.2's real parser;
@@ -53,9 +53,9 @@ def test_launcher_refuses_cpu_placement_on_a_gpu_cluster_before_placing_anything
     is never called."""
     import ray
 
-    monkeypatch.setattr(install, "_ensure_ray", lambda: None)
+    monkeypatch.setattr(install, "ensure_ray", lambda: None)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 16.0})
-    monkeypatch.setattr(install, "_patched", _train_must_not_run)
+    monkeypatch.setattr(install, "patched", _train_must_not_run)
     status = train_safesteer_ray.main(cpu_flags(tiny_run, tmp_path))
     captured = capsys.readouterr()
     assert status == 2

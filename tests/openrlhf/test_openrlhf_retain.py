@@ -1,42 +1,28 @@
 """--safesteer.coeff_key (docs/METHOD.md section 8) in the plugin: the launcher's checks, the experience maker's
 per-row teacher scales, and the teacher actor applying coeff * scale per row, packed or not, exactly.
 
-STAND-IN (CPU only): flash-attn's padding helpers, as in test_openrlhf_packing.py (plain-torch re-implementations
-of `unpad_input`, `pad_input`, `index_first_axis`); the attention itself is sdpa.
+STAND-IN (CPU only): flash-attn's padding helpers, as in test_openrlhf_packing.py (the conftest's
+`torch_bert_padding`: plain-torch re-implementations of `unpad_input`, `pad_input`, `index_first_axis`); the
+attention itself is sdpa.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
+from openrlhf.models import Actor
 
-from openrlhf_safesteer.plugin import compat
-
-compat.install_import_stand_ins()
-
-import openrlhf.models.ring_attn_utils as ring_attn_utils  # noqa: E402
-from openrlhf.models import Actor  # noqa: E402
-
-from openrlhf_safesteer import testing  # noqa: E402
-from openrlhf_safesteer.cli import train_safesteer_ray  # noqa: E402
-from openrlhf_safesteer.plugin.experience import SafeSteerExperienceMaker, teacher_scales  # noqa: E402
-from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor, row_coefficients, teacher_outputs  # noqa: E402
-from openrlhf_safesteer.steering import SteeringVector, steer  # noqa: E402
+from openrlhf_safesteer import testing
+from openrlhf_safesteer.cli import train_safesteer_ray
+from openrlhf_safesteer.plugin.experience import SafeSteerExperienceMaker, teacher_scales
+from openrlhf_safesteer.plugin.teacher import SteeredReferenceActor, row_coefficients, teacher_outputs
+from openrlhf_safesteer.steering import SteeringVector, steer
 
 LENGTHS = (9, 6, 11, 3)
 PROMPT_LEN = 3
-
-
-@pytest.fixture
-def torch_bert_padding(monkeypatch):
-    compat.install_cpu_shims()
-    for name in ("unpad_input", "pad_input", "index_first_axis"):
-        monkeypatch.setattr(sys.modules["flash_attn.bert_padding"], name, getattr(testing, name))
-        monkeypatch.setattr(ring_attn_utils, name, getattr(testing, name))
 
 
 @pytest.fixture(scope="module")

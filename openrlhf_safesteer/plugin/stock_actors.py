@@ -1,0 +1,45 @@
+"""The Ray actor classes of `plugin.stock` (OpenRLHF's own PPO on a machine without a GPU): OpenRLHF's policy
+actor and PPO controller with the CPU shims, the policy syncing its weights to the HF-generate engines.
+
+Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
+where those are not installed, import it after `compat.prepare_process()` (`stock.run` does) or in a Ray worker
+set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importing it installs nothing.
+"""
+
+from __future__ import annotations
+
+import ray
+from openrlhf.trainer.ppo_trainer import PPOTrainer
+from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
+
+from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin.experience import Tracked
+from openrlhf_safesteer.plugin.policy import init_with_trainer
+from openrlhf_safesteer.plugin.rollout import HFWeightSync
+
+
+class HFSyncActorPPOTrainer(HFWeightSync, ActorPPOTrainer):
+    """OpenRLHF's ActorPPOTrainer, syncing weights to HF-generate engines (nothing else differs)."""
+
+
+class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
+    """OpenRLHF's PolicyModelActor in a worker with the CPU shims, training with HFSyncActorPPOTrainer."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+    def init_model_from_pretrained(self, *args, **kwargs):
+        init_with_trainer(self, HFSyncActorPPOTrainer, *args, **kwargs)
+
+
+class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
+    """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+
+CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)
+CPUPPOTrainerRemote = Tracked(ray.remote(num_cpus=0)(CPUPPOTrainer))
