@@ -217,6 +217,85 @@ def rejection_reason(row: CandidateScore, kl_threshold: float) -> str:
     return ""
 
 
+def _check_selection(prompt_sets: dict[str, Sequence[str]], max_layer_fraction: float, kl_threshold: float,
+                     coeff: float) -> float:
+    """ValueError for an empty prompt set or an out-of-range setting; returns coeff as a finite float."""
+    for name, prompts in prompt_sets.items():
+        _check_prompts(name, prompts)
+    if not 0 < max_layer_fraction <= 1:
+        raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
+    if not kl_threshold > 0:
+        raise ValueError(f"kl_threshold must be > 0, got {kl_threshold}")
+    return finite_coeff(coeff)     # here, not at the first candidate: that comes after every forward pass
+
+
+def _search_grid(model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_layer_fraction: float,
+                 layers: Sequence[int] | None, positions: Sequence[int] | None,
+                 ) -> tuple[int, int, list[int], list[int] | None]:
+    """(depth, the first layer too deep to choose, the post-instruction positions to score, the sorted layers to
+    score or None for all); ValueError for a fraction that leaves no layer, or a layer / position outside
+    the model and its template."""
+    depth = num_layers(model)
+    max_layer = int(depth * max_layer_fraction)
+    if max_layer < 1:
+        raise ValueError(f"max_layer_fraction={max_layer_fraction} leaves no layer of {depth} to choose from")
+    template_positions = post_instruction_positions(tokenizer)
+    if positions is None:
+        positions = template_positions
+    else:
+        positions = [int(p) for p in positions]
+        unknown = [p for p in positions if p not in template_positions]
+        if not positions or unknown:
+            raise ValueError(f"positions {unknown or positions} are not post-instruction template positions "
+                             f"{template_positions}")
+    if layers is not None:
+        layers = sorted({int(x) for x in layers})
+        if not layers or layers[0] < 0 or layers[-1] >= depth:
+            raise ValueError(f"layers {layers} must be a non-empty subset of 0..{depth - 1}")
+    return depth, max_layer, positions, layers
+
+
+def _score_candidate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, row: CandidateScore, vector: Tensor,
+                     harmful_val: Sequence[str], harmless_val: Sequence[str], base_harmless: Tensor,
+                     refusal_ids: list[int], coeff: float, batch_size: int) -> None:
+    """Fill row's scores: the harmful refusal score and the harmless KL under ablation of `vector`, and the
+    harmless refusal score with coeff * vector added at row.layer."""
+    with ablate(model, vector):
+        ablated = last_token_logprobs(model, tokenizer, list(harmful_val) + list(harmless_val), batch_size)
+    row.ablation_refusal = refusal_scores_from_logprobs(ablated[: len(harmful_val)], refusal_ids).mean().item()
+    row.ablation_kl = _kl(base_harmless, ablated[len(harmful_val):]).item()
+    sv = SteeringVector(vector, layer=row.layer, coeff=coeff, hidden_size=vector.numel())
+    with steer(model, sv):
+        row.steering_refusal = refusal_score(model, tokenizer, harmless_val, refusal_ids, batch_size).mean().item()
+
+
+def _pick(table: list[CandidateScore], fallback: bool, baseline: dict[str, float]) -> tuple[CandidateScore, bool]:
+    """(the selected row, whether it is the fallback): the passing row of lowest ablation refusal, or with
+    `fallback` and none passing, the scored row of highest steering refusal; DirectionSelectionError when
+    nothing can be selected."""
+    passed = [row for row in table if not row.rejected]
+    steered = [row for row in table if row.steering_refusal is not None and math.isfinite(row.steering_refusal)]
+    used_fallback = not passed and fallback and bool(steered)
+    if not passed and not used_fallback:
+        scored = sorted((r for r in table if r.ablation_refusal is not None), key=lambda r: r.ablation_refusal)
+        lines = "\n".join(f"  layer {r.layer} pos {r.position}: {r.rejected}" for r in scored[:5])
+        raise DirectionSelectionError(
+            f"all {len(table)} candidate directions were rejected; the five with the lowest ablation refusal "
+            f"score:\n{lines}\nLoosen --kl-threshold or --max-layer-fraction, or check that the model refuses "
+            "the harmful prompts (baseline harmful refusal score "
+            f"{baseline['harmful_val_refusal']:.3f}, harmless {baseline['harmless_val_refusal']:.3f})"
+        )
+    if used_fallback:
+        best = max(steered, key=lambda r: (r.steering_refusal, -r.layer, -r.position))
+        logger.warning("every candidate failed docs/METHOD.md's rules (%s); falling back to layer %d position %d, the "
+                       "strongest steering refusal score (%.2f)",
+                       "; ".join(f"layer {r.layer} pos {r.position}: {r.rejected}" for r in table),
+                       best.layer, best.position, best.steering_refusal)
+    else:
+        best = min(passed, key=lambda r: (r.ablation_refusal, r.layer, r.position))
+    return best, used_fallback
+
+
 def select_direction(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -250,31 +329,10 @@ def select_direction(
     refusal score most (logged, and recorded as source["fallback"]) instead of raising. SafeSteer needs
     above all a teacher that refuses; the demo uses this on its reduced grid.
     """
-    for name, prompts in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
-                          ("harmful_val", harmful_val), ("harmless_val", harmless_val)):
-        _check_prompts(name, prompts)
-    if not 0 < max_layer_fraction <= 1:
-        raise ValueError(f"max_layer_fraction must be in (0, 1], got {max_layer_fraction}")
-    if not kl_threshold > 0:
-        raise ValueError(f"kl_threshold must be > 0, got {kl_threshold}")
-    coeff = finite_coeff(coeff)     # here, not at the first candidate: that comes after every forward pass
-    depth = num_layers(model)
-    max_layer = int(depth * max_layer_fraction)
-    if max_layer < 1:
-        raise ValueError(f"max_layer_fraction={max_layer_fraction} leaves no layer of {depth} to choose from")
-    template_positions = post_instruction_positions(tokenizer)
-    if positions is None:
-        positions = template_positions
-    else:
-        positions = [int(p) for p in positions]
-        unknown = [p for p in positions if p not in template_positions]
-        if not positions or unknown:
-            raise ValueError(f"positions {unknown or positions} are not post-instruction template positions "
-                             f"{template_positions}")
-    if layers is not None:
-        layers = sorted({int(x) for x in layers})
-        if not layers or layers[0] < 0 or layers[-1] >= depth:
-            raise ValueError(f"layers {layers} must be a non-empty subset of 0..{depth - 1}")
+    coeff = _check_selection({"harmful_train": harmful_train, "harmless_train": harmless_train,
+                              "harmful_val": harmful_val, "harmless_val": harmless_val},
+                             max_layer_fraction, kl_threshold, coeff)
+    depth, max_layer, positions, layers = _search_grid(model, tokenizer, max_layer_fraction, layers, positions)
     refusal_ids = refusal_token_ids(tokenizer, refusal_words)
 
     if filter_train:
@@ -283,10 +341,11 @@ def select_direction(
     candidates = candidate_directions(model, tokenizer, harmful_train, harmless_train, positions, batch_size, progress)
 
     base_harmless = last_token_logprobs(model, tokenizer, harmless_val, batch_size)
-    base_harmful_refusal = refusal_score(model, tokenizer, harmful_val, refusal_ids, batch_size).mean().item()
-    base_harmless_refusal = refusal_scores_from_logprobs(base_harmless, refusal_ids).mean().item()
-    logger.info("baseline refusal score: harmful val %.3f, harmless val %.3f", base_harmful_refusal,
-                base_harmless_refusal)
+    baseline = {"harmful_val_refusal": refusal_score(model, tokenizer, harmful_val, refusal_ids,
+                                                     batch_size).mean().item(),
+                "harmless_val_refusal": refusal_scores_from_logprobs(base_harmless, refusal_ids).mean().item()}
+    logger.info("baseline refusal score: harmful val %.3f, harmless val %.3f", baseline["harmful_val_refusal"],
+                baseline["harmless_val_refusal"])
 
     table: list[CandidateScore] = []
     grid = [(layer, p) for layer in (range(depth) if layers is None else layers) for p in range(len(positions))]
@@ -296,39 +355,14 @@ def select_direction(
         table.append(row)
         if layer >= max_layer:
             row.rejected = f"layer >= {max_layer} (last {1 - max_layer_fraction:.0%} of the stack)"
-            continue
-        if not torch.isfinite(vector).all() or row.norm == 0:
+        elif not torch.isfinite(vector).all() or row.norm == 0:
             row.rejected = "zero or non-finite direction"
-            continue
-        with ablate(model, vector):
-            ablated = last_token_logprobs(model, tokenizer, list(harmful_val) + list(harmless_val), batch_size)
-        row.ablation_refusal = refusal_scores_from_logprobs(ablated[: len(harmful_val)], refusal_ids).mean().item()
-        row.ablation_kl = _kl(base_harmless, ablated[len(harmful_val):]).item()
-        sv = SteeringVector(vector, layer=layer, coeff=coeff, hidden_size=vector.numel())
-        with steer(model, sv):
-            row.steering_refusal = refusal_score(model, tokenizer, harmless_val, refusal_ids, batch_size).mean().item()
-        row.rejected = rejection_reason(row, kl_threshold)
+        else:
+            _score_candidate(model, tokenizer, row, vector, harmful_val, harmless_val, base_harmless, refusal_ids,
+                             coeff, batch_size)
+            row.rejected = rejection_reason(row, kl_threshold)
 
-    passed = [row for row in table if not row.rejected]
-    steered = [row for row in table if row.steering_refusal is not None and math.isfinite(row.steering_refusal)]
-    used_fallback = not passed and fallback and bool(steered)
-    if not passed and not used_fallback:
-        scored = sorted((r for r in table if r.ablation_refusal is not None), key=lambda r: r.ablation_refusal)
-        lines = "\n".join(f"  layer {r.layer} pos {r.position}: {r.rejected}" for r in scored[:5])
-        raise DirectionSelectionError(
-            f"all {len(table)} candidate directions were rejected; the five with the lowest ablation refusal "
-            f"score:\n{lines}\nLoosen --kl-threshold or --max-layer-fraction, or check that the model refuses "
-            "the harmful prompts (baseline harmful refusal score "
-            f"{base_harmful_refusal:.3f}, harmless {base_harmless_refusal:.3f})"
-        )
-    if used_fallback:
-        best = max(steered, key=lambda r: (r.steering_refusal, -r.layer, -r.position))
-        logger.warning("every candidate failed docs/METHOD.md's rules (%s); falling back to layer %d position %d, the "
-                       "strongest steering refusal score (%.2f)",
-                       "; ".join(f"layer {r.layer} pos {r.position}: {r.rejected}" for r in table),
-                       best.layer, best.position, best.steering_refusal)
-    else:
-        best = min(passed, key=lambda r: (r.ablation_refusal, r.layer, r.position))
+    best, used_fallback = _pick(table, fallback, baseline)
     logger.info("selected layer %d position %d: ablation refusal %.3f, steering refusal %.3f, ablation KL %.4f",
                 best.layer, best.position, best.ablation_refusal, best.steering_refusal, best.ablation_kl)
     source = {
@@ -344,7 +378,7 @@ def select_direction(
         "refusal_ids": refusal_ids,
         "refusal_tokens": tokenizer.convert_ids_to_tokens(refusal_ids),
         "positions": positions,
-        "baseline": {"harmful_val_refusal": base_harmful_refusal, "harmless_val_refusal": base_harmless_refusal},
+        "baseline": baseline,
         "selected": best.to_dict(),
         "fallback": used_fallback,
         "config": {"filter_train": filter_train, "max_layer_fraction": max_layer_fraction,

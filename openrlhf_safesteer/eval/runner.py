@@ -323,17 +323,9 @@ def _string_judge(name: str, benchmark: str) -> StringJudge:
     return judge
 
 
-def evaluate(
-    checkpoints: Sequence[Checkpoint],
-    benchmarks: Sequence[tuple[str, str | None]],
-    out_dir: str | Path,
-    settings: GenerationSettings | None = None,
-    config: EvalConfig | None = None,
-) -> dict[str, Any]:
-    """Evaluate every checkpoint on every benchmark; returns the merged results dict (also on disk)."""
-    settings = settings or GenerationSettings()
-    config = config or EvalConfig()
-    out = Path(out_dir)
+def _check_request(checkpoints: Sequence[Checkpoint], benchmarks: Sequence[tuple[str, str | None]],
+                   config: EvalConfig) -> None:
+    """ValueError for a request with nothing (or something ambiguous) to evaluate."""
     if not checkpoints:
         raise ValueError("no checkpoints to evaluate")
     names = [c.name for c in checkpoints]
@@ -341,17 +333,45 @@ def evaluate(
         raise ValueError(f"checkpoint names must be unique, got {names}")
     if not benchmarks and not config.general:
         raise ValueError("no benchmarks and no general tasks: nothing to evaluate")
-    errors: list[dict[str, Any]] = []
 
-    # 1. preflight: data and judges, before any model is loaded.
+
+def _unavailable(errors: list[dict[str, Any]], config: EvalConfig, benchmark: str, error: Exception,
+                 cause: BaseException | None = None) -> None:
+    """Raise `error` (from `cause`); with skip_unavailable, record it in `errors` instead and carry on."""
+    if not config.skip_unavailable:
+        if cause is None:
+            raise error
+        raise error from cause
+    _record_error(errors, benchmark, error)
+
+
+@dataclass
+class _Plan:
+    """What the preflight found runnable (skipped benchmarks and tasks are gone from it, and in the errors)."""
+
+    data: dict[str, list[EvalItem]]           # benchmark -> its items
+    judges: dict[str, Judge]                  # harm judge spec -> the judge, checked available
+    judge_of: dict[str, str]                  # harmful benchmark -> its judge's spec
+    refusal_judges: dict[str, StringJudge]    # benchmark -> the string judge that measures refusal on it
+    config: EvalConfig                        # with the general tasks that can run here
+    tokenizers: dict[str, Any]                # checkpoint name -> its tokenizer
+
+
+def _load_benchmarks(benchmarks: Sequence[tuple[str, str | None]], config: EvalConfig,
+                     errors: list[dict[str, Any]]) -> dict[str, list[EvalItem]]:
     data: dict[str, list[EvalItem]] = {}
     for name, path in benchmarks:
         try:
             data[name] = load_benchmark(name, path, config.limit)
         except (BenchmarkUnavailableError, ValueError) as err:
-            if not config.skip_unavailable:
-                raise EvalError(str(err)) from err
-            _record_error(errors, name, err)
+            _unavailable(errors, config, name, EvalError(str(err)), err)
+    return data
+
+
+def _harm_judges(data: dict[str, list[EvalItem]], settings: GenerationSettings, config: EvalConfig,
+                 errors: list[dict[str, Any]]) -> tuple[dict[str, Judge], dict[str, str]]:
+    """Each harmful benchmark's judge, built once per spec and checked available; a benchmark whose judge is
+    unavailable leaves `data` (when skipped)."""
     judges: dict[str, Judge] = {}
     judge_of: dict[str, str] = {}
     for name in list(data):
@@ -365,111 +385,133 @@ def evaluate(
             judge_of[name] = spec
         except (JudgeUnavailableError, ValueError) as err:
             judges.pop(spec, None)
-            wrapped = EvalError(f"benchmark {name!r}: {err}")
-            if not config.skip_unavailable:
-                raise wrapped from err
-            _record_error(errors, name, wrapped)
+            _unavailable(errors, config, name, EvalError(f"benchmark {name!r}: {err}"), err)
             data.pop(name)
+    return judges, judge_of
 
-    # ... the string judge that measures refusal on each benchmark ...
+
+def _refusal_judges(data: dict[str, list[EvalItem]], judge_of: dict[str, str], config: EvalConfig,
+                    errors: list[dict[str, Any]]) -> dict[str, StringJudge]:
+    """The string judge that measures refusal on each benchmark; a benchmark without one leaves `data`."""
     refusal_judges: dict[str, StringJudge] = {}
     for name in list(data):
         try:
-            refusal_judges[name] = _string_judge(
-                refusal_judge_name(name, config.judge_overrides, config.judge), name)
+            refusal_judges[name] = _string_judge(refusal_judge_name(name, config.judge_overrides, config.judge), name)
         except ValueError as err:
-            wrapped = EvalError(f"benchmark {name!r}: {err}")
-            if not config.skip_unavailable:
-                raise wrapped from err
-            _record_error(errors, name, wrapped)
+            _unavailable(errors, config, name, EvalError(f"benchmark {name!r}: {err}"), err)
             data.pop(name)
             judge_of.pop(name, None)
+    return refusal_judges
 
-    # ... every general task: lm-eval and the packages, hub access and permissions each task needs ...
-    if config.general:
-        from openrlhf_safesteer.eval.general import describe_problems, task_problems
 
-        problems = task_problems(config.general, config.allow_code_eval)
-        if problems:
-            wrapped = EvalError(describe_problems(problems))
-            if not config.skip_unavailable:
-                raise wrapped
-            for task, why in problems.items():
-                _record_error(errors, task, EvalError(f"general task {task}: {' and '.join(why)}"))
-            config = replace(config, general=[t for t in config.general if t not in problems])
-            if not data and not config.general:
-                raise EvalError(f"nothing left to evaluate: {wrapped}")
+def _runnable_general(config: EvalConfig, data: dict[str, list[EvalItem]],
+                      errors: list[dict[str, Any]]) -> EvalConfig:
+    """config with the general tasks whose lm-eval, packages, hub access and permissions are all here."""
+    if not config.general:
+        return config
+    from openrlhf_safesteer.eval.general import describe_problems, task_problems
 
-    # ... and every checkpoint: path, tokenizer, chat template, --steer vector (no weights are loaded).
-    # Safety benchmarks and chat-templated lm-eval tasks render prompts with the template.
+    problems = task_problems(config.general, config.allow_code_eval)
+    if not problems:
+        return config
+    wrapped = EvalError(describe_problems(problems))
+    if not config.skip_unavailable:
+        raise wrapped
+    for task, why in problems.items():
+        _record_error(errors, task, EvalError(f"general task {task}: {' and '.join(why)}"))
+    config = replace(config, general=[t for t in config.general if t not in problems])
+    if not data and not config.general:
+        raise EvalError(f"nothing left to evaluate: {wrapped}")
+    return config
+
+
+def _preflight(checkpoints: Sequence[Checkpoint], benchmarks: Sequence[tuple[str, str | None]],
+               settings: GenerationSettings, config: EvalConfig, errors: list[dict[str, Any]]) -> _Plan:
+    """Data and judges, then every general task, then every checkpoint, before any model is loaded."""
+    data = _load_benchmarks(benchmarks, config, errors)
+    judges, judge_of = _harm_judges(data, settings, config, errors)
+    refusal_judges = _refusal_judges(data, judge_of, config, errors)
+    config = _runnable_general(config, data, errors)
+    # Every checkpoint: path, tokenizer, chat template, --steer vector (no weights are loaded). Safety
+    # benchmarks and chat-templated lm-eval tasks render prompts with the template.
     needs_template = bool(data) or (bool(config.general) and config.general_chat_template)
     tokenizers = {ckpt.name: _preflight_checkpoint(ckpt, needs_template) for ckpt in checkpoints}
+    return _Plan(data, judges, judge_of, refusal_judges, config, tokenizers)
 
+
+def _run_record(benchmarks: Sequence[tuple[str, str | None]], settings: GenerationSettings,
+                plan: _Plan) -> dict[str, Any]:
+    """This run's record (runs/<time>.json): its settings and each benchmark's source, size and judges."""
+    config = plan.config
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "generation": settings.to_dict(),
            "judge": config.judge, "judge_overrides": dict(config.judge_overrides), "limit": config.limit,
            "general": list(config.general), "general_limit": config.general_limit,
            "general_chat_template": config.general_chat_template, "benchmarks": {}, "checkpoints": {}}
     for name, path in benchmarks:
-        if name in data:
+        if name in plan.data:
             kind = benchmark_kind(name)
-            run["benchmarks"][name] = {"source": path or "registry", "kind": kind, "n": len(data[name]),
-                                       "judge": judge_of.get(name) if kind == "harmful" else
-                                       refusal_judges[name].name if kind == "overrefusal" else None,
-                                       "refusal_judge": refusal_judges[name].name}
+            refusal = plan.refusal_judges[name].name
+            run["benchmarks"][name] = {"source": path or "registry", "kind": kind, "n": len(plan.data[name]),
+                                       "judge": plan.judge_of.get(name) if kind == "harmful" else
+                                       refusal if kind == "overrefusal" else None,
+                                       "refusal_judge": refusal}
+    return run
 
-    # 2. generation (and general tasks) per checkpoint.
-    replies: dict[tuple[str, str], list[str]] = {}
-    for ckpt in checkpoints:
-        cdir = _safe_name(ckpt.name)
-        backend = choose_backend(settings, ckpt)
-        run_key = digest([ckpt.identity(), settings.key()])
-        policy = _Policy(ckpt, tokenizers[ckpt.name])
-        run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
-                                         **_template_info(policy.tokenizer)}
-        generate_fn = functools.partial(_generate, policy, backend, settings)
 
-        for name, items in data.items():
-            cache = out / "generations" / cdir / f"{_safe_name(name)}.jsonl"
-            got, fresh = cached_generate(cache, run_key, [it.prompt for it in items], generate_fn)
-            replies[(ckpt.name, name)] = got
-            logger.info("%s / %s: %d replies (%d generated, %d from cache)", ckpt.name, name, len(got), fresh,
-                        len(got) - fresh)
-            if benchmark_kind(name) == "instructions":
-                records = alpaca_eval_records([it.prompt for it in items], got, ckpt.name,
-                                              [it.category or name for it in items])
-                write_json_atomic(out / "alpaca_eval" / f"{cdir}.json", records)
+def _generate_replies(policy: _Policy, backend: str, run_key: str, data: dict[str, list[EvalItem]],
+                      settings: GenerationSettings, out: Path) -> dict[str, list[str]]:
+    """One checkpoint's replies to every benchmark (cached in generations/), and alpaca_eval's records."""
+    ckpt_name = policy.checkpoint.name
+    cdir = _safe_name(ckpt_name)
+    generate_fn = functools.partial(_generate, policy, backend, settings)
+    replies: dict[str, list[str]] = {}
+    for name, items in data.items():
+        cache = out / "generations" / cdir / f"{_safe_name(name)}.jsonl"
+        got, fresh = cached_generate(cache, run_key, [it.prompt for it in items], generate_fn)
+        replies[name] = got
+        logger.info("%s / %s: %d replies (%d generated, %d from cache)", ckpt_name, name, len(got), fresh,
+                    len(got) - fresh)
+        if benchmark_kind(name) == "instructions":
+            records = alpaca_eval_records([it.prompt for it in items], got, ckpt_name,
+                                          [it.category or name for it in items])
+            write_json_atomic(out / "alpaca_eval" / f"{cdir}.json", records)
+    return replies
 
-        if config.general:
-            general_file = out / "general" / f"{cdir}.json"
-            gkey = digest([run_key, list(config.general), config.general_limit, config.general_chat_template,
-                           config.general_include_path])
-            previous = json.loads(general_file.read_text()) if general_file.is_file() else {}
-            if previous.get("key") == gkey:
-                logger.info("%s: general tasks from cache", ckpt.name)
-            else:
-                from openrlhf_safesteer.eval.general import run_lm_eval
 
-                m, t = policy.get()
-                try:
-                    scores = run_lm_eval(m, t, list(config.general), limit=config.general_limit,
-                                         batch_size=config.general_batch_size,
-                                         apply_chat_template=config.general_chat_template,
-                                         include_path=config.general_include_path,
-                                         allow_code_eval=config.allow_code_eval)
-                except Exception as err:
-                    wrapped = EvalError(f"general tasks {', '.join(config.general)} on {ckpt.name!r}: {err}")
-                    if not config.skip_unavailable:
-                        _finish(out, run, errors + [{"benchmark": ",".join(config.general), "checkpoint": ckpt.name,
-                                                     "error": str(wrapped)}], {}, config)
-                        raise wrapped from err
-                    _record_error(errors, ",".join(config.general), wrapped, ckpt.name)
-                    scores = None
-                if scores is not None:
-                    write_json_atomic(general_file, {"key": gkey, "scores": scores})
-        policy.release()
-        gc.collect()
+def _run_general_tasks(policy: _Policy, run_key: str, config: EvalConfig, out: Path, run: dict[str, Any],
+                       errors: list[dict[str, Any]]) -> None:
+    """lm-eval's general tasks on one checkpoint's model, cached in general/ under the run's and the tasks' key.
 
-    # 3. judging, one judge at a time (the policies are freed by now).
+    A failure raises (after writing what is done) unless skip_unavailable, which records it."""
+    ckpt = policy.checkpoint
+    general_file = out / "general" / f"{_safe_name(ckpt.name)}.json"
+    gkey = digest([run_key, list(config.general), config.general_limit, config.general_chat_template,
+                   config.general_include_path])
+    previous = json.loads(general_file.read_text()) if general_file.is_file() else {}
+    if previous.get("key") == gkey:
+        logger.info("%s: general tasks from cache", ckpt.name)
+        return
+    from openrlhf_safesteer.eval.general import run_lm_eval
+
+    m, t = policy.get()
+    try:
+        scores = run_lm_eval(m, t, list(config.general), limit=config.general_limit,
+                             batch_size=config.general_batch_size, apply_chat_template=config.general_chat_template,
+                             include_path=config.general_include_path, allow_code_eval=config.allow_code_eval)
+    except Exception as err:
+        wrapped = EvalError(f"general tasks {', '.join(config.general)} on {ckpt.name!r}: {err}")
+        if not config.skip_unavailable:
+            _finish(out, run, errors + [{"benchmark": ",".join(config.general), "checkpoint": ckpt.name,
+                                         "error": str(wrapped)}], {}, config)
+            raise wrapped from err
+        _record_error(errors, ",".join(config.general), wrapped, ckpt.name)
+        return
+    write_json_atomic(general_file, {"key": gkey, "scores": scores})
+
+
+def _general_scores(checkpoints: Sequence[Checkpoint], config: EvalConfig,
+                    out: Path) -> dict[str, dict[str, Any]]:
+    """Per checkpoint, {"safety": {}, "general": the scores of this run's general tasks from general/}."""
     scored: dict[str, dict[str, Any]] = {c.name: {"safety": {}, "general": {}} for c in checkpoints}
     for ckpt in checkpoints:
         general_file = out / "general" / f"{_safe_name(ckpt.name)}.json"
@@ -477,36 +519,93 @@ def evaluate(
             for task, res in json.loads(general_file.read_text())["scores"].items():
                 if task in config.general:
                     scored[ckpt.name]["general"][task] = {"kind": "general", **res}
-    for spec in [None, *judges]:
-        for name, items in data.items():
-            if judge_of.get(name) != spec:
-                continue
-            kind = benchmark_kind(name)
-            for ckpt in checkpoints:
-                got = replies[(ckpt.name, name)]
-                verdicts = None
-                if spec is not None:
-                    cache = (out / "judgements" / _safe_name(ckpt.name)
-                             / f"{_safe_name(name)}.{_safe_name(judges[spec].name)}.jsonl")
-                    try:
-                        verdicts = _judge_verdicts(judges[spec], cache, items, got)
-                    except Exception as err:
-                        wrapped = EvalError(f"benchmark {name!r}: judge {spec!r} failed: {err}")
-                        if not config.skip_unavailable:
-                            _finish(out, run, errors + [{"benchmark": name, "checkpoint": ckpt.name,
-                                                         "error": str(wrapped)}], scored, config)
-                            raise wrapped from err
-                        _record_error(errors, name, wrapped, ckpt.name)
-                        continue
-                bench_spec = benchmark_spec(name)
-                scored[ckpt.name]["safety"][name] = score_benchmark(
-                    kind, items, got, verdicts, judges[spec].name if spec else "refusal", refusal_judges[name],
-                    bench_spec.metric_note if bench_spec else "")
-            _finish(out, run, errors, scored, config, final=False)
-        if spec is not None:
-            judges[spec].close()
-            gc.collect()
-    return _finish(out, run, errors, scored, config)
+    return scored
+
+
+def _judge_replies(judge: Judge, spec: str, name: str, ckpt: Checkpoint, items: list[EvalItem], replies: list[str],
+                   out: Path, run: dict[str, Any], errors: list[dict[str, Any]], scored: dict[str, dict[str, Any]],
+                   config: EvalConfig) -> list[Verdict] | None:
+    """The judge's verdicts on one checkpoint's replies to one benchmark (cached in judgements/).
+
+    A failing judge raises (after writing what is done), or with skip_unavailable is recorded: None."""
+    cache = out / "judgements" / _safe_name(ckpt.name) / f"{_safe_name(name)}.{_safe_name(judge.name)}.jsonl"
+    try:
+        return _judge_verdicts(judge, cache, items, replies)
+    except Exception as err:
+        wrapped = EvalError(f"benchmark {name!r}: judge {spec!r} failed: {err}")
+        if not config.skip_unavailable:
+            _finish(out, run, errors + [{"benchmark": name, "checkpoint": ckpt.name, "error": str(wrapped)}],
+                    scored, config)
+            raise wrapped from err
+        _record_error(errors, name, wrapped, ckpt.name)
+        return None
+
+
+def _score_with(spec: str | None, checkpoints: Sequence[Checkpoint], plan: _Plan,
+                replies: dict[tuple[str, str], list[str]], out: Path, run: dict[str, Any],
+                errors: list[dict[str, Any]], scored: dict[str, dict[str, Any]]) -> None:
+    """Score every benchmark judged by `spec` (None: the refusal judges alone) on every checkpoint, writing
+    results after each benchmark; the judge is closed afterwards."""
+    judge = plan.judges[spec] if spec is not None else None
+    for name, items in plan.data.items():
+        if plan.judge_of.get(name) != spec:
+            continue
+        kind = benchmark_kind(name)
+        for ckpt in checkpoints:
+            got = replies[(ckpt.name, name)]
+            verdicts = None
+            if judge is not None:
+                verdicts = _judge_replies(judge, spec, name, ckpt, items, got, out, run, errors, scored, plan.config)
+                if verdicts is None:
+                    continue
+            bench_spec = benchmark_spec(name)
+            scored[ckpt.name]["safety"][name] = score_benchmark(
+                kind, items, got, verdicts, judge.name if judge is not None else "refusal", plan.refusal_judges[name],
+                bench_spec.metric_note if bench_spec else "")
+        _finish(out, run, errors, scored, plan.config, final=False)
+    if judge is not None:
+        judge.close()
+        gc.collect()
+
+
+def evaluate(
+    checkpoints: Sequence[Checkpoint],
+    benchmarks: Sequence[tuple[str, str | None]],
+    out_dir: str | Path,
+    settings: GenerationSettings | None = None,
+    config: EvalConfig | None = None,
+) -> dict[str, Any]:
+    """Evaluate every checkpoint on every benchmark; returns the merged results dict (also on disk)."""
+    settings = settings or GenerationSettings()
+    config = config or EvalConfig()
+    out = Path(out_dir)
+    _check_request(checkpoints, benchmarks, config)
+    errors: list[dict[str, Any]] = []
+
+    # 1. preflight: data and judges, then general tasks and checkpoints, before any model is loaded.
+    plan = _preflight(checkpoints, benchmarks, settings, config, errors)
+    run = _run_record(benchmarks, settings, plan)
+
+    # 2. generation (and general tasks) per checkpoint.
+    replies: dict[tuple[str, str], list[str]] = {}
+    for ckpt in checkpoints:
+        backend = choose_backend(settings, ckpt)
+        run_key = digest([ckpt.identity(), settings.key()])
+        policy = _Policy(ckpt, plan.tokenizers[ckpt.name])
+        run["checkpoints"][ckpt.name] = {"identity": ckpt.identity(), "backend": backend,
+                                         **_template_info(policy.tokenizer)}
+        for name, got in _generate_replies(policy, backend, run_key, plan.data, settings, out).items():
+            replies[(ckpt.name, name)] = got
+        if plan.config.general:
+            _run_general_tasks(policy, run_key, plan.config, out, run, errors)
+        policy.release()
+        gc.collect()
+
+    # 3. judging, one judge at a time (the policies are freed by now).
+    scored = _general_scores(checkpoints, plan.config, out)
+    for spec in [None, *plan.judges]:
+        _score_with(spec, checkpoints, plan, replies, out, run, errors, scored)
+    return _finish(out, run, errors, scored, plan.config)
 
 
 def _finish(out: Path, run: dict[str, Any], errors: list[dict[str, Any]], scored: dict[str, dict[str, Any]],
