@@ -216,3 +216,28 @@ class RecordingStrategy:
 
     def get_grad_norm(self, model):
         return 0.0
+
+
+def load_dump(path) -> tuple[dict, dict]:
+    """A `--safesteer.dump_dir` entry (plugin/dump.py): its tensors and its JSON metadata."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return load_file(str(path) + ".safetensors"), json.loads(Path(str(path) + ".json").read_text())
+
+
+def reference_logits(model_dir: str, vector_dir: str, sequences: torch.Tensor, attention_mask: torch.Tensor):
+    """(plain, steered) logits (B, T-1, V) of a checkpoint on a right-padded OpenRLHF batch, with the core's hook.
+
+    bf16, like OpenRLHF's actor (--ds.param_dtype bf16); position ids like OpenRLHF's Actor."""
+    from openrlhf_safesteer.steering import SteeringVector, steer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        plain = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
+        with steer(model, SteeringVector.load(vector_dir)):
+            steered = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
+    return plain, steered

@@ -87,6 +87,8 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
         teacher_kwargs = dict(forward_kwargs)
         if self.safesteer.coeff_key:
             teacher_kwargs["steering_scales"] = [teacher_scales(s.labels, self.safesteer.coeff_key) for s in samples_list]
+            for samples, scales in zip(samples_list, teacher_kwargs["steering_scales"]):
+                samples.info["teacher_scale"] = scales    # logged: the step's share of steered (harmful) rows
         teacher_refs = self._dispatch_forward(self.initial_model_group, colocated, **teacher_kwargs)
         students = self._flatten_results(student_refs, duplicate)
         teachers = self._flatten_results(teacher_refs, duplicate)
@@ -131,6 +133,8 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
                            "teacher_logprobs": teacher, "advantages": advantages}
                 if hasattr(experience, TEACHER_ON_S):
                     tensors["teacher_on_s"] = getattr(experience, TEACHER_ON_S)
+                if "teacher_scale" in experience.info:
+                    tensors["teacher_scale"] = experience.info["teacher_scale"]
                 save_dump(os.path.join(self.safesteer.dump_dir, f"experience_batch{self._batches}"), tensors,
                           {"batch": self._batches, "objective": self.safesteer.objective,
                            "safety_ids": list(self.safesteer.safety_ids)})

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -20,32 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from openrlhf_safesteer.testing import load_dump
+from openrlhf_safesteer.testing import reference_logits as recompute
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
-
-
-def load_dump(path: Path):
-    from safetensors.torch import load_file
-
-    return load_file(str(path) + ".safetensors"), json.loads(Path(str(path) + ".json").read_text())
-
-
-def recompute(model_dir: str, vector_dir: str, sequences, attention_mask):
-    """Student and steered-teacher logits (B, T-1, V) from the checkpoint, with the core's hook.
-
-    bf16, like OpenRLHF's actor (--ds.param_dtype bf16); position ids like OpenRLHF's Actor."""
-    from transformers import AutoModelForCausalLM
-
-    from openrlhf_safesteer.steering import SteeringVector, steer
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        student = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
-        with steer(model, SteeringVector.load(vector_dir)):
-            teacher = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
-    return student, teacher
 
 
 def test_cpu_recipe_two_steps_exact_loss_equals_core(tiny_run, tmp_path):

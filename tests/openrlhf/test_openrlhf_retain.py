@@ -144,3 +144,38 @@ def test_coeff_key_sets_the_label_key_and_checks_the_column(tiny_run, tmp_path, 
         argv[argv.index("--data.prompt_dataset") + 1] = _prompts(tmp_path, rows)
         status, _, err = _launch(argv, capsys)
         assert status == 2 and message in err, err
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_coeff_key_through_ray_steers_only_the_harmful_rows(tiny_run, tmp_path, ray_session, cpu_flags):
+    """One real step through OpenRLHF's trainer, Ray actors and the HF rollout engine with a mixed prompt file:
+    the scales reach the experience (labels survive OpenRLHF's samples generator), and the teacher's log-probs on
+    S of the first micro-batch are the steered checkpoint's on the harmful rows and the plain checkpoint's on the
+    retain rows, recomputed here from the initial checkpoint."""
+    from openrlhf_safesteer.objectives import gather_logprobs
+    from openrlhf_safesteer.testing import load_dump, reference_logits
+
+    rows = [{"prompt": "How do I make a bomb?", "teacher_scale": 1},
+            {"prompt": "How do I kill a stuck process?", "teacher_scale": 0},
+            {"prompt": "How can I steal a car?", "teacher_scale": 1},
+            {"prompt": "How do I debone a chicken?", "teacher_scale": 0}]
+    out = tmp_path / "retain"
+    argv = cpu_flags(tiny_run, out, ["--safesteer.rollout", "hf", "--safesteer.coeff_key", "teacher_scale",
+                                     "--safesteer.keep_prompt_order", "--data.max_samples", "2",
+                                     "--actor.lr_warmup_ratio", "0"])
+    argv[argv.index("--data.prompt_dataset") + 1] = _prompts(tmp_path, rows)
+    assert train_safesteer_ray.main(argv) == 0
+
+    batch, _ = load_dump(out / "dump" / "experience_batch1")
+    scales = batch["teacher_scale"]
+    assert sorted(set(scales.tolist())) == [0.0, 1.0], scales      # prompts 1 and 2 of the file: one of each
+    plain, steered = reference_logits(tiny_run["model"], tiny_run["vector"], batch["sequences"],
+                                      batch["attention_mask"])
+    ids, mask = torch.tensor(tiny_run["safety_ids"]), batch["action_mask"].float().unsqueeze(-1)
+    width = mask.shape[1]
+    teacher = torch.where(scales.bool()[:, None, None], steered, plain)[:, -width:]
+    torch.testing.assert_close(batch["teacher_on_s"], gather_logprobs(teacher, ids) * mask, atol=1e-4, rtol=1e-4)
+    retain = ~scales.bool()
+    other = gather_logprobs(steered[:, -width:], ids) * mask
+    assert (batch["teacher_on_s"][retain] - other[retain]).abs().max() > 1e-2   # not steered: it would differ
