@@ -91,6 +91,7 @@ class DemoConfig:
     warmup_ratio: float = training("warmup_ratio")
     micro_batch_size: int = training("micro_batch_size")
     retain_prompts_per_step: int = training("retain_prompts_per_step")
+    retain_divergence: str = training("retain_divergence")
     retain_splits: list[str] = knob(help="borderline-safe splits of the retain prompts (never dev or test)",
                                     cli=False, factory=lambda: ["train"])
     eval_limit: int | None = knob(None, "evaluate only the first N prompts of each set")

@@ -156,6 +156,7 @@ def run_identity(cfg: TrainConfig, prompts: list[str], steering_vector: Steering
     )
     if cfg.retain_prompts_per_step:     # absent otherwise: checkpoints of runs without the term still resume
         identity["retain_prompts"] = f"{len(retain_prompts)} prompts, sha256 {_digest(list(retain_prompts))}"
+        identity["retain_divergence"] = cfg.retain_divergence
     return json.loads(json.dumps(identity))   # tuples -> lists: comparable with what state.json gives back
 
 

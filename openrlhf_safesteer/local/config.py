@@ -26,6 +26,9 @@ IDENTITY_FLAGS = {"total_steps": "--max-steps/--epochs", "prompts": "--prompts",
                   "safety_ids": "--tokens"}
 
 
+RETAIN_DIVERGENCES = ("full_vocab", "subset")
+
+
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, check: tuple[Callable[[Any, Any], bool], str] | None = None,
          choices: tuple | None = None, flag: str | None = None, cli: bool = True,
          factory: Callable[[], Any] | None = None, **extra: Any) -> Any:
@@ -112,6 +115,10 @@ class TrainConfig:
         0, "the project's selectivity extension (docs/METHOD.md section 8): retain prompts (borderline-safe / "
         "harmless) per step, whose teacher is the unsteered base; 0 (default): the paper's method",
         check=(lambda v, c: v >= 0, ">= 0 (0: no retain term)"))
+    retain_divergence: str = knob(
+        "full_vocab", "the retain rows' loss (docs/METHOD.md section 8): full_vocab, the reverse KL to the unsteered "
+        "base over the whole vocabulary (it holds the refusal openers too); subset, the method's loss on S",
+        choices=RETAIN_DIVERGENCES)
     samples_per_prompt: int = knob(8, "on-policy completions per prompt (M)", check=(_at_least_one, ">= 1"))
     micro_batch_size: int = knob(8, "sequences per forward/backward (gradient accumulation within a step)",
                                  check=(_at_least_one, ">= 1"))

@@ -150,9 +150,11 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
     """Loss of one micro-batch (a scalar with grad) and its metrics; also the per-sequence valid-token flag (B,)."""
     mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:]           # (B, C)
     sampled = rollouts.input_ids[:, rollouts.prompt_len:]            # (B, C)
-    if cfg.objective == "full_vocab":
+    retain = retain_rows(rollouts, cfg)
+    if cfg.objective == "full_vocab" or retain is not None:
         teacher_logits = teacher.logits(rollouts)
         teacher_on_s = gather_logprobs(teacher_logits, safety_ids, cfg.temperature)
+        teacher_sampled = gather_logprobs(teacher_logits, sampled, cfg.temperature)
     else:
         teacher_logits = None
         teacher_on_s, teacher_sampled = teacher.logprobs(rollouts, safety_ids, cfg.temperature)
@@ -160,17 +162,32 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
     with torch.no_grad():  # for the metrics only: no graph through a second pass over (B, C, V)
         student_on_s = gather_logprobs(logits.detach(), safety_ids, cfg.temperature)
     if cfg.objective in ("exact", "system_prompt"):
-        loss, _ = SUBSET_OBJECTIVES["reverse"](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
+        loss, per_token = SUBSET_OBJECTIVES["reverse"](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
     elif cfg.objective in ("forward", "renormalized"):
-        loss, _ = SUBSET_OBJECTIVES[cfg.objective](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
+        loss, per_token = SUBSET_OBJECTIVES[cfg.objective](logits, teacher_on_s, safety_ids, mask, cfg.temperature)
     elif cfg.objective == "full_vocab":
-        loss, _ = full_vocab_reverse_kl(logits, teacher_logits, mask, cfg.temperature)
+        loss, per_token = full_vocab_reverse_kl(logits, teacher_logits, mask, cfg.temperature)
     else:  # sampled: REINFORCE with the per-token advantage A_t
         student_sampled = gather_logprobs(logits, sampled, cfg.temperature)
         advantages = sampled_advantages(student_sampled.detach(), teacher_sampled, sampled, safety_ids, mask)
-        loss = sequence_mean(-advantages * student_sampled, mask)
+        per_token = -advantages * student_sampled
+        loss = sequence_mean(per_token, mask)
+    if retain is not None:
+        # the retain rows: the reverse KL to the unsteered base over the whole vocabulary, in place of the loss on S
+        _, on_retain = full_vocab_reverse_kl(logits[retain], teacher_logits[retain], mask[retain], cfg.temperature)
+        per_token = per_token.masked_scatter(retain[:, None].expand_as(per_token), on_retain)
+        loss = sequence_mean(per_token, mask)
     metrics = safety_metrics(student_on_s.detach(), teacher_on_s, mask)
     return loss, metrics, mask.sum(-1) > 0
+
+
+def retain_rows(rollouts: Rollouts, cfg: TrainConfig) -> Tensor | None:
+    """(B,) bool: the rows whose loss is the full-vocabulary KL to the base (retain rows, with retain_divergence
+    full_vocab); None when there are none (then the loss is the objective's on every row, as in the paper)."""
+    if rollouts.teacher_scale is None or cfg.retain_divergence != "full_vocab":
+        return None
+    rows = rollouts.teacher_scale == 0
+    return rows if bool(rows.any()) else None
 
 
 def train_step(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_ids: Tensor,

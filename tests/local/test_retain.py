@@ -73,26 +73,36 @@ def test_teacher_applies_the_per_row_coefficient_exactly(tok, mode):
     torch.testing.assert_close(teacher.logprobs(rollouts, ids)[0], steered, atol=1e-5, rtol=1e-4)
 
 
-def test_retain_rows_are_pulled_toward_the_unsteered_base(tok):
-    """micro_batch_loss on a harmful + retain batch = the localized reverse KL with the steered base's log-probs on
-    the harmful rows and the plain base's on the retain rows (plain autograd, per-row forwards)."""
+@pytest.mark.parametrize("divergence", ["subset", "full_vocab"])
+def test_retain_rows_are_pulled_toward_the_unsteered_base(tok, divergence):
+    """micro_batch_loss on a harmful + retain batch = the localized reverse KL to the steered base on the harmful
+    rows, and on the retain rows the reverse KL to the plain base: on S (subset) or over the whole vocabulary
+    (full_vocab); plain autograd on separate forwards, token mean per sequence, then mean over sequences."""
     base = tiny_model("llama", tok, layers=2, hidden=32).eval()
     student = tiny_model("llama", tok, layers=2, hidden=32, seed=1)
     vector, ids = _vector(base), torch.tensor([5, 6, 7, 30])
     rollouts = _rollouts(student, tok)
-    cfg = TrainConfig(objective="exact")
+    cfg = TrainConfig(objective="exact", retain_divergence=divergence)
     loss, _, _ = micro_batch_loss(student, Teacher(base, vector, "frozen_copy"), rollouts, ids, cfg)
+    args = (rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
     with torch.no_grad():
-        plain = _logprobs_on_s(base, rollouts, ids)
+        plain_logits = completion_logits(base, *args).float()
         with steer(base, vector):
-            steered = _logprobs_on_s(base, rollouts, ids)
-    teacher_on_s = torch.cat([steered[:2], plain[2:]])
-    logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
-    mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:]
-    want, _ = localized_reverse_kl_autograd(logits, teacher_on_s, ids, mask)
+            steered = gather_logprobs(completion_logits(base, *args).float(), ids)
+    plain = gather_logprobs(plain_logits, ids)
+    logits = completion_logits(student, *args)
+    mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:].float()
+    _, harmful = localized_reverse_kl_autograd(logits, steered, ids, mask)
+    if divergence == "subset":
+        _, retain = localized_reverse_kl_autograd(logits, plain, ids, mask)
+    else:
+        student_lp, base_lp = logits.float().log_softmax(-1), plain_logits.log_softmax(-1)
+        retain = (student_lp.exp() * (student_lp - base_lp)).sum(-1) * mask
+    per_token = torch.cat([harmful[:2], retain[2:]])
+    want = ((per_token * mask).sum(1) / mask.sum(1)).mean()
     torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-4)
-    all_steered, _ = localized_reverse_kl_autograd(logits, steered, ids, mask)
-    assert abs(float((all_steered - want).detach())) > 1e-4             # the retain rows' teacher made a difference
+    _, all_steered = localized_reverse_kl_autograd(logits, steered, ids, mask)
+    assert abs(float((all_steered[2:] - per_token[2:]).sum().detach())) > 1e-4   # the retain rows' teacher counted
 
 
 def test_engine_adds_retain_rows_without_changing_the_harmful_prompts(tok, monkeypatch, tmp_path):
