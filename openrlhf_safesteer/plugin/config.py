@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 OBJECTIVES = ("exact", "sampled")
 DIVERGENCES = ("reverse", "forward", "renormalized")
 ROLLOUTS = ("auto", "vllm", "hf")
+RETAIN_DIVERGENCES = ("full_vocab", "subset")   # as the local engine's TrainConfig.retain_divergence
 PREFIX = "--safesteer."
 
 
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "column holding each prompt's teacher scale, 1 = the steered teacher (a harmful "
                              "prompt), 0 = the unsteered base (a retain prompt); OpenRLHF carries it as the "
                              "prompt's label (--data.label_key KEY is set for you). Unset: every prompt steered")
+    parser.add_argument("--safesteer.retain_divergence", default="full_vocab", choices=RETAIN_DIVERGENCES,
+                        help="with --safesteer.coeff_key, the loss on retain rows (scale 0): full_vocab, the reverse "
+                             "KL to the unsteered base over the whole vocabulary, estimated on the sampled tokens "
+                             "(gradient (log p_s - log p_base) grad log p_s, no full-vocabulary teacher tensor); "
+                             "subset, the method's loss on S")
     parser.add_argument("--safesteer.rollout", default="auto", choices=ROLLOUTS,
                         help="rollout engine: vllm (OpenRLHF's), hf (HF generate in Ray actors: CPU machines, small "
                              "models, no vLLM), auto = vllm when it is installed, else hf")
@@ -97,6 +103,7 @@ class SafeSteerConfig:
     divergence: str = "reverse"
     coeff: float | None = None
     coeff_key: str | None = None
+    retain_divergence: str = "full_vocab"
     rollout: str = "auto"
     dump_dir: str | None = None
     keep_prompt_order: bool = False

@@ -104,7 +104,9 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
             samples.info["reward"] = samples.rewards.float()
             log_ratio = (student["logprobs"].float() - teacher["logprobs"].float()) * mask
             samples.action_log_probs = student["logprobs"]
-            samples.base_action_log_probs = None
+            # With retain rows the teacher's sampled-token log-probs ride in OpenRLHF's reference field: on a retain
+            # row they are the unsteered base's, which the policy step's full-vocabulary retain estimate needs.
+            samples.base_action_log_probs = teacher["logprobs"].float() if self.safesteer.coeff_key else None
             samples.values = None
             samples.kl = log_ratio
             samples.info["kl"] = masked_mean(log_ratio, mask, dim=-1)

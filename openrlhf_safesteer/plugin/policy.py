@@ -110,6 +110,25 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         super().__init__(strategy, *args, **kwargs)
 
     # ---------------------------------------------------------------- the policy step
+    def _with_retain_rows(self, per_token: torch.Tensor, logits: torch.Tensor, experience: Experience,
+                          mask: torch.Tensor) -> torch.Tensor:
+        """per_token (B, A) with the retain rows (teacher scale 0, --safesteer.coeff_key) replaced by the
+        full-vocabulary reverse KL to the unsteered base, estimated on the sampled tokens y_t ~ p_s:
+        (log p_s(y_t) - log p_base(y_t)) detached, times log p_s(y_t), whose gradient is an unbiased estimate of
+        the per-position KL's gradient (docs/METHOD.md section 8; the local engine takes the KL itself)."""
+        scales = experience.info.get("teacher_scale") if self.safesteer.coeff_key else None
+        if scales is None or self.safesteer.retain_divergence != "full_vocab" or not bool((scales == 0).any()):
+            return per_token
+        if experience.base_action_log_probs is None:
+            raise RuntimeError("retain rows but no base log-probs on the experience: was it made by "
+                               "SafeSteerExperienceMaker with --safesteer.coeff_key?")
+        width = mask.shape[1]
+        student = gather_logprobs(logits, experience.sequences[:, 1:][:, -width:].to(logits.device))   # (B, A)
+        base = experience.base_action_log_probs.to(logits.device).float()
+        estimate = (student - base).detach() * student * mask
+        retain = (scales.to(logits.device) == 0)[:, None]
+        return torch.where(retain, estimate, per_token)
+
     def ppo_train(self, kl_ctl: float):
         self._ppo_calls += 1
         return super().ppo_train(kl_ctl)
@@ -141,6 +160,7 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         teacher_on_s = teacher_on_s.to(logits.device)
         mask = action_mask.to(logits.dtype)
         core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)
+        per_token = self._with_retain_rows(per_token, logits, experience, mask)
         # The paper's reduction (token mean per sequence, then mean over sequences), normalised over
         # the optimizer step's sequences on all ranks so gradient accumulation and DP do not change it.
         loss = aggregate_loss(per_token, mask, token_level_loss=False, **loss_batch_info)

@@ -179,3 +179,52 @@ def test_coeff_key_through_ray_steers_only_the_harmful_rows(tiny_run, tmp_path, 
     retain = ~scales.bool()
     other = gather_logprobs(steered[:, -width:], ids) * mask
     assert (batch["teacher_on_s"][retain] - other[retain]).abs().max() > 1e-2   # not steered: it would differ
+
+
+def _retain_step_self(coeff_key="teacher_scale", divergence="full_vocab"):
+    from openrlhf_safesteer.plugin.policy import SafeSteerActorTrainer
+
+    fake = SimpleNamespace(safesteer=SimpleNamespace(coeff_key=coeff_key, retain_divergence=divergence))
+    return lambda *args: SafeSteerActorTrainer._with_retain_rows(fake, *args)
+
+
+def test_policy_step_replaces_retain_rows_by_the_sampled_full_vocabulary_estimate():
+    """Rows with teacher scale 0 get (log p_s(y) - log p_base(y)) detached x log p_s(y) on their sampled tokens,
+    masked; harmful rows keep the loss on S; without coeff_key or with the subset divergence nothing changes."""
+    generator = torch.Generator().manual_seed(0)
+    batch, width, vocab = 3, 4, 9
+    logits = torch.randn(batch, width, vocab, generator=generator, requires_grad=True)
+    sequences = torch.randint(0, vocab, (batch, width + 2), generator=generator)
+    base = torch.log_softmax(torch.randn(batch, width, vocab, generator=generator), -1)
+    sampled = sequences[:, 1:][:, -width:]
+    base_sampled = base.gather(-1, sampled[..., None])[..., 0]
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float)
+    per_token = torch.full((batch, width), 7.0)
+    experience = SimpleNamespace(info={"teacher_scale": torch.tensor([1.0, 0.0, 0.0])}, sequences=sequences,
+                                 base_action_log_probs=base_sampled)
+    got = _retain_step_self()(per_token, logits, experience, mask)
+    student = torch.log_softmax(logits, -1).gather(-1, sampled[..., None])[..., 0]
+    want = (student - base_sampled).detach() * student * mask
+    assert torch.equal(got[0], per_token[0])
+    torch.testing.assert_close(got[1:], want[1:])
+    for step in (_retain_step_self(coeff_key=None), _retain_step_self(divergence="subset")):
+        assert torch.equal(step(per_token, logits, experience, mask), per_token)
+
+
+def test_sampled_retain_estimate_has_the_full_vocabulary_kl_gradient():
+    """At one position, the estimate's gradient averaged over y ~ p_s (exactly: enumerating y with weight p_s(y))
+    equals the gradient of KL(p_s || p_base) over the whole vocabulary, which the local engine takes."""
+    generator = torch.Generator().manual_seed(1)
+    vocab = 7
+    logits = torch.randn(vocab, generator=generator, requires_grad=True)
+    base = torch.log_softmax(torch.randn(vocab, generator=generator), -1)
+    student = torch.log_softmax(logits, -1)
+    kl = (student.exp() * (student - base)).sum()
+    (want,) = torch.autograd.grad(kl, logits)
+    expected = torch.zeros(vocab)
+    for y in range(vocab):
+        student = torch.log_softmax(logits, -1)
+        estimate = (student[y] - base[y]).detach() * student[y]
+        (grad,) = torch.autograd.grad(estimate, logits)
+        expected += student[y].exp().detach() * grad
+    torch.testing.assert_close(expected, want, atol=1e-6, rtol=1e-5)
