@@ -15,7 +15,8 @@ from openrlhf_safesteer.helpformat import HelpFormatter
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BENCHMARKS = ["safesteer_harmful", "safesteer_xstest"]
+# the project's own sets: harmful, over-refusal, and the borderline-safe set with its harmful contrast (selectivity)
+DEFAULT_BENCHMARKS = ["safesteer_harmful", "safesteer_xstest", "safesteer_borderline", "safesteer_borderline_contrast"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
