@@ -117,7 +117,10 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         (log p_s(y_t) - log p_base(y_t)) detached, times log p_s(y_t), whose gradient is an unbiased estimate of
         the per-position KL's gradient (docs/METHOD.md section 8; the local engine takes the KL itself)."""
         scales = experience.info.get("teacher_scale") if self.safesteer.coeff_key else None
-        if scales is None or self.safesteer.retain_divergence != "full_vocab" or not bool((scales == 0).any()):
+        if scales is None or self.safesteer.retain_divergence != "full_vocab":
+            return per_token
+        scales = torch.as_tensor(scales, dtype=torch.float32)   # OpenRLHF's batching may hand info back as a list
+        if not bool((scales == 0).any()):
             return per_token
         if experience.base_action_log_probs is None:
             raise RuntimeError("retain rows but no base log-probs on the experience: was it made by "

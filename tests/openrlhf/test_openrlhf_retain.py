@@ -207,6 +207,8 @@ def test_policy_step_replaces_retain_rows_by_the_sampled_full_vocabulary_estimat
     want = (student - base_sampled).detach() * student * mask
     assert torch.equal(got[0], per_token[0])
     torch.testing.assert_close(got[1:], want[1:])
+    experience.info["teacher_scale"] = [1.0, 0.0, 0.0]        # as OpenRLHF's batching may hand it back
+    torch.testing.assert_close(_retain_step_self()(per_token, logits, experience, mask)[1:], want[1:])
     for step in (_retain_step_self(coeff_key=None), _retain_step_self(divergence="subset")):
         assert torch.equal(step(per_token, logits, experience, mask), per_token)
 
