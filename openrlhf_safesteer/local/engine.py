@@ -56,7 +56,7 @@ from .checkpoints import load_checkpoint, resume_point, run_identity, save_check
 from .config import TrainConfig, flag_of, steps_per_epoch, total_steps
 from .metrics import MetricsLogger
 from .rollout import Rollouts, sample_rollouts
-from .teacher import Teacher, completion_logits
+from .teacher import Teacher, completion_logits, teacher_logprobs
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +153,7 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
     retain = retain_rows(rollouts, cfg)
     if cfg.objective == "full_vocab" or retain is not None:
         teacher_logits = teacher.logits(rollouts)
-        teacher_on_s = gather_logprobs(teacher_logits, safety_ids, cfg.temperature)
-        teacher_sampled = gather_logprobs(teacher_logits, sampled, cfg.temperature)
+        teacher_on_s, teacher_sampled = teacher_logprobs(teacher_logits, rollouts, safety_ids, cfg.temperature)
     else:
         teacher_logits = None
         teacher_on_s, teacher_sampled = teacher.logprobs(rollouts, safety_ids, cfg.temperature)

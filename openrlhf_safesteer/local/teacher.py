@@ -117,12 +117,13 @@ class Teacher:
         if rollouts.teacher_scale is None:
             return self._logits(rollouts, self.coeff)
         coeff = self.steering_vector.coeff if self.coeff is None else self.coeff
-        scales = rollouts.teacher_scale
-        parts = [(rows, self._logits(rollouts.take(rows), coeff * scale))
-                 for scale in scales.unique().tolist() for rows in [(scales == scale).nonzero().flatten()]]
-        out = parts[0][1].new_empty(rollouts.input_ids.shape[0], *parts[0][1].shape[1:])
-        for rows, logits in parts:
-            out[rows] = logits
+        out = None
+        for scale in rollouts.teacher_scale.unique().tolist():
+            rows = (rollouts.teacher_scale == scale).nonzero().flatten()
+            part = self._logits(rollouts.take(rows), coeff * scale)
+            if out is None:
+                out = part.new_empty(rollouts.input_ids.shape[0], *part.shape[1:])
+            out[rows] = part
         return out
 
     def _logits(self, rollouts: Rollouts, coeff: float | None) -> Tensor:
@@ -133,11 +134,17 @@ class Teacher:
     @torch.no_grad()
     def logprobs(self, rollouts: Rollouts, safety_ids: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
         """(teacher log-probs on S (B, C, K), teacher log-probs of the sampled tokens (B, C)), full-vocabulary softmax."""
-        logits = self.logits(rollouts)
-        if temperature != 1.0:
-            logits = logits / temperature
-        # one log-normaliser pass over (B, C, V) serves both reads (it costs as much as a gather-free softmax)
-        log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)                 # (B, C, 1)
-        sampled = rollouts.input_ids[:, rollouts.prompt_len:]                           # (B, C)
-        on_s = gather_logprobs(logits, safety_ids, log_normaliser=log_normaliser)
-        return on_s, gather_logprobs(logits, sampled, log_normaliser=log_normaliser)
+        return teacher_logprobs(self.logits(rollouts), rollouts, safety_ids, temperature)
+
+
+@torch.no_grad()
+def teacher_logprobs(logits: Tensor, rollouts: Rollouts, safety_ids: Tensor,
+                     temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Teacher logits (B, C, V) read at S (B, C, K) and at the sampled tokens (B, C), full-vocabulary softmax."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    # one log-normaliser pass over (B, C, V) serves both reads (it costs as much as a gather-free softmax)
+    log_normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)                 # (B, C, 1)
+    sampled = rollouts.input_ids[:, rollouts.prompt_len:]                           # (B, C)
+    on_s = gather_logprobs(logits, safety_ids, log_normaliser=log_normaliser)
+    return on_s, gather_logprobs(logits, sampled, log_normaliser=log_normaliser)
