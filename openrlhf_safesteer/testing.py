@@ -241,3 +241,18 @@ def reference_logits(model_dir: str, vector_dir: str, sequences: torch.Tensor, a
         with steer(model, SteeringVector.load(vector_dir)):
             steered = model(sequences, attention_mask=attention_mask, position_ids=position_ids).logits.float()[:, :-1]
     return plain, steered
+
+
+def right_padded_batch(pad_token_id: int, lengths, prompt_len: int, generator: torch.Generator):
+    """Random prompt + response sequences, right-padded like OpenRLHF's concatenated rollouts: sequences (B, T)
+    with token ids in [20, 400), attention_mask (B, T), action_mask (B, T - 1) true at the positions that predict
+    response tokens. Draws from `generator` (callers may keep drawing from it afterwards)."""
+    total = max(lengths)
+    sequences = torch.full((len(lengths), total), pad_token_id)
+    attention = torch.zeros((len(lengths), total), dtype=torch.long)
+    action = torch.zeros((len(lengths), total - 1), dtype=torch.bool)
+    for row, length in enumerate(lengths):
+        sequences[row, :length] = torch.randint(20, 400, (length,), generator=generator)
+        attention[row, :length] = 1
+        action[row, prompt_len - 1: length - 1] = True
+    return sequences, attention, action

@@ -41,14 +41,8 @@ def tiny():
     model = testing.tiny_model("llama", tokenizer, layers=2, hidden=64, seed=0)
     model.config.use_cache = False  # what Actor sets when it loads a checkpoint by path (actor.py:210)
     generator = torch.Generator().manual_seed(0)
-    total = max(LENGTHS)
-    sequences = torch.full((len(LENGTHS), total), tokenizer.pad_token_id)
-    attention = torch.zeros((len(LENGTHS), total), dtype=torch.long)
-    action = torch.zeros((len(LENGTHS), total - 1), dtype=torch.bool)
-    for row, length in enumerate(LENGTHS):  # right-padded, as OpenRLHF concatenates rollouts
-        sequences[row, :length] = torch.randint(20, 400, (length,), generator=generator)
-        attention[row, :length] = 1
-        action[row, PROMPT_LEN - 1: length - 1] = True
+    sequences, attention, action = testing.right_padded_batch(tokenizer.pad_token_id, LENGTHS, PROMPT_LEN,
+                                                             generator)
     vector = SteeringVector(vector=3 * torch.randn(64, generator=generator), layer=1, model_name="tiny")
     ids = torch.tensor(sorted(set(tokenizer.encode(" sorry cannot illegal harmful", add_special_tokens=False))))
     return SimpleNamespace(model=model, sequences=sequences, attention=attention, action=action, vector=vector,

@@ -17,6 +17,7 @@ compat.install_import_stand_ins()
 from openrlhf.models import Actor  # noqa: E402
 from openrlhf.trainer.ppo_utils.experience import Experience  # noqa: E402
 
+from openrlhf_safesteer import testing  # noqa: E402
 from openrlhf_safesteer.objectives import sampled_advantages  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerReplayBuffer  # noqa: E402
 from openrlhf_safesteer.plugin.teacher import teacher_outputs  # noqa: E402
@@ -35,16 +36,7 @@ def tiny(tiny_run):
 
 def right_padded_batch(tokenizer, lengths=(9, 6, 11), prompt_len=4, seed=0):
     """Prompt + response sequences, right-padded like OpenRLHF's concatenated rollouts."""
-    generator = torch.Generator().manual_seed(seed)
-    total = max(lengths)
-    sequences = torch.full((len(lengths), total), tokenizer.pad_token_id)
-    attention = torch.zeros((len(lengths), total), dtype=torch.long)
-    action = torch.zeros((len(lengths), total - 1), dtype=torch.bool)
-    for row, length in enumerate(lengths):
-        sequences[row, :length] = torch.randint(20, 400, (length,), generator=generator)
-        attention[row, :length] = 1
-        action[row, prompt_len - 1: length - 1] = True  # positions predicting response tokens
-    return sequences, attention, action
+    return testing.right_padded_batch(tokenizer.pad_token_id, lengths, prompt_len, torch.Generator().manual_seed(seed))
 
 
 def test_teacher_outputs_equal_the_core_steered_model(tiny):
