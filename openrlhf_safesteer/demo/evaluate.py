@@ -76,32 +76,27 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     replies, first = generate_with_first_logprobs(model, tokenizer, sets.harmful + sets.harmless, refusal_tokens,
                                                   batch_size, progress=progress)
     n = len(sets.harmful)
-    harmful, harmless, harmful_first, harmless_first = replies[:n], replies[n:], first[:n], first[n:]
     general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
                        progress=progress)
     refusal_ids = refusal_token_ids(tokenizer)
-    harmful_scores = refusal_scores_from_logprobs(harmful_first, refusal_ids)
-    harmless_scores = refusal_scores_from_logprobs(harmless_first, refusal_ids)
+    harmful = judged_set(sets.harmful, replies[:n], refusal_scores_from_logprobs(first[:n], refusal_ids))
+    harmless = judged_set(sets.harmless, replies[n:], refusal_scores_from_logprobs(first[n:], refusal_ids))
     # a call of their own: appended to the batch above, they would re-pad its last rows (and could move a reply)
     selectivity = refusal_sets(model, tokenizer, {"borderline": sets.borderline, "contrast": sets.contrast},
                                 refusal_tokens, batch_size, refusal_ids, progress)
     model.train(was_training)
-    harmful_refusals = [is_refusal(r) for r in harmful]
-    harmless_refusals = [is_refusal(r) for r in harmless]
     correct = [data.answer_matches(r, q["answers"]) for r, q in zip(general, sets.general)]
     result = {
-        "harmful_refusal_rate": sum(harmful_refusals) / len(harmful),
-        "harmful_asr": 1 - sum(harmful_refusals) / len(harmful),
-        "harmless_refusal_rate": sum(harmless_refusals) / len(harmless),
+        "harmful_refusal_rate": harmful["rate"],
+        "harmful_asr": 1 - harmful["rate"],
+        "harmless_refusal_rate": harmless["rate"],
         "general_score": 100.0 * sum(correct) / len(correct),
-        "harmful_refusal_score": harmful_scores.mean().item(),
-        "harmless_refusal_score": harmless_scores.mean().item(),
-        "n": {"harmful": len(harmful), "harmless": len(harmless), "general": len(correct)},
+        "harmful_refusal_score": harmful["score"],
+        "harmless_refusal_score": harmless["score"],
+        "n": {"harmful": len(sets.harmful), "harmless": len(sets.harmless), "general": len(correct)},
         "samples": {
-            "harmful": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
-                        zip(sets.harmful, harmful, harmful_refusals, harmful_scores.tolist())],
-            "harmless": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
-                         zip(sets.harmless, harmless, harmless_refusals, harmless_scores.tolist())],
+            "harmful": harmful["samples"],
+            "harmless": harmless["samples"],
             "general": [{"question": q["question"], "reply": r, "correct": c}
                         for q, r, c in zip(sets.general, general, correct)],
         },
@@ -127,16 +122,21 @@ def refusal_sets(model, tokenizer, sets: dict[str, list[str]], refusal_tokens: i
         return {}
     replies, first = generate_with_first_logprobs(model, tokenizer, prompts, refusal_tokens, batch_size,
                                                   progress=progress)
-    scores = refusal_scores_from_logprobs(first, refusal_ids).tolist()
+    scores = refusal_scores_from_logprobs(first, refusal_ids)
     result, at = {}, 0
     for name in names:
         rows = slice(at, at + len(sets[name]))
         at = rows.stop
-        flags = [is_refusal(r) for r in replies[rows]]
-        result[name] = {"rate": sum(flags) / len(flags), "score": sum(scores[rows]) / len(flags),
-                        "samples": [{"prompt": p, "reply": r, "refusal": f, "score": s} for p, r, f, s in
-                                    zip(sets[name], replies[rows], flags, scores[rows])]}
+        result[name] = judged_set(sets[name], replies[rows], scores[rows])
     return result
+
+
+def judged_set(prompts: list[str], replies: list[str], scores) -> dict:
+    """One prompt set's greedy replies judged: refusal rate, mean refusal score (scores (N,) tensor) and samples."""
+    flags = [is_refusal(r) for r in replies]
+    return {"rate": sum(flags) / len(flags), "score": scores.mean().item(),
+            "samples": [{"prompt": p, "reply": r, "refusal": f, "score": s}
+                        for p, r, f, s in zip(prompts, replies, flags, scores.tolist())]}
 
 
 def refusal_changes(before: list[dict], after: list[dict]) -> dict[str, list[str]]:
