@@ -323,12 +323,17 @@ def _has_content(path: str, chunk: int = 1 << 16) -> bool:
     return False
 
 
+def dataset_paths(spec: str) -> list[str]:
+    """The paths of --data.prompt_dataset's comma-separated NAME[@DATA_DIR] entries, as OpenRLHF reads them (no ~
+    expansion)."""
+    return [entry.split("@")[0].strip() for entry in spec.split(",")]
+
+
 def dataset_problems(spec: str, dry_run: bool) -> list[str]:
     """--data.prompt_dataset is OpenRLHF's comma-separated NAME[@DATA_DIR] list: every local entry must
     exist and hold data. Hub names are left to OpenRLHF (no network here)."""
     problems = []
-    for entry in spec.split(","):
-        path = entry.split("@")[0].strip()  # as OpenRLHF reads it (no ~ expansion)
+    for path in dataset_paths(spec):
         if not path or not _looks_local(path):
             continue
         if not os.path.exists(path):
@@ -364,14 +369,18 @@ def coeff_key_problems(args: SimpleNamespace, config: SafeSteerConfig) -> list[s
     if args.data.label_key != key:
         return [f"--safesteer.coeff_key {key} travels as OpenRLHF's label, but --data.label_key is "
                 f"{args.data.label_key!r}: drop --data.label_key (the launcher sets it) or give the same key"]
+    from openrlhf_safesteer.data import read_prompt_rows
+
     problems = []
-    for entry in (args.data.prompt_dataset or "").split(","):
-        path = entry.split("@")[0].strip()
+    for path in dataset_paths(args.data.prompt_dataset or ""):
         if not path.endswith((".json", ".jsonl")) or not os.path.isfile(path):
             continue
-        from openrlhf_safesteer.data import read_prompt_rows
-
-        for where, row in read_prompt_rows(path):
+        try:
+            rows = read_prompt_rows(path)
+        except ValueError as error:    # not valid JSON: named with its line
+            problems.append(str(error))
+            continue
+        for where, row in rows:
             if not isinstance(row, dict) or key not in row:
                 problems.append(f"{where}: no {key!r} column (--safesteer.coeff_key)")
                 break

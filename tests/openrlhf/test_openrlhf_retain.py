@@ -138,6 +138,11 @@ def test_coeff_key_sets_the_label_key_and_checks_the_column(tiny_run, tmp_path, 
         argv[argv.index("--data.prompt_dataset") + 1] = _prompts(tmp_path, rows)
         status, _, err = _launch(argv, capsys)
         assert status == 2 and message in err, err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "teacher_scale": 1\n')
+    argv[argv.index("--data.prompt_dataset") + 1] = str(broken)
+    status, _, err = _launch(argv, capsys)
+    assert status == 2 and "broken.jsonl:1: not valid JSON" in err, err
 
 
 @pytest.mark.slow
