@@ -135,13 +135,14 @@ class EngineStepper:
         self.lengths: list[float] = []
 
     def __call__(self) -> None:
-        from openrlhf_safesteer.local.engine import step_prompts, step_seed, train_step
+        from openrlhf_safesteer.local.engine import step_prompts, train_step
         from openrlhf_safesteer.local.rollout import sample_rollouts
 
         cfg = self.cfg
         batch = step_prompts(self.prompts, self.step_index, cfg.prompts_per_step, cfg.seed)
         rollouts = sample_rollouts(self.student, self.tokenizer, batch, cfg.samples_per_prompt, cfg.max_new_tokens,
-                                   cfg.temperature, cfg.top_p, seed=step_seed(cfg.seed, self.step_index))
+                                   cfg.temperature, cfg.top_p, seed=cfg.seed,
+                                   rollout_index=self.step_index)
         self.optimizer.zero_grad(set_to_none=True)
         train_step(self.student, self.teacher, rollouts, self.safety_ids, cfg)
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)

@@ -6,7 +6,8 @@
 One optimizer step (docs/METHOD.md section 4):
   1. take the next `prompts_per_step` prompts of a seeded per-epoch permutation (and, with the retain term,
      the next `retain_prompts_per_step` retain prompts of their own permutation: docs/METHOD.md section 8);
-  2. the student samples `samples_per_prompt` completions each (HF generate, seeded per step);
+  2. the student samples `samples_per_prompt` completions each (HF generate, each request seeded by
+     (seed, step, its prompt, k): sampling.py);
   3. the teacher (frozen base + steering hook; with LoRA the same weights, adapter disabled) scores
      prompt + completion without gradient, gathered on S (retain rows: the base unsteered);
   4. the student scores the same tokens with gradient; loss = the chosen objective, accumulated over
@@ -319,8 +320,7 @@ def step_rollouts(run: LocalRun, step: int, batch_prompts: list[str], n_harmful:
                                       cfg.top_p, step_seed(cfg.seed, step), run.tokenizer, step)
     else:
         rollouts = sample_rollouts(run.student, run.tokenizer, batch_prompts, cfg.samples_per_prompt,
-                                   cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                   seed=step_seed(cfg.seed, step))
+                                   cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, rollout_index=step)
     if cfg.retain_prompts_per_step:
         rollouts.teacher_scale = retain_scale(len(rollouts.prompts), n_harmful)
     return rollouts

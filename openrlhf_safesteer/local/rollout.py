@@ -19,6 +19,7 @@ from openrlhf_safesteer.chat import (
     to_left_padded,
 )
 from openrlhf_safesteer.models import left_padded_position_ids
+from openrlhf_safesteer.sampling import SeededSampling, request_seeds, rollout_seed
 
 Tensor = torch.Tensor
 
@@ -108,14 +109,26 @@ def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, shared: 
     return cache
 
 
+# OpenRLHF's rollouts never end a reply at its first token (SamplingParams(min_tokens=1)); the local engine
+# follows the same convention, so both engines draw a request's tokens alike (sampling.py).
+MIN_NEW_TOKENS = 1
+
+
+def prompt_token_lists(prompt_ids: Tensor, prompt_mask: Tensor) -> list[list[int]]:
+    """Each row's real prompt tokens (the mask's 1s) of a padded (N, P) batch, as the engines hash them."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompt_ids, prompt_mask)]
+
+
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: int, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                    system_prompt: str | None = None) -> Rollouts:
+                    system_prompt: str | None = None, rollout_index: int = 0) -> Rollouts:
     """Sample `samples_per_prompt` completions of each prompt from `model` (HF generate).
 
-    The random stream is seeded from `seed` alone, so a resumed run draws exactly the rollouts the
-    uninterrupted run drew at the same step.
+    Every row draws from its own generator, seeded by `sampling.request_seed(rollout_seed(seed, rollout_index),
+    its prompt's token ids, k)`: a row's tokens do not depend on the other rows or their order, a resumed run draws what
+    the uninterrupted run drew at the same step, and the plugin's HF engine draws the same tokens for the same
+    request. seed: the run's training seed; rollout_index: the 0-based optimizer step.
     """
     texts = render_prompts(tokenizer, prompts, system_prompt)
     device = next(model.parameters()).device
@@ -124,17 +137,16 @@ def sample_rollouts(model, tokenizer, prompts: list[str], samples_per_prompt: in
     prompt_mask = distinct_mask.repeat_interleave(samples_per_prompt, dim=0)
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     stop_ids = end_of_turn_ids(tokenizer)
+    seeds = request_seeds(rollout_seed(seed, rollout_index), prompt_token_lists(prompt_ids, prompt_mask))
+    sampler = SeededSampling(seeds, temperature, top_p)
     was_training = model.training
     model.eval()
     cache = shared_prompt_cache(model, distinct_ids, distinct_mask, shared, samples_per_prompt)
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        out = model.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, max_new_tokens=max_new_tokens,
-            do_sample=True, temperature=temperature, top_p=top_p, top_k=0, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop_ids,
-        )
+    out = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, past_key_values=cache, max_new_tokens=max_new_tokens,
+        min_new_tokens=MIN_NEW_TOKENS, do_sample=False, logits_processor=[sampler],
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_ids,
+    )
     model.train(was_training)
     completion_ids = out[:, prompt_ids.shape[1]:]
     if completion_ids.shape[1] == 0:

@@ -215,6 +215,18 @@ def prompts_in_order(strategy, enabled: bool):
         del strategy.setup_dataloader  # the instance attribute; the class's method shows through again
 
 
+@contextlib.contextmanager
+def seeded_samples():
+    """While PPOTrainer builds its sample generator, it builds `SeededSamplesGenerator` (repeatable rollouts)."""
+    import openrlhf.trainer.ppo_trainer as ppo_trainer
+
+    from openrlhf_safesteer.plugin.install import patched
+    from openrlhf_safesteer.plugin.samples import SeededSamplesGenerator
+
+    with patched(ppo_trainer, "SamplesGenerator", SeededSamplesGenerator):
+        yield
+
+
 class SafeSteerPPOTrainer(_StockTrainer):
     """OpenRLHF's PPOTrainer (single controller) with SafeSteerExperienceMaker and no reward group."""
 
@@ -225,7 +237,7 @@ class SafeSteerPPOTrainer(_StockTrainer):
             reward_model_group = None
         if reference_model_group is None:
             raise RuntimeError("SafeSteer needs the reference group (the teacher): --algo.kl.init_coef must be > 0")
-        with prompts_in_order(strategy, strategy.args.safesteer.keep_prompt_order):
+        with prompts_in_order(strategy, strategy.args.safesteer.keep_prompt_order), seeded_samples():
             super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                              reference_model_group, vllm_engines, **generate_kwargs)
         self.experience_maker = SafeSteerExperienceMaker(

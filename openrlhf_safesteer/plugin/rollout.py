@@ -7,12 +7,26 @@ agent executors (`SingleTurnAgentExecutor` or a user's `AgentExecutor`) on top o
 `transformers.generate`. It receives the policy's new weights after each step through Ray's
 object store (`load_weights`). Use it on CPU machines, in CI, and for small models; vLLM remains
 the engine for real runs.
+
+Repeatable at a fixed seed (docs/openrlhf.md, "Repeatable runs"):
+- every request samples from its own generator (`sampling.SeededSampling`), seeded by
+  `sampling.request_seed(SamplingParams.seed, prompt ids, k)`: the rollout's seed comes from the sample
+  generator (`RolloutSeeds`), k numbers identical prompts in arrival order (they are exchangeable), so a
+  request's tokens do not depend on its batch mates, its row or earlier batches;
+- a step barrier instead of a timer: the sample generator says how many requests a rollout sends
+  (`expect_requests`) and the engine generates once they are all in, in a canonical row order, so batch
+  composition, padding and float summation are the same in every run (a watchdog generates a partial batch
+  after `BARRIER_TIMEOUT_SECONDS` and logs it);
+- the engine tokenizes with its own tokenizer (OpenRLHF ships a copy with every request: 9.8 MB pickled for
+  the demo model, about 0.8 s each) and, on a CPU, generates with a fixed thread count and oneDNN products, as
+  the local engine does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,7 +36,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 # No OpenRLHF import at module level: the actor installs the CPU stand-ins (compat.prepare_process) in its
 # own process before it imports OpenRLHF's agent executors.
+from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.sampling import SeededSampling, request_seed
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +63,12 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
 
 
-# A rollout step's requests arrive within milliseconds of each other; one generate call serves them all.
+# Without a barrier (requests from a sample generator that announces none, or later turns of a multi-turn agent)
+# requests that arrive within this window share one generate call, as before the barrier existed.
 BATCH_WAIT_SECONDS = 0.05
+# A barrier that waits this long for announced requests generates what it has and logs it: a missing request
+# must slow a run down, never hang it.
+BARRIER_TIMEOUT_SECONDS = 120.0
 MAX_BATCH = 64
 
 
@@ -58,8 +78,41 @@ def sampling_key(sampling_params: Any) -> tuple:
                  ("temperature", "top_p", "top_k", "max_tokens", "min_tokens", "logprobs", "skip_special_tokens"))
 
 
+@dataclass
+class Request:
+    """One pending generate request: its prompt, settings, per-request seed (None: unseeded) and future."""
+
+    prompt_ids: list[int]
+    sampling_params: Any
+    seed: int | None
+    future: asyncio.Future
+
+    def order_key(self) -> tuple:
+        """The canonical row order: by seed (a hash of the prompt and k), then prompt, never by arrival."""
+        return (self.seed if self.seed is not None else -1, self.prompt_ids)
+
+
+class Occurrences:
+    """k for each seeded request: how many requests of the same prompt with the same rollout seed came before.
+
+    Only the current rollout seed's counts are kept (a new seed starts a new rollout)."""
+
+    def __init__(self):
+        self.seed: int | None = None
+        self.counts: dict[tuple, int] = {}
+
+    def next(self, rollout_seed: int, prompt_ids: list[int]) -> int:
+        if rollout_seed != self.seed:
+            self.seed, self.counts = rollout_seed, {}
+        key = tuple(prompt_ids)
+        k = self.counts.get(key, 0)
+        self.counts[key] = k + 1
+        return k
+
+
 def generation_kwargs(sampling_params: Any, eos_ids: list[int], pad_id: int) -> dict:
-    """Translate vLLM SamplingParams into transformers.generate kwargs (same semantics)."""
+    """Translate vLLM SamplingParams into transformers.generate kwargs (same semantics). Seeded requests
+    sample through `sampling.SeededSampling` instead (`HFRolloutActor._generate_batch`)."""
     temperature = float(getattr(sampling_params, "temperature", 1.0))
     top_k = getattr(sampling_params, "top_k", -1)
     kwargs = dict(
@@ -82,12 +135,15 @@ class HFRolloutActor:
     """One HF model per actor, generating with transformers; a stand-in for vLLM's engine role."""
 
     def __init__(self, pretrain: str, seed: int = 0, max_model_len: int = 2048, agent_func_path: str | None = None,
-                 remote_rm_url=None, dtype: str | None = None, **unused: Any):
+                 remote_rm_url=None, dtype: str | None = None, threads: int | None = None, **unused: Any):
         compat.prepare_process()
         from openrlhf.utils.agent import SingleTurnAgentExecutor
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            # a fixed thread count: Ray sets OMP_NUM_THREADS=1 for a num_cpus=0 actor, a user's shell anything
+            torch.set_num_threads(threads or os.cpu_count() or 1)
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[
             dtype or ("bfloat16" if self.device.type == "cuda" else "float32")]
         self.model = AutoModelForCausalLM.from_pretrained(pretrain, dtype=torch_dtype, trust_remote_code=True,
@@ -100,10 +156,13 @@ class HFRolloutActor:
         self.eos_ids = eos
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
         self.max_model_len = max_model_len
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)   # only unseeded requests (no SamplingParams.seed) draw from the global stream
         self.unfinished = 0
-        self.pending: list[tuple[list[int], Any, asyncio.Future]] = []
+        self.pending: list[Request] = []
+        self.expected = 0                     # announced requests of the current barrier not yet arrived
+        self.arrived = asyncio.Event()
+        self.partial_batches = 0              # barriers the watchdog cut short
+        self.occurrences = Occurrences()
         self.batcher: asyncio.Task | None = None
         self.weight_version = 0
         if agent_func_path:
@@ -114,47 +173,88 @@ class HFRolloutActor:
             self.executor = SingleTurnAgentExecutor(remote_rm_url)
 
     # ------------------------------------------------------------------ what vLLM's engine answers
+    def seeded_requests(self) -> bool:
+        """Marks an engine that derives each request's seed from SamplingParams.seed (`plugin.samples`)."""
+        return True
+
+    def expect_requests(self, count: int) -> None:
+        """The sample generator's announcement: the next `count` requests form one rollout; generate when all
+        are in (the step barrier). Called before it dispatches them."""
+        if count < 0:
+            raise ValueError(f"expect_requests needs count >= 0, got {count}")
+        self.expected += int(count)
+
     async def generate(self, prompt_token_ids: list[int], sampling_params, multi_modal_data=None) -> RequestOutput:
         """One request, answered from a batch: OpenRLHF dispatches every prompt of a rollout step at once
-        and each executor awaits its own request, so requests that arrive together are generated together
-        (left-padded, one `transformers.generate` per group of identical sampling settings), as vLLM batches.
+        and each executor awaits its own request. Announced requests wait for the step barrier; others for
+        `BATCH_WAIT_SECONDS`. A request with `sampling_params.seed` draws from its own seeded generator.
         """
         if multi_modal_data:
             raise NotImplementedError("the HF-generate rollout is text-only")
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        prompt_ids = list(prompt_token_ids)
+        rollout_seed = getattr(sampling_params, "seed", None)
+        seed = None if rollout_seed is None else request_seed(
+            rollout_seed, prompt_ids, self.occurrences.next(rollout_seed, prompt_ids))
+        request = Request(prompt_ids, sampling_params, seed, loop.create_future())
         self.unfinished += 1
-        self.pending.append((list(prompt_token_ids), sampling_params, future))
+        self.pending.append(request)
+        if self.expected:
+            self.expected -= 1
+            if not self.expected:
+                self.arrived.set()
         if self.batcher is None or self.batcher.done():
             self.batcher = loop.create_task(self._run_batches())
         try:
-            return await future
+            return await request.future
         finally:
             self.unfinished -= 1
 
+    async def _wait_for_requests(self) -> None:
+        """Until the announced requests are all in (or the watchdog fires), else a short batching window."""
+        if not self.expected:
+            await asyncio.sleep(BATCH_WAIT_SECONDS)
+            return
+        self.arrived.clear()
+        try:
+            await asyncio.wait_for(self.arrived.wait(), BARRIER_TIMEOUT_SECONDS)
+        except asyncio.TimeoutError:
+            self.partial_batches += 1
+            logger.warning("rollout barrier: %d announced requests missing after %.0f s; generating the %d that "
+                           "arrived (partial batch %d: this rollout's batching is not repeatable)", self.expected,
+                           BARRIER_TIMEOUT_SECONDS, len(self.pending), self.partial_batches)
+            self.expected = 0
+
     async def _run_batches(self) -> None:
-        await asyncio.sleep(BATCH_WAIT_SECONDS)   # let the rest of the step's requests arrive
+        await self._wait_for_requests()
         while self.pending:
-            pending, self.pending = self.pending, []
-            groups: dict[tuple, list] = {}
+            pending, self.pending = sorted(self.pending, key=Request.order_key), []
+            groups: dict[tuple, list[Request]] = {}
             for request in pending:
-                groups.setdefault(sampling_key(request[1]), []).append(request)
+                groups.setdefault(sampling_key(request.sampling_params), []).append(request)
             for group in groups.values():
                 for start in range(0, len(group), MAX_BATCH):
                     chunk = group[start:start + MAX_BATCH]
                     try:
-                        outputs = self._generate_batch([ids for ids, _, _ in chunk], chunk[0][1])
+                        outputs = self._generate_batch([r.prompt_ids for r in chunk], chunk[0].sampling_params,
+                                                       [r.seed for r in chunk])
                     except Exception as error:  # every waiting executor sees the failure
-                        for _, _, future in chunk:
-                            future.set_exception(error)
+                        for request in chunk:
+                            request.future.set_exception(error)
                         continue
-                    for (_, _, future), output in zip(chunk, outputs):
-                        future.set_result(output)
+                    for request, output in zip(chunk, outputs):
+                        request.future.set_result(output)
             await asyncio.sleep(0)
+            if self.expected:                  # the next rollout was announced while this one decoded
+                await self._wait_for_requests()
 
     @torch.no_grad()
-    def _generate_batch(self, prompts: list[list[int]], sampling_params) -> list[RequestOutput]:
-        """Generate for left-padded prompts (B rows); each answer is cut after its first end-of-turn token."""
+    def _generate_batch(self, prompts: list[list[int]], sampling_params,
+                        seeds: list[int | None] | None = None) -> list[RequestOutput]:
+        """Generate for left-padded prompts (B rows); each answer is cut after its first end-of-turn token.
+
+        With seeds (one per row, all set) and temperature > 0, each row samples from its own generator
+        (`sampling.SeededSampling`); unseeded rows share transformers' global stream as before."""
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -163,7 +263,17 @@ class HFRolloutActor:
             attention_mask[row, width - len(ids):] = 1
         kwargs = generation_kwargs(sampling_params, self.eos_ids, self.pad_id)
         kwargs["max_new_tokens"] = max(1, min(kwargs["max_new_tokens"], self.max_model_len - width))
-        out = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs)
+        sampler = None
+        if kwargs["do_sample"] and seeds is not None and all(seed is not None for seed in seeds):
+            sampler = SeededSampling(seeds, kwargs.pop("temperature"), kwargs.pop("top_p"), kwargs.pop("top_k"))
+            kwargs.update(do_sample=False, logits_processor=[sampler], output_scores=False)
+        # on a CPU, oneDNN for the large products: the local engine's kernels, so both engines compute the same
+        # logits for the same request (cpu_kernels.py; generation needs no gradient)
+        with onednn_linear(self.device.type == "cpu"):
+            out = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                                      **kwargs)
+        want_logprobs = getattr(sampling_params, "logprobs", None) is not None
+        drawn = sampler.drawn_logprobs() if sampler is not None and want_logprobs else None
         skip = getattr(sampling_params, "skip_special_tokens", False)
         results = []
         for row in range(len(prompts)):
@@ -172,7 +282,9 @@ class HFRolloutActor:
             if stop is not None:  # like vLLM: keep the end-of-turn token, drop what generate padded after it
                 new = new[: stop + 1]
             logprobs = None
-            if kwargs["output_scores"]:
+            if drawn is not None:
+                logprobs = [{token: Logprob(float(drawn[row, step]))} for step, token in enumerate(new)]
+            elif want_logprobs:
                 logprobs = []
                 for step, token in enumerate(new):
                     scores = torch.log_softmax(out.scores[step][row].float(), dim=-1)
@@ -184,10 +296,12 @@ class HFRolloutActor:
 
     async def generate_responses(self, prompt: str, label: str, sampling_params, max_length: int, hf_tokenizer,
                                  num_samples: int = 1, images=None):
-        """N samples for one prompt, through OpenRLHF's executor (same dicts as the vLLM engine)."""
+        """N samples for one prompt, through OpenRLHF's executor (same dicts as the vLLM engine). With
+        hf_tokenizer None (`SeededSamplesGenerator` sends none) the executor uses this engine's own."""
+        tokenizer = self.tokenizer if hf_tokenizer is None else hf_tokenizer
         tasks = [
             self.executor.execute(prompt=prompt, label=label, sampling_params=sampling_params, max_length=max_length,
-                                  hf_tokenizer=hf_tokenizer, llm_engine=self, images=images)
+                                  hf_tokenizer=tokenizer, llm_engine=self, images=images)
             for _ in range(num_samples)
         ]
         return await asyncio.gather(*tasks)

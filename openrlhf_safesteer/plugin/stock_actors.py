@@ -13,7 +13,7 @@ from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from openrlhf_safesteer.plugin import compat
-from openrlhf_safesteer.plugin.experience import Tracked
+from openrlhf_safesteer.plugin.experience import Tracked, seeded_samples
 from openrlhf_safesteer.plugin.policy import init_with_trainer
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
 
@@ -34,11 +34,13 @@ class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
 
 
 class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
-    """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims."""
+    """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims, its sample generator the
+    repeatable one (`plugin.samples`: seeded requests, a step barrier, results in dispatch order)."""
 
     def __init__(self, *args, **kwargs):
         compat.prepare_process()
-        super().__init__(*args, **kwargs)
+        with seeded_samples():
+            super().__init__(*args, **kwargs)
 
 
 CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)

@@ -74,11 +74,15 @@ def test_shared_prompt_prefill_draws_what_plain_generate_draws(tok, arch, system
     got = sample_rollouts(model, tok, prompts, 3, max_new_tokens=6, seed=5, system_prompt=system)
     ids, mask = encode_left_padded(tok, render_prompts(tok, prompts, system), torch.device("cpu"))
     assert len(set(mask.sum(1).tolist())) == 3                      # really ragged
-    with torch.random.fork_rng():
-        torch.manual_seed(5)
-        want = model.generate(input_ids=ids.repeat_interleave(3, 0), attention_mask=mask.repeat_interleave(3, 0),
-                              max_new_tokens=6, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                              pad_token_id=tok.pad_token_id, eos_token_id=end_of_turn_ids(tok))
+    # the same per-request seeds and sampler over plain left-padded prompts (no shared cache)
+    from openrlhf_safesteer.local.rollout import MIN_NEW_TOKENS, prompt_token_lists
+    from openrlhf_safesteer.sampling import SeededSampling, request_seeds, rollout_seed
+
+    ids, mask = ids.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    sampler = SeededSampling(request_seeds(rollout_seed(5, 0), prompt_token_lists(ids, mask)), 1.0)
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=MIN_NEW_TOKENS,
+                          do_sample=False, logits_processor=[sampler], pad_token_id=tok.pad_token_id,
+                          eos_token_id=end_of_turn_ids(tok))
     width = min(want.shape[1], got.input_ids.shape[1])
     assert torch.equal(got.input_ids[:, :width], want[:, :width])
     assert len({tuple(r) for r in got.input_ids[:, ids.shape[1]:].tolist()}) > 3   # samples of a prompt differ
