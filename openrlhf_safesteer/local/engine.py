@@ -107,6 +107,7 @@ def prepare_student(model: nn.Module, cfg: TrainConfig) -> nn.Module:
                                  f"got {cfg.lora_layers}")
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets,
                           layers_to_transform=cfg.lora_layers, task_type="CAUSAL_LM")
+        torch.manual_seed(cfg.seed)   # the adapter's init: the plugin seeds the same way (plugin.policy)
         model = get_peft_model(model, lora)
     elif cfg.freeze_embeddings:
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):

@@ -19,6 +19,8 @@ set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importi
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import os
 from typing import Dict, Optional
@@ -220,6 +222,26 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
 _StockPolicy = PolicyModelActor.__ray_actor_class__
 
 
+@contextlib.contextmanager
+def seeded_lora_init(seed: int):
+    """While OpenRLHF builds the policy, seed torch right before it wraps the model in its LoRA adapter, as the
+    local engine does (`local.engine.prepare_student`): both engines start from the same adapter at one seed
+    (OpenRLHF seeds once, before loading the model, so what its A matrices get depends on what ran between)."""
+    import openrlhf.models.actor as actor_module
+
+    stock = actor_module.get_peft_model
+
+    def get_peft_model(model, config, *args, **kwargs):
+        torch.manual_seed(seed)
+        return stock(model, config, *args, **kwargs)
+
+    actor_module.get_peft_model = get_peft_model
+    try:
+        yield
+    finally:
+        actor_module.get_peft_model = stock
+
+
 def init_with_trainer(actor: _StockPolicy, trainer_class: type, *args, **kwargs) -> None:
     """Run the stock PolicyModelActor.init_model_from_pretrained, building `trainer_class` and
     SafeSteerReplayBuffer where it builds ActorPPOTrainer and NaiveReplayBuffer.
@@ -233,7 +255,9 @@ def init_with_trainer(actor: _StockPolicy, trainer_class: type, *args, **kwargs)
     ActorPPOTrainer.__init__.__globals__["NaiveReplayBuffer"] = SafeSteerReplayBuffer
     ppo_actor.ActorPPOTrainer = trainer_class
     ppo_actor.NaiveReplayBuffer = SafeSteerReplayBuffer
-    stock(actor, *args, **kwargs)
+    strategy = args[0] if args else kwargs["strategy"]
+    with seeded_lora_init(int(strategy.args.train.seed)):
+        stock(actor, *args, **kwargs)
     if not isinstance(actor.trainer, trainer_class):
         raise RuntimeError(f"OpenRLHF built {type(actor.trainer).__name__}, not {trainer_class.__name__}: this "
                            "OpenRLHF's PolicyModelActor does not build its trainer by module name")
