@@ -1,8 +1,8 @@
 """The SafeSteer experience maker, the trainer that uses it, and the actor group that places no
 reward model.
 
-Per micro-batch of rollouts the maker asks the policy actor for the student's log-probs (sampled
-tokens and S) and the steered reference actor for the teacher's, then:
+Per micro-batch of rollouts the maker asks the steered reference actor for the teacher's log-probs (sampled
+tokens and S) and, for the sampled objective, the policy actor for the student's, then:
 - objective `exact`: attaches the teacher's (B, A, K) log-probs on S to the experience (the policy
   step computes the loss from them); advantages are zero and unused;
 - objective `sampled`: sets advantage_t = -[y_t in S] (log p_s(y_t) - log p_t(y_t) + 1) per token
@@ -11,8 +11,9 @@ tokens and S) and the steered reference actor for the teacher's, then:
 With --safesteer.coeff_key, each prompt's teacher scale (its label: 1 harmful, 0 retain) goes to the teacher
 actor, which steers each row with coeff * scale (docs/METHOD.md section 8: the retain rows' teacher is the
 unsteered base, so the same loss pulls the student back to the base on them).
-It logs per sequence the KL over S, the student's and teacher's mass on S, and the sampled-token
-log-ratio (`kl`); OpenRLHF logs the response length. Rewards are zero (SafeSteer has none).
+With the sampled objective it logs per sequence the KL over S, the student's and teacher's mass on S, and the
+sampled-token log-ratio (`kl`); with the exact objective the policy step logs the same from its own forward
+(`safesteer/kl_on_S`, ...), so no student forward is spent on logs. OpenRLHF logs the response length. Rewards are zero (SafeSteer has none).
 
 Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
 where those are not installed, import it after `compat.prepare_process()` (the launcher does) or in a Ray worker
@@ -83,15 +84,20 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
             attention_mask=[s.attention_mask for s in samples_list],
         )
         colocated = args.train.colocate_all or args.train.colocate_actor_ref
-        student_refs = self._dispatch_forward(self.actor_model_group, colocated, **forward_kwargs)
+        # The exact objective's policy step recomputes the student's logits with gradient and logs the same
+        # KL / mass metrics from them; a student forward here would serve nothing but duplicate logs (on a
+        # 2-core CPU it also halves the teacher's cores). The sampled objective's advantage needs it.
+        need_student = self.safesteer.objective != "exact"
+        student_refs = self._dispatch_forward(self.actor_model_group, colocated, **forward_kwargs) \
+            if need_student else None
         teacher_kwargs = dict(forward_kwargs)
         if self.safesteer.coeff_key:
             teacher_kwargs["steering_scales"] = [teacher_scales(s.labels, self.safesteer.coeff_key) for s in samples_list]
             for samples, scales in zip(samples_list, teacher_kwargs["steering_scales"]):
                 samples.info["teacher_scale"] = scales    # logged: the step's share of steered (harmful) rows
         teacher_refs = self._dispatch_forward(self.initial_model_group, colocated, **teacher_kwargs)
-        students = self._flatten_results(student_refs, duplicate)
         teachers = self._flatten_results(teacher_refs, duplicate)
+        students = self._flatten_results(student_refs, duplicate) if need_student else [None] * len(teachers)
         if not len(samples_list) == len(students) == len(teachers):
             raise RuntimeError(f"{len(samples_list)} micro-batches but {len(students)} student and {len(teachers)} "
                                "teacher results")
@@ -102,16 +108,20 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
             if samples.rewards is None:  # SafeSteer has no reward; OpenRLHF's logging expects one
                 samples.rewards = torch.zeros(batch)
             samples.info["reward"] = samples.rewards.float()
-            log_ratio = (student["logprobs"].float() - teacher["logprobs"].float()) * mask
-            samples.action_log_probs = student["logprobs"]
             # With retain rows the teacher's sampled-token log-probs ride in OpenRLHF's reference field: on a retain
             # row they are the unsteered base's, which the policy step's full-vocabulary retain estimate needs.
             samples.base_action_log_probs = teacher["logprobs"].float() if self.safesteer.coeff_key else None
             samples.values = None
-            samples.kl = log_ratio
-            samples.info["kl"] = masked_mean(log_ratio, mask, dim=-1)
-            samples.info.update(per_sequence_safety(student["logprobs_on_s"], teacher["logprobs_on_s"], mask))
             setattr(samples, TEACHER_SAMPLED, teacher["logprobs"].float())
+            if student is None:   # exact: OpenRLHF's batching wants the field; nothing reads its values
+                samples.action_log_probs = torch.zeros_like(teacher["logprobs"], dtype=torch.float32)
+                samples.kl = None
+            else:
+                log_ratio = (student["logprobs"].float() - teacher["logprobs"].float()) * mask
+                samples.action_log_probs = student["logprobs"]
+                samples.kl = log_ratio
+                samples.info["kl"] = masked_mean(log_ratio, mask, dim=-1)
+                samples.info.update(per_sequence_safety(student["logprobs_on_s"], teacher["logprobs_on_s"], mask))
             if self.safesteer.objective == "exact":
                 setattr(samples, TEACHER_ON_S, teacher["logprobs_on_s"].float())
         return samples_list
@@ -131,8 +141,9 @@ class SafeSteerExperienceMaker(RemoteExperienceMaker):
                 advantages = torch.zeros_like(experience.action_log_probs, dtype=torch.float32)  # unused by the loss
             if self.safesteer.dump_dir and index == 0:
                 tensors = {"sequences": experience.sequences, "attention_mask": experience.attention_mask,
-                           "action_mask": mask, "student_logprobs": experience.action_log_probs,
-                           "teacher_logprobs": teacher, "advantages": advantages}
+                           "action_mask": mask, "teacher_logprobs": teacher, "advantages": advantages}
+                if self.safesteer.objective != "exact":   # exact makes no student forward here
+                    tensors["student_logprobs"] = experience.action_log_probs
                 if hasattr(experience, TEACHER_ON_S):
                     tensors["teacher_on_s"] = getattr(experience, TEACHER_ON_S)
                 if "teacher_scale" in experience.info:

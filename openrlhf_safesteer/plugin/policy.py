@@ -20,7 +20,6 @@ set up by `compat.worker_setup` (install.ensure_ray starts Ray with it). Importi
 from __future__ import annotations
 
 import contextlib
-
 import logging
 import os
 from typing import Dict, Optional

@@ -33,6 +33,7 @@ import ray
 import torch
 from openrlhf.trainer.ray.launcher import ReferenceModelActor
 
+from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.plugin import compat
 from openrlhf_safesteer.plugin.logits import action_logprobs
 from openrlhf_safesteer.steering import steer
@@ -103,7 +104,9 @@ class SteeredReferenceActor(_StockReference):
         if steering_scales is not None:
             coeff = row_coefficients(self.steering_vector.coeff if coeff is None else coeff, steering_scales,
                                      attention_mask, getattr(self.model, "packing_samples", False))
-        with torch.no_grad(), steer(self.model.model, self.steering_vector, coeff):
+        # on a CPU, oneDNN for the large products, as the local engine's teacher (cpu_kernels.py; no gradient here)
+        with torch.no_grad(), onednn_linear(not compat.cuda_present()), \
+                steer(self.model.model, self.steering_vector, coeff):
             # action_mask=None + return_output: the Actor returns its logits (already divided by the
             # rollout temperature, like the student's), gathered back to (B, T, V) under packing.
             output = self.model(

@@ -255,10 +255,10 @@ def by_hand_safety(student_on_s, teacher_on_s, action):
 
 
 def test_make_experience_routes_student_and_teacher_and_logs_safety_per_sequence(monkeypatch):
-    """Two ragged micro-batches: the student's log-probs become action_log_probs, the teacher's ride along
-    (sampled tokens and S), and the logged kl_on_S / masses on S equal a per-sequence recount by hand."""
+    """Two ragged micro-batches (sampled objective): the student's log-probs become action_log_probs, the
+    teacher's ride along, and the logged kl_on_S / masses on S equal a per-sequence recount by hand."""
     lengths_per_batch = [(4, 1, 6), (2, 5)]
-    maker, samples, students, teachers, groups = make_maker(monkeypatch, "exact", lengths_per_batch)
+    maker, samples, students, teachers, groups = make_maker(monkeypatch, "sampled", lengths_per_batch)
 
     out = maker.make_experience(samples)
 
@@ -273,7 +273,6 @@ def test_make_experience_routes_student_and_teacher_and_logs_safety_per_sequence
         mask = experience.action_mask
         assert torch.equal(experience.action_log_probs, student["logprobs"])
         assert torch.equal(getattr(experience, TEACHER_SAMPLED), teacher["logprobs"])
-        assert torch.equal(getattr(experience, TEACHER_ON_S), teacher["logprobs_on_s"])
         log_ratio = (student["logprobs"] - teacher["logprobs"]) * mask
         torch.testing.assert_close(experience.kl, log_ratio)
         by_hand_kl = [sum(log_ratio[r][mask[r]].tolist()) / n for r, n in enumerate(lengths)]
@@ -287,6 +286,20 @@ def test_make_experience_routes_student_and_teacher_and_logs_safety_per_sequence
         assert min(expected["teacher_mass_on_S"]) > max(expected["student_mass_on_S"]) + 0.1
         assert torch.equal(experience.rewards, torch.zeros(len(lengths)))
         assert experience.base_action_log_probs is None and experience.values is None
+
+
+def test_make_experience_exact_objective_asks_only_the_teacher(monkeypatch):
+    """objective `exact`: the policy step recomputes the student with gradient (and logs its KL over S from it),
+    so the maker makes no student forward; the teacher's log-probs on S ride along for the loss."""
+    maker, samples, _students, teachers, (student_group, teacher_group) = make_maker(monkeypatch, "exact",
+                                                                                      [(4, 1, 6), (2, 5)])
+    out = maker.make_experience(samples)
+    assert student_group.calls == [] and [method for method, _ in teacher_group.calls] == ["forward"]
+    for experience, teacher in zip(out, teachers):
+        assert torch.equal(getattr(experience, TEACHER_ON_S), teacher["logprobs_on_s"])
+        assert torch.equal(getattr(experience, TEACHER_SAMPLED), teacher["logprobs"])
+        assert experience.action_log_probs.shape == experience.action_mask.shape
+        assert experience.kl is None and "kl_on_S" not in experience.info
 
 
 def test_make_experience_sampled_objective_carries_no_teacher_on_s(monkeypatch):
