@@ -145,6 +145,10 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             from openrlhf_safesteer.plugin.rollout import create_hf_rollout_engines
 
             namespace["create_vllm_engines"] = create_hf_rollout_engines
+        else:   # OpenRLHF's vLLM engines, each request seeded by the plugin's rule (plugin.vllm_seeded)
+            from openrlhf_safesteer.plugin.vllm_seeded import seeded_vllm_engines
+
+            namespace["create_vllm_engines"] = seeded_vllm_engines(namespace["create_vllm_engines"])
         ensure_ray()
         import ray
 

@@ -11,7 +11,9 @@ load balancing and response processing, and changes what makes two runs differ:
 - results are read in dispatch order (prompt order, then sample order), so the experiences, their
   micro-batches and the order of every float sum downstream are the same in every run.
 Engines that do not announce `seeded_requests` (OpenRLHF's own vLLM actor) get the stock request, unseeded:
-the same seed for all of a prompt's samples would make them identical there.
+the same seed for all of a prompt's samples would make them identical there. The plugin's vLLM actor
+(`plugin.vllm_seeded`) derives each request's seed as the HF engine does; vLLM batches continuously, so it
+gets no barrier and keeps OpenRLHF's tokenizer argument.
 
 Dynamic filtering re-dispatches replacement prompts as results arrive, which is order-dependent by design:
 with --algo.dynamic_filtering_enable the stock path runs, and the log says it is not repeatable.
@@ -36,8 +38,15 @@ logger = logging.getLogger(__name__)
 
 
 def is_seeded_engine(engine: Any) -> bool:
-    """Whether a rollout engine handle derives per-request seeds from SamplingParams.seed (ours do)."""
+    """Whether a rollout engine handle derives per-request seeds from SamplingParams.seed (the HF engine and
+    `plugin.vllm_seeded`'s vLLM actor do; OpenRLHF's own vLLM actor does not)."""
     return hasattr(engine, "seeded_requests")
+
+
+def has_barrier(engine: Any) -> bool:
+    """Whether an engine handle takes an announced request count and tokenizes with its own tokenizer (the HF
+    engine: vLLM batches continuously and needs no barrier)."""
+    return hasattr(engine, "expect_requests")
 
 
 class _Recorder:
@@ -76,6 +85,7 @@ class SeededSamplesGenerator(SamplesGenerator):
             if is_seeded_engine(engines[index]):
                 kwargs["sampling_params"] = copy.copy(kwargs["sampling_params"])
                 kwargs["sampling_params"].seed = seed
+            if has_barrier(engines[index]):
                 kwargs["hf_tokenizer"] = None
                 counts[index] += kwargs.get("num_samples", 1)
         ray.get([engines[index].expect_requests.remote(count) for index, count in counts.items()])

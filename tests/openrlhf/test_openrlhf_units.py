@@ -145,3 +145,103 @@ def test_hf_rollout_engine_answers_like_vllms(tiny):
     assert engine.parameter_checksum() != pytest.approx(before)
     with pytest.raises(KeyError):
         engine.load_weights({"not.a.parameter": torch.zeros(1)})
+
+
+def test_seeded_vllm_actor_gives_each_request_its_own_seed():
+    """The GPU path's rule (plugin.vllm_seeded): the rollout seed in SamplingParams becomes each request's own
+    request_seed(rollout, prompt ids, k), as in the HF engine; unseeded requests pass through unchanged."""
+    from openrlhf_safesteer.plugin.vllm_seeded import SeededRolloutActor
+    from openrlhf_safesteer.sampling import request_seed, rollout_seed
+
+    seen = []
+
+    class FakeLLM:   # the vLLM engine inside the actor: records what each request was sampled with
+        def generate(self, prompt, params, request_id):
+            seen.append((prompt["prompt_token_ids"], params.seed))
+
+            async def outputs():
+                yield "done"
+
+            return outputs()
+
+    actor = object.__new__(SeededRolloutActor)   # no vLLM engine to start: only generate() is exercised
+    actor.llm, actor._mm_pad_token_ids = FakeLLM(), None
+    rollout = rollout_seed(42, 3)
+    params = compat.SamplingParams(temperature=1.0, seed=rollout)
+
+    async def requests():
+        for ids in ([1, 2], [1, 2], [3]):
+            assert await actor.generate(ids, params) == "done"
+        await actor.generate([1, 2], compat.SamplingParams(temperature=1.0))
+
+    asyncio.run(requests())
+    assert seen == [([1, 2], request_seed(rollout, [1, 2], 0)), ([1, 2], request_seed(rollout, [1, 2], 1)),
+                    ([3], request_seed(rollout, [3], 0)), ([1, 2], None)]
+    assert params.seed == rollout   # the caller's params are not modified
+
+
+def _rollout(engine, prompts: list[str], samples: int, params, announce: bool):
+    """One rollout as SeededSamplesGenerator sends it: (announce,) then every prompt's request, in the given
+    order and 80 ms apart (longer than the batching window of unannounced requests, as Ray spreads them), with
+    no tokenizer shipped. Returns each prompt's response token lists."""
+
+    async def late(delay: float, prompt: str):
+        await asyncio.sleep(delay)
+        return await engine.generate_responses(prompt, "", params, 64, None, num_samples=samples)
+
+    async def run():
+        if announce:
+            engine.expect_requests(len(prompts) * samples)
+        return await asyncio.gather(*[late(0.08 * i, p) for i, p in enumerate(prompts)])
+
+    answers = asyncio.run(run())
+    return {p: sorted(tuple(r["observation_tokens"][r["action_ranges"][0][0]:]) for r in answer)
+            for p, answer in zip(prompts, answers)}
+
+
+def test_hf_engine_barrier_generates_one_canonical_batch_whatever_the_arrival_order(tiny, monkeypatch):
+    """Announced requests are generated together once all are in, rows in a canonical order, each with its own
+    seed: two arrival orders give one batch each, of the same rows, and the same samples; the engine's own
+    tokenizer serves requests that ship none. A missing request trips the watchdog: a logged partial batch."""
+    from openrlhf_safesteer.plugin import rollout as rollout_module
+    from openrlhf_safesteer.plugin.rollout import HFRolloutActor
+    from openrlhf_safesteer.sampling import rollout_seed
+
+    batches = []
+
+    def recorded_engine(seed: int) -> HFRolloutActor:
+        engine = HFRolloutActor(tiny.run["model"], seed=seed, max_model_len=64)
+        stock = engine._generate_batch
+
+        def recording(prompts, params, seeds=None):
+            batches.append([tuple(p) for p in prompts])
+            return stock(prompts, params, seeds)
+
+        engine._generate_batch = recording
+        return engine
+
+    prompts = [tiny.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True)
+               for text in ("How do I make a cake?", "Write a poem.", "Name a colour.")]
+    params = compat.SamplingParams(temperature=1.0, max_tokens=6, min_tokens=1, seed=rollout_seed(42, 0))
+    # two runs (engines whose global streams differ too), the requests arriving in opposite orders
+    forward = _rollout(recorded_engine(0), prompts, 2, params, announce=True)
+    engine = recorded_engine(1)
+    backward = _rollout(engine, prompts[::-1], 2, params, announce=True)
+    assert len(batches) == 2 and len(batches[0]) == 6 and batches[0] == batches[1]
+    assert forward == backward
+    assert len({s for samples in forward.values() for s in samples}) > 3     # samples of a prompt differ
+
+    # another rollout seed, other samples (the equality above could fail)
+    other = compat.SamplingParams(temperature=1.0, max_tokens=6, min_tokens=1, seed=rollout_seed(42, 1))
+    assert _rollout(engine, prompts, 2, other, announce=True) != forward
+
+    monkeypatch.setattr(rollout_module, "BARRIER_TIMEOUT_SECONDS", 0.2)
+
+    async def one_short():
+        engine.expect_requests(3)
+        return await asyncio.gather(*[engine.generate_responses(p, "", params, 64, None) for p in prompts[:2]])
+
+    assert len(asyncio.run(one_short())) == 2 and engine.partial_batches == 1
+    with pytest.raises(ValueError, match="count >= 0"):
+        engine.expect_requests(-1)
