@@ -266,3 +266,28 @@ def test_parse_method():
     for bad, match in (("retain", "NAME=OVERRIDES"), ("x=seed=3", "from --seeds"), ("x=nope=1", "unknown sweep key")):
         with pytest.raises(ValueError, match=match):
             parse_method(bad)
+
+
+@pytest.mark.parametrize("module", ["selectivity", "sweep"])
+def test_a_missing_from_folder_is_one_line_and_exit_2(module, tmp_path, capsys):
+    """--from a folder that is not there, or one without the demo's artifacts: one line on stderr, status 2, no
+    traceback and nothing written."""
+    import importlib
+
+    main = importlib.import_module(f"openrlhf_safesteer.demo.{module}").main
+    extra = ["--run", "lr=1e-4"] if module == "sweep" else []
+    for source, message in ((tmp_path / "missing", "no such folder"),
+                            (tmp_path, "no vector, safety_tokens.json, eval_base.json there")):
+        assert main(["--from", str(source), "--out", str(tmp_path / "out")] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "make demo" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_selectivity_help_says_what_from_needs_and_how_long_it_takes(capsys):
+    from openrlhf_safesteer.demo.selectivity import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--from outputs/demo" in out and "make demo" in out and "hours" in out
