@@ -109,6 +109,26 @@ def test_bad_input_is_refused_before_any_compute(tiny_run, tmp_path, monkeypatch
     assert "not enough memory for the comparison" in capsys.readouterr().err
 
 
+def test_dry_run_checks_and_prints_each_arms_command_and_writes_nothing(tiny_run, tmp_path, capsys):
+    """`--dry-run` (what `bash recipes/compare_cpu.sh --dry-run` runs): each arm's command line as `run` would
+    start it, exit 0 and no output folder; a bad setting is still one line and exit 2."""
+    import shlex
+
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--model", tiny_run["model"], "--arms", "dpo", "safesteer_local", "--dry-run"]
+    assert compare_run.main(argv) == 0
+    printed = capsys.readouterr().out
+    cfg = compare_run.config_from_args(compare_run.build_parser().parse_args(argv))
+    for arm in ("dpo", "safesteer_local"):
+        want = arm_command(arm, cfg, tiny_run["model"], out / "data", out / "arms" / arm,
+                           out / "artifacts" / "vector", out / "artifacts" / "safety_tokens.json")
+        assert f"# {arm}\n{shlex.join(want)}\n" in printed
+    assert "# safesteer\n" not in printed and "dry run OK" in printed
+    assert not out.exists()
+    assert compare_run.main([*argv, "--from", str(tmp_path / "nowhere")]) == 2
+    assert "not a finished demo folder" in capsys.readouterr().err
+
+
 def test_openrlhf_layout_becomes_the_local_engines_rollouts():
     from openrlhf_safesteer.local.rollout import build_rollouts
 
