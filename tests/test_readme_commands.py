@@ -125,3 +125,16 @@ def test_readme_command_parses(command, monkeypatch, tmp_path, capsys):
         proc = subprocess.run(["bash", str(script), "--dry-run", *argv[2:]], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, f"{command}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+
+
+def test_the_launchers_flag_list_in_docs_names_every_safesteer_flag():
+    """docs/openrlhf.md lists the `--safesteer.*` flags in one sentence (`vector`, `tokens`, ...): a flag added to
+    the launcher's parser and not to that list fails here (retain_divergence was missing once)."""
+    from openrlhf_safesteer.plugin.config import PREFIX, build_parser
+
+    text = (REPO / "docs" / "openrlhf.md").read_text()
+    start = text.index("The launcher takes every flag of")
+    listed = text[start:text.index("It runs OpenRLHF's own entry point", start)]
+    named = {w.split()[0] for w in re.findall(r"`([^`]+)`", listed)}
+    flags = {o[len(PREFIX):] for a in build_parser()._actions for o in a.option_strings if o.startswith(PREFIX)}
+    assert flags - {"help"} <= named, sorted(flags - {"help"} - named)
