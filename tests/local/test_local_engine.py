@@ -120,6 +120,9 @@ def test_every_objective_trains_one_step(tmp_path, tok, objective):
     (record,) = result.history
     assert all(torch.isfinite(torch.tensor(v)) for v in record.values() if isinstance(v, float))
     assert record["grad_norm"] > 0
+    # the step moved the weights: LoRA's B matrices start at zero, so any non-zero one was written by the optimizer
+    lora_b = [p for name, p in result.model.named_parameters() if "lora_B" in name]
+    assert lora_b and any(bool(p.detach().abs().max() > 0) for p in lora_b)
 
 
 def _fixed_eval_loss(model, tok, sv, ids, rollouts):
