@@ -284,7 +284,8 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == set(ARMS)
     base_eval = json.loads((out / "artifacts" / "eval_base.json").read_text())
-    assert report["base"] == pytest.approx(recount(base_eval["samples"]))
+    # abs 1e-5: the stored per-reply scores are float32 values, averaged here in float64 (rates are k/n exactly)
+    assert report["base"] == pytest.approx(recount(base_eval["samples"]), abs=1e-5)
     for arm, entry in report["arms"].items():
         assert entry["changed_tensors"] > 0, f"{arm} did not train: {entry}"
         for key in ("train_seconds", "needs"):
@@ -293,11 +294,11 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
         # every figure of the arm is its own evaluation's, recounted from the replies it stored
         samples = json.loads((out / "arms" / arm / "result.json").read_text())["eval"]["samples"]
         want = recount(samples)
-        assert {k: entry[k] for k in want} == pytest.approx(want), arm
+        assert {k: entry[k] for k in want} == pytest.approx(want, abs=1e-5), arm
         assert entry["harmful_score_shift"] == pytest.approx(want["harmful_refusal_score"]
-                                                             - report["base"]["harmful_refusal_score"])
+                                                             - report["base"]["harmful_refusal_score"], abs=1e-5)
         assert entry["harmless_score_shift"] == pytest.approx(want["harmless_refusal_score"]
-                                                              - report["base"]["harmless_refusal_score"])
+                                                              - report["base"]["harmless_refusal_score"], abs=1e-5)
     # the plugin's first step and the local engine score the same rollouts alike
     assert report["parity"]["relative_error"] <= 1e-5, report["parity"]
     assert report["parity"]["teacher_logprobs_max_abs_diff"] <= 1e-5
