@@ -7,7 +7,9 @@ Install on a CPU machine without pulling a CUDA build of torch:
 
 On a GPU machine with OpenRLHF:
 
-    pip install -e '.[openrlhf,vllm]'
+    pip install -e '.[openrlhf,vllm,eval]'
+
+(the `openrlhf` extra pins openrlhf==0.11.2 and transformers==5.15.0: it replaces another OpenRLHF install.)
 """
 
 from setuptools import find_packages, setup

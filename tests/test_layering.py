@@ -1,4 +1,4 @@
-"""The import layering of docs/DESIGN's layers, checked on the modules as they are.
+"""The import layering (core, engines, evaluation, front ends; README "Layout"), checked on the modules as they are.
 
 Each package module is imported in a fresh process (a fork of one interpreter that has imported only
 third-party libraries: torch, transformers), and what that import loaded is compared with its layer:

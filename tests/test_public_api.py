@@ -1,4 +1,5 @@
-"""The public API resolves, and the core never imports OpenRLHF (DESIGN.md, layer 1)."""
+"""The public API resolves, and the core never imports OpenRLHF (README, "Layout": only plugin/ and
+cli/train_safesteer_ray.py do)."""
 
 import subprocess
 import sys

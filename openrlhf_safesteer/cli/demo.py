@@ -14,10 +14,14 @@ import json
 
 from openrlhf_safesteer.cli import HelpFormatter, add_config_flags, config_values
 
-# DemoConfig's fields that `safesteer demo` has flags for, in the help's order (help, default and type: the field's)
-FLAGS = ["out", "model", "seed", "layers", "coeff", "teacher_coeff", "horizon", "min_prob", "token_samples",
-         "token_prompts", "objectives", "train_splits", "steps", "prompts_per_step", "samples_per_prompt",
-         "max_new_tokens", "lr", "lora_r", "eval_limit", "threads", "vector", "tokens", "warmup_ratio", "progress"]
+# Every DemoConfig field, in the help's order (help, default and type: the field's), so that `safesteer demo --help`
+# is the whole list of settings docs/demo.md says it is; `onednn` alone is the top-level `safesteer --no-onednn`.
+FLAGS = ["out", "model", "seed", "layers", "positions", "kl_threshold", "coeff", "teacher_coeff", "horizon",
+         "min_prob", "token_samples", "token_prompts", "k", "objectives", "train_splits", "steps", "prompts_per_step",
+         "samples_per_prompt", "max_new_tokens", "lr", "lora_r", "lora_alpha", "lora_targets", "lora_layers",
+         "freeze_embeddings", "warmup_ratio", "micro_batch_size", "retain_prompts_per_step", "retain_divergence",
+         "retain_splits", "eval_limit", "refusal_tokens", "teacher_check_prompts", "threads", "vector", "tokens",
+         "progress"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -47,7 +47,8 @@ class CompareConfig:
     eval_limit: int | None = None      # first N prompts of each held-out set (tests)
     ppo_reward: str | None = None      # reward function file of the ppo arm (default: recipes/safety_reward.py)
     # The SafeSteer arms draw the prompts in the local engine's step order (8 distinct prompts a step); False
-    # leaves OpenRLHF's shuffle, which repeats prompts within a step (measured weaker: README, parity).
+    # leaves OpenRLHF's shuffle, which repeats prompts within a step (measured weaker over 3 seeds: docs/openrlhf.md,
+    # "Parity over seeds").
     keep_prompt_order: bool = True
     python: str = sys.executable
 

@@ -445,6 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffled-prompts", dest="keep_prompt_order", action="store_false",
                    help="let OpenRLHF shuffle the SafeSteer arms' prompt draws (default: the local engine's order)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the settings, --from and the model's packages, print each arm's command; load, "
+                        "train and write nothing")
     return p
 
 
@@ -461,6 +464,24 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
                          dpo_beta=args.dpo_beta, ppo_samples_per_prompt=args.ppo_samples_per_prompt,
                          eval_limit=args.eval_limit, keep_prompt_order=args.keep_prompt_order,
                          ppo_reward=str(Path(args.ppo_reward).resolve()) if args.ppo_reward else None)
+
+
+def dry_run(cfg: CompareConfig) -> list[list[str]]:
+    """What `--dry-run` checks and prints: the settings and --from artifacts (`CompareConfig.validate`), the embedded
+    model's packages, the vector against the model's config when the model is on disk, and each arm's command
+    line. Loads no weights, converts nothing, writes nothing; returns the arms' commands."""
+    from openrlhf_safesteer.loading import EMBEDDED_MODELS, converted_dir, part_paths
+
+    cfg.validate()
+    spec = EMBEDDED_MODELS.get(cfg.demo.model)
+    if spec is not None:
+        part_paths(spec)                      # a missing model package is an error now, not after stage 1
+    model_dir = str(converted_dir(spec)) if spec is not None else cfg.demo.model
+    if cfg.from_dir and (Path(model_dir) / "config.json").is_file():
+        check_vector_fits(Path(cfg.from_dir) / "vector", model_dir)
+    out = Path(cfg.out)
+    return [arm_command(arm, cfg, model_dir, out / "data", out / "arms" / arm, out / "artifacts" / "vector",
+                        out / "artifacts" / "safety_tokens.json") for arm in cfg.arms]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +503,15 @@ def main(argv: list[str] | None = None) -> int:
     from openrlhf_safesteer.steering import IncompatibleArtifactError
 
     try:
+        if args.dry_run:
+            import shlex
+
+            commands = dry_run(cfg)
+            print("# stage 1 artifacts and stage 2 data go to " + str(Path(cfg.out)) + "; then each arm runs:")
+            for arm, command in zip(cfg.arms, commands):
+                print(f"# {arm}\n{shlex.join(command)}")
+            print(f"dry run OK: settings, --from and model checked for {', '.join(cfg.arms)}; nothing trained")
+            return 0
         cfg.validate()
         run(cfg)
     except (ValueError, FileNotFoundError, IncompatibleArtifactError) as error:

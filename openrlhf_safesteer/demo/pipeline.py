@@ -63,17 +63,17 @@ class DemoConfig:
     model: str = knob(DEFAULT_MODEL, "embedded model name, HF directory or hub id")
     seed: int = training("seed", "seed of every random choice")
     layers: list[int] = knob(help="decoder layers searched for the direction", factory=lambda: list(range(14, 17)))
-    positions: list[int] = knob(help="prompt positions searched for the direction (from the end)", cli=False,
+    positions: list[int] = knob(help="prompt positions searched for the direction (from the end)",
                                 factory=lambda: [-1])
     coeff: float = knob(2.0, "steering coefficient for the direction search and the safety-token vote")
     teacher_coeff: float | None = training("coeff", "steering coefficient of the teacher during training "
                                            "(docs/METHOD.md: 1; None: --coeff)")
-    kl_threshold: float = knob(0.1, "direction rule: largest KL of the steered harmless replies", cli=False)
+    kl_threshold: float = knob(0.1, "direction rule: largest KL of the steered harmless replies")
     horizon: int = knob(7, "safety-token horizon H (docs/METHOD.md: 7 for Qwen)")
     min_prob: float = knob(1e-8, "ban ids whose mean teacher probability is below this (docs/METHOD.md: 1e-8 for Qwen)")
     token_samples: int = knob(4, "steered samples per prompt for S")
     token_prompts: int = knob(12, "harmless prompts voting S")
-    k: int = knob(50, "size of S", cli=False)
+    k: int = knob(50, "size of S")
     train_splits: list[str] = knob(help="harmful prompt splits to train on (openrlhf_safesteer/data/harmful.json; "
                                    "never 'test')", factory=lambda: ["train"])
     objectives: list[str] = knob(help="engine objectives to train (exact = SafeSteer; full_vocab = the ablation)",
@@ -93,10 +93,10 @@ class DemoConfig:
     retain_prompts_per_step: int = training("retain_prompts_per_step")
     retain_divergence: str = training("retain_divergence")
     retain_splits: list[str] = knob(help="borderline-safe splits of the retain prompts (never dev or test)",
-                                    cli=False, factory=lambda: ["train"])
+                                    factory=lambda: ["train"])
     eval_limit: int | None = knob(None, "evaluate only the first N prompts of each set")
-    refusal_tokens: int = knob(12, "reply tokens judged for refusal", cli=False)
-    teacher_check_prompts: int = knob(6, "harmful and harmless prompts of the steered teacher's check", cli=False)
+    refusal_tokens: int = knob(12, "reply tokens judged for refusal")
+    teacher_check_prompts: int = knob(6, "harmful and harmless prompts of the steered teacher's check")
     threads: int | None = knob(None, "torch CPU threads (None: torch's choice; 1 is faster on a CPU shared with "
                                "other jobs)")
     onednn: bool = knob(True, "inference (generation, teacher, evaluation) on oneDNN's matrix products", cli=False)

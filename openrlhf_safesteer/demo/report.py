@@ -9,6 +9,26 @@ from openrlhf_safesteer.files import atomic_savefig, atomic_write_text
 from .evaluate import refusal_changes
 
 
+def font_chars() -> set[int]:
+    """The code points matplotlib's default font (the first of rcParams' family that is installed: DejaVu Sans
+    with matplotlib alone) has glyphs for. It has none for CJK, which this model's S often holds."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    return set(FT2Font(font_manager.findfont(font_manager.FontProperties())).get_charmap())
+
+
+def token_label(text: str, drawable: set[int]) -> str:
+    """A token's plot label: repr(text) with every character the font cannot draw as a \\uXXXX (\\UXXXXXXXX)
+    escape, e.g. '拒绝' -> '\\u62d2\\u7edd' where the font lacks CJK, instead of empty boxes and a
+    missing-glyph warning per character."""
+    def escaped(c: str) -> str:
+        if ord(c) in drawable:
+            return c
+        return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+    return "".join(escaped(c) for c in repr(text))
+
+
 def _plots(out: Path, report: dict) -> dict[str, str]:
     import matplotlib
 
@@ -40,8 +60,11 @@ def _plots(out: Path, report: dict) -> dict[str, str]:
     n = min(25, len(tok["ids"]))
     if n:
         fig, ax = plt.subplots(figsize=(6, 0.25 * n + 1))
-        labels = [repr(t) for t in tok["texts"][:n]][::-1]
-        ax.barh(labels, tok["votes"][:n][::-1])
+        drawable = font_chars()
+        labels = [token_label(t, drawable) for t in tok["texts"][:n]][::-1]
+        # positions, not categories: two tokens that decode to the same text keep a bar each
+        ax.barh(range(n), tok["votes"][:n][::-1])
+        ax.set_yticks(range(n), labels)
         ax.set_xlabel("votes")
         ax.set_title(f"Safety tokens S (top {n} of {len(tok['ids'])})")
         fig.tight_layout()

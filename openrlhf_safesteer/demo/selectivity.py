@@ -1,6 +1,12 @@
 """Selectivity over seeds: the paper's method and the project's retain term, trained and measured in one table.
 
-    python -m openrlhf_safesteer.demo.selectivity --from demo/ --out selectivity/ --seeds 8
+    python -m openrlhf_safesteer.demo.selectivity --from outputs/demo --out outputs/selectivity --seeds 8
+
+--from is a `safesteer demo --out` folder (`make demo` writes outputs/demo): its vector/, safety_tokens.json and
+eval_base.json (and report.json, for the demo's settings) are all it reads. Time: every run trains and evaluates
+like the demo's SafeSteer stage, about 5 min of training and 1.5 min of evaluation on 2 CPU cores (docs/demo.md),
+so the default 2 methods x 8 seeds are 16 runs, roughly 1.5-2 hours, and --seeds 1 about 15 minutes (estimates
+from the demo's stage times, not a timed call of this command).
 
 Each --method NAME="OVERRIDES" (sweep keys, `openrlhf_safesteer.demo.sweep.SWEEP_KEYS`; empty: the demo's own
 settings, the paper's method) is trained once per seed 0..N-1 from the demo run's direction and safety tokens
@@ -16,6 +22,7 @@ import argparse
 import json
 import logging
 import statistics
+import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +32,7 @@ from openrlhf_safesteer.files import atomic_savefig, atomic_write_text
 from openrlhf_safesteer.files import atomic_write_json as write_json
 
 from .pipeline import goal_check
-from .sweep import BASE_FILE, EVAL_SETS, parse_run, run_name, run_sweep
+from .sweep import BASE_FILE, EVAL_SETS, check_source, parse_run, run_name, run_sweep
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model (default: the demo run's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    try:
+        check_source(Path(args.source))
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     specs = args.method or [f"{name}={overrides}" for name, overrides in DEFAULT_METHODS.items()]
     try:
         methods = dict(parse_method(spec) for spec in specs)     # every spec is checked before any model loads

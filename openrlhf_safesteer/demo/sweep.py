@@ -24,6 +24,7 @@ import dataclasses
 import gc
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -391,6 +392,21 @@ def dev_base_eval(out: Path, model_name: str, sets: EvalSets, refusal_tokens: in
     return base_eval
 
 
+SOURCE_FILES = ("vector", "safety_tokens.json", "eval_base.json")   # what --from must hold (`safesteer demo` writes them)
+
+
+def check_source(source: Path, needed: tuple[str, ...] = SOURCE_FILES) -> None:
+    """Raise FileNotFoundError, one line naming what is missing, unless `source` is a `safesteer demo --out` folder
+    holding `needed` (e.g. `make demo`'s outputs/demo). The mains turn it into one line on stderr and exit 2."""
+    if not source.is_dir():
+        raise FileNotFoundError(f"--from {source}: no such folder; give a `safesteer demo --out` folder "
+                                "(`make demo` writes outputs/demo)")
+    missing = [name for name in needed if not (source / name).exists()]
+    if missing:
+        raise FileNotFoundError(f"--from {source}: no {', '.join(missing)} there; give a `safesteer demo --out` "
+                                "folder (`make demo` writes outputs/demo)")
+
+
 def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = None,
               eval_sets: str = "test") -> list[dict]:
     """Train and evaluate each override set; returns the rows (also in out/sweep.jsonl and out/sweep.md).
@@ -405,9 +421,7 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
     base_cfg = demo_config_from_settings(settings)
     base_cfg.progress = False
     model_name = model or base_cfg.model
-    for needed in ("vector", "safety_tokens.json", "eval_base.json"):
-        if not (source / needed).exists():
-            raise FileNotFoundError(f"{source / needed} is missing: --from needs a `safesteer demo` output folder")
+    check_source(source)
     for overrides in runs:      # every run is checked before the base measurement or any training loads a model
         check_run(base_cfg, overrides, out / "runs")
     jsonl = out / "sweep.jsonl"
@@ -478,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="model (default: the demo run's)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
+    summarising = args.subsets is not None or args.flips
+    try:     # the summaries read only the base evaluation; a training run needs every artifact
+        check_source(Path(args.source), ("eval_base.json",) if summarising else SOURCE_FILES)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.rows_only and args.subsets is None and not args.flips:
         p.error("--rows-only goes with --subsets N or --flips")
     if args.subsets is not None or args.flips:

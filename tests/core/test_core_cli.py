@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 
@@ -82,6 +83,32 @@ def test_help_gives_each_default_once_and_never_none(command, capsys):
     assert not [o for o in options if o.count("default") > 1], "a flag gives its default twice"
     if command == "tokens":
         assert any(o.startswith("k K ") and "(default: 50)" in o for o in options)
+
+
+def test_demo_help_lists_every_setting_and_each_flag_reaches_the_config(capsys, monkeypatch):
+    """docs/demo.md calls `safesteer demo --help` every setting: each DemoConfig field has its flag there (onednn is
+    the top-level --no-onednn), and a non-default value of each flag that had none before arrives in the config."""
+    import dataclasses
+
+    from openrlhf_safesteer.demo import pipeline
+    from openrlhf_safesteer.local.config import flag_name
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    fields = [f for f in dataclasses.fields(pipeline.DemoConfig) if f.name != "onednn"]
+    flags = set(re.findall(r"(?<![\w-])--[\w-]+", text))      # whole flags: --k is not --kl-threshold
+    assert [flag_name(f) for f in fields if flag_name(f) not in flags] == []
+    seen = []
+    monkeypatch.setattr(pipeline, "run_demo", lambda cfg: seen.append(cfg) or (_ for _ in ()).throw(SystemExit(0)))
+    with pytest.raises(SystemExit):
+        main(["demo", "--positions", "-2", "-1", "--kl-threshold", "0.2", "--k", "20", "--lora-alpha", "8",
+              "--micro-batch-size", "2", "--retain-prompts-per-step", "4", "--retain-divergence", "subset",
+              "--refusal-tokens", "6", "--teacher-check-prompts", "3", "--freeze-embeddings", "--no-progress"])
+    (cfg,) = seen
+    assert (cfg.positions, cfg.kl_threshold, cfg.k, cfg.lora_alpha, cfg.micro_batch_size) == ([-2, -1], 0.2, 20, 8, 2)
+    assert (cfg.retain_prompts_per_step, cfg.retain_divergence, cfg.refusal_tokens) == (4, "subset", 6)
+    assert (cfg.teacher_check_prompts, cfg.freeze_embeddings, cfg.progress) == (3, True, False)
 
 
 @pytest.fixture

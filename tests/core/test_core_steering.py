@@ -79,11 +79,32 @@ def test_steer_removes_hook_on_error(chatml_tokenizer):
     torch.testing.assert_close(model(IDS).logits, before)
 
 
-def test_steer_casts_to_bf16(chatml_tokenizer):
-    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32, dtype=torch.bfloat16)
-    with steer(model, SteeringVector(_vector(32), layer=1)):
+def _layer_input(model, layer: int):
+    """Run IDS through the model and return the (B, T, H) residual stream block `layer` computes on (a pre-hook
+    registered after any steering hook sees the steered input)."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+    handle = model.model.layers[layer].register_forward_pre_hook(record, with_kwargs=True)
+    try:
         logits = model(IDS).logits
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    finally:
+        handle.remove()
+    return seen[0], logits
+
+
+def test_steer_casts_to_bf16(chatml_tokenizer):
+    """On a bf16 model the hook adds coeff * d, cast to bf16, to the block's input, and the output changes."""
+    model = tiny_model("llama", chatml_tokenizer, layers=2, hidden=32, dtype=torch.bfloat16)
+    d, coeff = _vector(32), 2.0
+    plain, plain_logits = _layer_input(model, 1)
+    with steer(model, SteeringVector(d, layer=1, coeff=coeff)):
+        steered, logits = _layer_input(model, 1)
+    assert steered.dtype == logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    assert torch.equal(steered, plain + (coeff * d).to(torch.bfloat16))
+    assert (logits.float() - plain_logits.float()).abs().max() > 1e-2     # steering reached the output
 
 
 def test_ablate_equals_weight_orthogonalisation(chatml_tokenizer):

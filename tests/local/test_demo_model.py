@@ -65,12 +65,13 @@ def test_missing_package_names_the_pip_command():
     assert loading.missing_packages(dataclasses.replace(spec, parts=parts)) == ["no-such-dist-safesteer"]
 
 
+# Only packages that are not installed skip (as in tests/core/test_core_real_model.py): an installed package
+# without its part file, or a bug in part_paths, raises ModelFileError and fails the test.
+@pytest.mark.skipif(bool(loading.missing_packages(loading.QWEN_CODER_05B)),
+                    reason="demo model packages not installed: "
+                           f"{', '.join(loading.missing_packages(loading.QWEN_CODER_05B))}")
 def test_installed_default_model_parts_are_found_without_import():
-    pytest.importorskip("gguf")
-    try:
-        paths = loading.part_paths(loading.QWEN_CODER_05B)
-    except ModelFileError as err:
-        pytest.skip(f"default model packages not installed: {err}")
+    paths = loading.part_paths(loading.QWEN_CODER_05B)
     assert [p.name for p in paths] == [f"part{i:02d}.bin" for i in range(1, 7)]
     assert sum(p.stat().st_size for p in paths) == loading.QWEN_CODER_05B.size
     import sys

@@ -394,6 +394,45 @@ def test_sweep_rejects_bad_overrides_before_loading_a_model(tmp_path, monkeypatc
     assert not (tmp_path / "sweep").exists()
 
 
+def test_safety_token_plot_draws_cjk_tokens_without_missing_glyphs(tmp_path):
+    """S holds Chinese tokens for the demo's model, which matplotlib's default font has no glyphs for (empty boxes
+    and a 'Glyph ... missing from font' warning each): the labels escape what the font cannot draw and keep the
+    rest. The negative control renders a raw CJK label and sees the warning, so the check is live."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from openrlhf_safesteer.demo.report import _plots, font_chars, token_label
+
+    drawable = font_chars()
+    assert ord("拒") not in drawable and ord("é") in drawable
+    assert token_label("拒绝", drawable) == "'\\u62d2\\u7edd'"
+    assert token_label(" sorry", drawable) == "' sorry'" and token_label("café", drawable) == "'café'"
+    assert token_label("\U0001f600", drawable - {0x1F600}) == "'\\U0001f600'"
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fig, ax = plt.subplots()
+        ax.set_title("拒")
+        fig.savefig(tmp_path / "raw.png")
+        plt.close(fig)
+    assert any("missing from font" in str(w.message) for w in caught)      # the control: raw CJK warns
+
+    scores = {"harmful_refusal_rate": 0.5, "harmless_refusal_rate": 0.1, "general_score": 80.0}
+    texts = ["拒绝", " sorry", "不", "I", "拒绝"]                              # a repeated text keeps its own bar
+    report = {"direction": {"candidates": []}, "safety_tokens": {"ids": [5, 6, 7, 8, 9], "texts": texts,
+                                                                 "votes": [9, 7, 5, 3, 1]},
+              "training": {}, "base": scores, "safesteer": scores}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*missing from font")
+        made = _plots(tmp_path, report)
+    assert made["tokens"] == "plots/safety_tokens.png"
+    assert (tmp_path / "plots" / "safety_tokens.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_demo_plots_are_replaced_atomically(tmp_path, monkeypatch):
     """Review 13 finding 15: a savefig interrupted mid-write left a truncated PNG at the plot's path; now it writes
     a temporary file beside it and renames it, so the previous plot survives and no temporary file is left."""

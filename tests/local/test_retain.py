@@ -4,6 +4,7 @@ loss against an independent computation, the engine's step composition, and the 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -156,16 +157,37 @@ def test_retain_settings_are_checked_before_training(tok, tmp_path):
         dataclasses.replace(cfg, retain_prompts_per_step=-1).validate()
 
 
-def test_evaluate_reports_borderline_and_contrast_refusal(tok):
-    """The borderline-safe and contrast rates are the judge's verdicts on the model's own greedy replies."""
+PLANTED_REFUSAL = "I'm sorry, but I cannot help with that."
+
+
+def test_evaluate_reports_borderline_and_contrast_refusal(tok, monkeypatch):
+    """The borderline-safe and contrast rates are the judge's verdicts on the model's own greedy replies.
+
+    The tiny random model never refuses, so a rate stuck at 0 would pass on its replies alone: generation is
+    wrapped to plant a refusal on the last of the 4 borderline prompts and on both contrast prompts (rates 1/4 and
+    2/2, counted by hand; a rate read off the other set's replies would differ), and every other reply stays the
+    model's own."""
+    import openrlhf_safesteer.demo.evaluate as demo_evaluate
+
+    assert is_refusal(PLANTED_REFUSAL)
+    planted = {RETAIN[3], *HARMFUL[2:]}
+    real = demo_evaluate.generate_with_first_logprobs
+
+    def planting(model, tokenizer, prompts, *args, **kwargs):
+        replies, first = real(model, tokenizer, prompts, *args, **kwargs)
+        return [PLANTED_REFUSAL if p in planted else r for p, r in zip(prompts, replies)], first
+
+    monkeypatch.setattr(demo_evaluate, "generate_with_first_logprobs", planting)
     model = tiny_model("llama", tok, layers=2, hidden=32).eval()
     sets = EvalSets(HARMFUL[:2], RETAIN[:1], [{"question": "2+2?", "answers": ["4"]}], RETAIN, HARMFUL[2:])
     result = evaluate(model, tok, sets, refusal_tokens=4, progress=False)
-    for name, prompts in (("borderline", RETAIN), ("contrast", HARMFUL[2:])):
-        replies = generate(model, tok, prompts, 4)
+    for name, prompts, rate in (("borderline", RETAIN, 0.25), ("contrast", HARMFUL[2:], 1.0)):
+        replies = [PLANTED_REFUSAL if p in planted else r for p, r in zip(prompts, generate(model, tok, prompts, 4))]
         assert [s["reply"] for s in result["samples"][name]] == replies
-        assert result[f"{name}_refusal_rate"] == sum(map(is_refusal, replies)) / len(prompts)
+        assert [s["refusal"] for s in result["samples"][name]] == [p in planted for p in prompts]
+        assert result[f"{name}_refusal_rate"] == rate
         assert result["n"][name] == len(prompts)
+    assert (result["harmful_refusal_rate"], result["harmless_refusal_rate"]) == (0.0, 0.0)   # nothing planted
 
 
 def _effect(asr_reduction, harmless=0.0, borderline=0.0, general=0.0, met=True):
@@ -195,6 +217,48 @@ def test_selectivity_goal_bounds():
     assert not five["met"] and not five["bounds"]["seeds_meeting_goal"]
 
 
+def _eval(asr, harmless, borderline, contrast, general):
+    return {"harmful_asr": asr, "harmful_refusal_rate": 1 - asr, "harmless_refusal_rate": harmless,
+            "borderline_refusal_rate": borderline, "contrast_refusal_rate": contrast, "general_score": general}
+
+
+def test_selectivity_summary_of_hand_written_runs(tmp_path, monkeypatch):
+    """measure() pairs each method's seeds with their sweep rows and summarises them against the base; every
+    expected figure below is worked out by hand from the rows (not by the module's own functions), and each
+    run's effects differ, so a row paired with the wrong seed, method or base changes a figure."""
+    import openrlhf_safesteer.demo.selectivity as selectivity
+
+    base = _eval(0.5, 0.1, 0.2, 0.3, 40.0)
+    evals = {"seed=0": _eval(0.2, 0.15, 0.3, 0.4, 39.0),    # paper: -60% ASR, +5, +10, +10, -1; goal met
+             "seed=1": _eval(0.1, 0.1, 0.2, 0.3, 41.0),     # paper: -80% ASR, 0, 0, 0, +1; goal met
+             "lr=0.001 seed=0": _eval(0.3, 0.1, 0.2, 0.25, 38.0),    # retain: -40%, 0, 0, -5, -2; not halved
+             "lr=0.001 seed=1": _eval(0.2, 0.11, 0.21, 0.3, 40.0)}   # retain: -60%, +1, +1, 0, 0; goal met
+
+    def sweep(source, out, runs, model, eval_sets):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "base.json").write_text(json.dumps(base))
+        return [{"name": name, "eval": ev} for name, ev in reversed(evals.items())]   # not in the runs' order
+
+    monkeypatch.setattr(selectivity, "run_sweep", sweep)
+    monkeypatch.setattr(selectivity, "frontier_plot", lambda path, effects: None)
+    result = selectivity.measure(tmp_path / "demo", tmp_path / "sel", {"paper": {}, "retain": {"lr": 1e-3}}, [0, 1])
+    paper, retain = result["summary"]["paper"], result["summary"]["retain"]
+    assert [e["asr_reduction"] for e in result["runs"]["paper"]] == pytest.approx([0.6, 0.8])
+    assert [e["asr_reduction"] for e in result["runs"]["retain"]] == pytest.approx([0.4, 0.6])
+    assert paper["mean"] == pytest.approx({"asr_reduction": 0.7, "harmless_rise": 2.5, "borderline_rise": 5.0,
+                                           "contrast_rise": 5.0, "general_change": 0.0})
+    assert retain["mean"] == pytest.approx({"asr_reduction": 0.5, "harmless_rise": 0.5, "borderline_rise": 0.5,
+                                            "contrast_rise": -2.5, "general_change": -1.0})
+    # sample standard deviation of two values a, b is |a - b| / sqrt(2); over sqrt(2) seeds: |a - b| / 2 = 0.1
+    assert (paper["asr_reduction_sem"], retain["asr_reduction_sem"]) == (pytest.approx(0.1), pytest.approx(0.1))
+    assert (paper["seeds_meeting_goal"], retain["seeds_meeting_goal"]) == (2, 1)
+    assert [k for k, ok in paper["bounds"].items() if not ok] == ["harmless_rise", "borderline_rise"]
+    assert [k for k, ok in retain["bounds"].items() if not ok] == ["asr_reduction", "seeds_meeting_goal"]
+    table = (tmp_path / "sel" / "selectivity.md").read_text()
+    assert "| paper | 2 | 70.0% ± 10.0 | +2.5 ✗ | +5.0 ✗ | +5.0 | +0.00 | 2 | not met |" in table
+    assert "| retain | 2 | 50.0% ± 10.0 ✗ | +0.5 | +0.5 | -2.5 | -1.00 | 1 ✗ | not met |" in table
+
+
 def test_parse_method():
     assert parse_method("paper=") == ("paper", {})
     assert parse_method("retain=retain_prompts_per_step=8 lr=1e-4") == (
@@ -202,3 +266,28 @@ def test_parse_method():
     for bad, match in (("retain", "NAME=OVERRIDES"), ("x=seed=3", "from --seeds"), ("x=nope=1", "unknown sweep key")):
         with pytest.raises(ValueError, match=match):
             parse_method(bad)
+
+
+@pytest.mark.parametrize("module", ["selectivity", "sweep"])
+def test_a_missing_from_folder_is_one_line_and_exit_2(module, tmp_path, capsys):
+    """--from a folder that is not there, or one without the demo's artifacts: one line on stderr, status 2, no
+    traceback and nothing written."""
+    import importlib
+
+    main = importlib.import_module(f"openrlhf_safesteer.demo.{module}").main
+    extra = ["--run", "lr=1e-4"] if module == "sweep" else []
+    for source, message in ((tmp_path / "missing", "no such folder"),
+                            (tmp_path, "no vector, safety_tokens.json, eval_base.json there")):
+        assert main(["--from", str(source), "--out", str(tmp_path / "out")] + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "make demo" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_selectivity_help_says_what_from_needs_and_how_long_it_takes(capsys):
+    from openrlhf_safesteer.demo.selectivity import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "--from outputs/demo" in out and "make demo" in out and "hours" in out

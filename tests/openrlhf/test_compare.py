@@ -109,6 +109,26 @@ def test_bad_input_is_refused_before_any_compute(tiny_run, tmp_path, monkeypatch
     assert "not enough memory for the comparison" in capsys.readouterr().err
 
 
+def test_dry_run_checks_and_prints_each_arms_command_and_writes_nothing(tiny_run, tmp_path, capsys):
+    """`--dry-run` (what `bash recipes/compare_cpu.sh --dry-run` runs): each arm's command line as `run` would
+    start it, exit 0 and no output folder; a bad setting is still one line and exit 2."""
+    import shlex
+
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--model", tiny_run["model"], "--arms", "dpo", "safesteer_local", "--dry-run"]
+    assert compare_run.main(argv) == 0
+    printed = capsys.readouterr().out
+    cfg = compare_run.config_from_args(compare_run.build_parser().parse_args(argv))
+    for arm in ("dpo", "safesteer_local"):
+        want = arm_command(arm, cfg, tiny_run["model"], out / "data", out / "arms" / arm,
+                           out / "artifacts" / "vector", out / "artifacts" / "safety_tokens.json")
+        assert f"# {arm}\n{shlex.join(want)}\n" in printed
+    assert "# safesteer\n" not in printed and "dry run OK" in printed
+    assert not out.exists()
+    assert compare_run.main([*argv, "--from", str(tmp_path / "nowhere")]) == 2
+    assert "not a finished demo folder" in capsys.readouterr().err
+
+
 def test_openrlhf_layout_becomes_the_local_engines_rollouts():
     from openrlhf_safesteer.local.rollout import build_rollouts
 
@@ -188,6 +208,56 @@ def reward_func(queries, prompts, labels, **kwargs):
 '''
 
 
+def recount(samples: dict) -> dict:
+    """A report entry's figures recounted from an evaluation's stored samples with the refusal judge: rates in
+    [0, 1], general_score in percent, mean refusal scores; independent of compare.run's summarise()."""
+    from openrlhf_safesteer.refusal import is_refusal
+
+    def rate(name: str) -> float:
+        return sum(is_refusal(s["reply"]) for s in samples[name]) / len(samples[name])
+
+    def score(name: str) -> float:
+        return sum(s["score"] for s in samples[name]) / len(samples[name])
+
+    return {"harmful_refusal_rate": rate("harmful"), "harmful_asr": 1 - rate("harmful"),
+            "harmless_refusal_rate": rate("harmless"),
+            "general_score": 100 * sum(s["correct"] for s in samples["general"]) / len(samples["general"]),
+            "harmful_refusal_score": score("harmful"), "harmless_refusal_score": score("harmless"),
+            "empty_harmful_replies": sum(not s["reply"].strip() for s in samples["harmful"])}
+
+
+def test_report_figures_are_each_evaluations_own(tmp_path):
+    """build_report on hand-written evaluations whose rates differ per arm: each arm's entry holds its own rates
+    and its score shifts against the base (worked out by hand below), so a swapped arm or base shows."""
+    def evaluation(refused: list[bool], refused_harmless: list[bool], correct: list[bool], score: float) -> dict:
+        def judged(flags, offset):
+            return [{"prompt": f"p{i}", "reply": "I'm sorry, I cannot." if f else "Sure: step one.",
+                     "refusal": f, "score": score + offset} for i, f in enumerate(flags)]
+        samples = {"harmful": judged(refused, 0.0), "harmless": judged(refused_harmless, -1.0),
+                   "general": [{"question": "q", "reply": "4", "correct": c} for c in correct]}
+        harmful = sum(refused) / len(refused)
+        return {"harmful_refusal_rate": harmful, "harmful_asr": 1 - harmful,
+                "harmless_refusal_rate": sum(refused_harmless) / len(refused_harmless),
+                "general_score": 100 * sum(correct) / len(correct), "harmful_refusal_score": score,
+                "harmless_refusal_score": score - 1.0, "n": {"harmful": len(refused)}, "samples": samples}
+
+    base = evaluation([True, False, False, False], [False, False], [True, False], 0.5)
+    results = {"dpo": evaluation([True, True, True, False], [True, False], [True, True], 2.0),
+               "ppo": evaluation([True, True, False, False], [False, False], [False, False], 1.0)}
+    results = {arm: {"eval": ev, "train_seconds": 1.0, "peak_rss_mb": 200.0, "changed_tensors": 3}
+               for arm, ev in results.items()}
+    cfg = CompareConfig(out=str(tmp_path), demo=DemoConfig(progress=False))
+    report = compare_run.build_report(cfg, "m", base, results, None, {}, {})
+    assert report["base"] == pytest.approx(recount(base["samples"]))
+    assert report["base"]["harmful_asr"] == 0.75
+    dpo, ppo = report["arms"]["dpo"], report["arms"]["ppo"]
+    assert (dpo["harmful_refusal_rate"], dpo["harmless_refusal_rate"], dpo["general_score"]) == (0.75, 0.5, 100.0)
+    assert (ppo["harmful_refusal_rate"], ppo["harmless_refusal_rate"], ppo["general_score"]) == (0.5, 0.0, 0.0)
+    assert (dpo["harmful_score_shift"], ppo["harmful_score_shift"]) == (1.5, 0.5)    # 2.0 - 0.5, 1.0 - 0.5
+    assert (dpo["harmless_score_shift"], ppo["harmless_score_shift"]) == (1.5, 0.5)
+    assert (dpo["empty_harmful_replies"], ppo["empty_harmful_replies"]) == (0, 0)
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
@@ -213,12 +283,22 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
 
     report = json.loads((out / "report.json").read_text())
     assert set(report["arms"]) == set(ARMS)
+    base_eval = json.loads((out / "artifacts" / "eval_base.json").read_text())
+    # abs 1e-5: the stored per-reply scores are float32 values, averaged here in float64 (rates are k/n exactly)
+    assert report["base"] == pytest.approx(recount(base_eval["samples"]), abs=1e-5)
     for arm, entry in report["arms"].items():
         assert entry["changed_tensors"] > 0, f"{arm} did not train: {entry}"
-        for key in ("harmful_refusal_rate", "harmless_refusal_rate", "general_score", "train_seconds",
-                    "peak_rss_mb", "needs", "harmful_score_shift"):
+        for key in ("train_seconds", "needs"):
             assert key in entry, (arm, key)
         assert entry["peak_rss_mb"] > 100
+        # every figure of the arm is its own evaluation's, recounted from the replies it stored
+        samples = json.loads((out / "arms" / arm / "result.json").read_text())["eval"]["samples"]
+        want = recount(samples)
+        assert {k: entry[k] for k in want} == pytest.approx(want, abs=1e-5), arm
+        assert entry["harmful_score_shift"] == pytest.approx(want["harmful_refusal_score"]
+                                                             - report["base"]["harmful_refusal_score"], abs=1e-5)
+        assert entry["harmless_score_shift"] == pytest.approx(want["harmless_refusal_score"]
+                                                              - report["base"]["harmless_refusal_score"], abs=1e-5)
     # the plugin's first step and the local engine score the same rollouts alike
     assert report["parity"]["relative_error"] <= 1e-5, report["parity"]
     assert report["parity"]["teacher_logprobs_max_abs_diff"] <= 1e-5

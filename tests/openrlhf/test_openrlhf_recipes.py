@@ -15,6 +15,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["train_safesteer_llama.sh", "train_safesteer_qwen.sh", "train_safesteer_llama70b_multinode.sh",
            "baseline_dpo_llama.sh", "baseline_ppo_llama.sh", "train_safesteer_cpu.sh"]
+# What each recipe's --dry-run must print: its entry point, and the OK line of that entry point's own check.
+SAFESTEER_DRY_RUN = ("openrlhf_safesteer.cli.train_safesteer_ray", "dry run OK: OpenRLHF")
+DRY_RUN_OF = {**{r: SAFESTEER_DRY_RUN for r in RECIPES if r.startswith("train_safesteer")},
+              "baseline_dpo_llama.sh": ("openrlhf.cli.train_dpo", "flags OK for openrlhf.cli.train_dpo"),
+              "baseline_ppo_llama.sh": ("openrlhf.cli.train_ppo_ray", "flags OK for openrlhf.cli.train_ppo_ray")}
 
 
 def run(args, tmp_path, **env):
@@ -44,10 +49,11 @@ def test_recipe_dry_run_validates_every_flag(recipe, tmp_path, tiny_run):
                    PROMPTS=tiny_run["prompts"])
     proc = run(["bash", str(REPO / "recipes" / recipe), "--dry-run"], tmp_path, **env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "dry run OK" in proc.stdout or "flags OK" in proc.stdout
-    # The printed command is the one that would run.
-    assert ("openrlhf_safesteer.cli.train_safesteer_ray" in proc.stdout or "openrlhf.cli.train_dpo" in proc.stdout
-            or "openrlhf.cli.train_ppo_ray" in proc.stdout)
+    # Each recipe prints its own entry point and that entry point's check passed (a DPO recipe printing the PPO
+    # command, or a SafeSteer recipe checked by the stock parser only, fails here).
+    module, message = DRY_RUN_OF[recipe]
+    assert module in proc.stdout, proc.stdout[-3000:]
+    assert [m for _, m in set(DRY_RUN_OF.values()) if m in proc.stdout] == [message], proc.stdout[-3000:]
 
 
 @pytest.mark.slow

@@ -92,8 +92,11 @@ def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
         return group
 
     batch, width, k = 2, 3, 2
-    results = {group: [{"logprobs": torch.zeros(batch, width), "logprobs_on_s": torch.zeros(batch, width, k)}]
-               for group in ("policy", "teacher")}
+    # Distinct log-probs per group, so a maker that put the student's own log-probs in the reference field
+    # (which zeroes the retain estimate (s - s).detach() * s) is told apart from one that puts the teacher's.
+    results = {group: [{"logprobs": torch.full((batch, width), value), "logprobs_on_s": torch.full((batch, width, k),
+                                                                                                    value)}]
+               for group, value in (("policy", -1.0), ("teacher", -2.0))}
     fake = SimpleNamespace(
         args=SimpleNamespace(ds=SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1),
                              train=SimpleNamespace(colocate_all=False, colocate_actor_ref=False)),
@@ -106,6 +109,13 @@ def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
     SafeSteerExperienceMaker.make_experience.__wrapped__(fake, [samples])
     assert calls["teacher"]["steering_scales"][0].tolist() == [1.0, 0.0]
     assert "steering_scales" not in calls["policy"]
+    # The retain rows' estimate reads the teacher's (on a retain row: the unsteered base's) sampled-token
+    # log-probs from OpenRLHF's reference field; the student's own stay in action_log_probs.
+    assert torch.equal(samples.base_action_log_probs, torch.full((batch, width), -2.0))
+    assert torch.equal(samples.action_log_probs, torch.full((batch, width), -1.0))
+    fake.safesteer.coeff_key = None                            # no retain rows: the reference field stays empty
+    SafeSteerExperienceMaker.make_experience.__wrapped__(fake, [samples])
+    assert samples.base_action_log_probs is None
     with pytest.raises(ValueError, match="--safesteer.coeff_key teacher_scale: a prompt's 'teacher_scale' is 'x'"):
         teacher_scales(["x"], "teacher_scale")
 
@@ -213,19 +223,25 @@ def test_policy_step_replaces_retain_rows_by_the_sampled_full_vocabulary_estimat
 
 
 def test_sampled_retain_estimate_has_the_full_vocabulary_kl_gradient():
-    """At one position, the estimate's gradient averaged over y ~ p_s (exactly: enumerating y with weight p_s(y))
-    equals the gradient of KL(p_s || p_base) over the whole vocabulary, which the local engine takes."""
+    """At one position, the plugin's retain estimate (SafeSteerActorTrainer._with_retain_rows) averaged over
+    y ~ p_s has the gradient of KL(p_s || p_base) over the whole vocabulary, which the local engine takes.
+    The average is exact: one retain row per vocabulary id y as the sampled token, weighted by p_s(y)."""
     generator = torch.Generator().manual_seed(1)
     vocab = 7
-    logits = torch.randn(vocab, generator=generator, requires_grad=True)
+    leaf = torch.randn(vocab, generator=generator, requires_grad=True)
     base = torch.log_softmax(torch.randn(vocab, generator=generator), -1)
-    student = torch.log_softmax(logits, -1)
+    student = torch.log_softmax(leaf, -1)
     kl = (student.exp() * (student - base)).sum()
-    (want,) = torch.autograd.grad(kl, logits)
-    expected = torch.zeros(vocab)
-    for y in range(vocab):
-        student = torch.log_softmax(logits, -1)
-        estimate = (student[y] - base[y]).detach() * student[y]
-        (grad,) = torch.autograd.grad(estimate, logits)
-        expected += student[y].exp().detach() * grad
-    torch.testing.assert_close(expected, want, atol=1e-6, rtol=1e-5)
+    (want,) = torch.autograd.grad(kl, leaf)
+
+    ids = torch.arange(vocab)
+    logits = leaf.expand(vocab, 1, vocab)                      # (B=V, A=1, V): the same position in every row
+    sequences = torch.stack([torch.zeros(vocab, dtype=torch.long), ids], dim=1)    # (V, 2): row y samples y
+    experience = SimpleNamespace(info={"teacher_scale": torch.zeros(vocab)}, sequences=sequences,
+                                 base_action_log_probs=base[ids, None])
+    mask = torch.ones(vocab, 1)
+    per_token = _retain_step_self()(torch.full((vocab, 1), 7.0), logits, experience, mask)   # (V, 1)
+    weights = torch.softmax(leaf, -1).detach()                 # p_s(y): the exact expectation over y ~ p_s
+    (got,) = torch.autograd.grad((weights * per_token[:, 0]).sum(), leaf)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    assert want.abs().max() > 1e-2                             # a vanishing term (base = student) would give 0
