@@ -1,4 +1,4 @@
-"""What the OpenRLHF engine needs from its environment: the OpenRLHF version it supports, import
+"""What the OpenRLHF engine needs from its environment: the OpenRLHF check (`versions` says which releases), import
 stand-ins for the two CUDA-only packages on machines without them, and CPU shims.
 
 Nothing here is needed on a GPU machine with flash-attn and vLLM installed: each function checks
@@ -18,7 +18,7 @@ Stand-ins (CPU machines only, clearly not the real thing):
   and nothing else; the engine itself is replaced by the HF-generate rollout actor
   (`openrlhf_safesteer.plugin.rollout`), which is real generation with transformers.
 
-CPU shims: OpenRLHF 0.11.2 calls `torch.cuda.set_device/current_device/synchronize` and builds a
+CPU shims: OpenRLHF (0.10.2 to 0.11.2) calls `torch.cuda.set_device/current_device/synchronize` and builds a
 "cuda" device mesh unconditionally. On a machine without CUDA they are pointed at the CPU, the
 DeepSpeed optimizer is told to use torch's AdamW (DeepSpeed's CPU FusedAdam is a 2-minute JIT
 build), and DeepSpeed's shared-memory comm op (a 90 s JIT build) is skipped; DeepSpeed then runs
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
-import importlib.metadata
 import logging
 import os
 import sys
@@ -39,39 +38,20 @@ from typing import Any
 
 from openrlhf_safesteer.optional import STAND_IN_MARK, really_installed
 from openrlhf_safesteer.optional import vllm_installed as vllm_available  # the real package, never the stand-in
+from openrlhf_safesteer.plugin import versions
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_OPENRLHF = ("0.11.2",)
-
-
-class UnsupportedOpenRLHFError(RuntimeError):
-    """The installed OpenRLHF is not a version this plugin was written and tested against."""
-
-
-def openrlhf_version() -> str | None:
-    try:
-        return importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+# Which OpenRLHF releases run, and what each lacks, is `versions`' business; these names are kept for callers.
+SUPPORTED_OPENRLHF = versions.TESTED
+UnsupportedOpenRLHFError = versions.UnsupportedOpenRLHFError
+openrlhf_version = versions.installed_version
 
 
 def check_openrlhf_version() -> str:
-    """Return the installed OpenRLHF version; raise a clear error unless it is supported."""
-    version = openrlhf_version()
-    if version is None:
-        raise UnsupportedOpenRLHFError(
-            "OpenRLHF is not installed. The SafeSteer OpenRLHF engine needs openrlhf=="
-            f"{SUPPORTED_OPENRLHF[0]} (pip install 'openrlhf-safesteer[openrlhf]')."
-        )
-    if version not in SUPPORTED_OPENRLHF:
-        raise UnsupportedOpenRLHFError(
-            f"OpenRLHF {version} is installed, but this plugin supports only {', '.join(SUPPORTED_OPENRLHF)}: it "
-            "subclasses OpenRLHF's reference actor, experience maker and policy step, whose signatures change "
-            f"between releases (PolicyLoss, compute_approx_kl, the advantage flags). Install openrlhf=="
-            f"{SUPPORTED_OPENRLHF[0]}."
-        )
-    return version
+    """The installed OpenRLHF's version; UnsupportedOpenRLHFError (one line) unless it is 0.10.2 or newer
+    (a warning for a release newer than the tested range). Reads files only: nothing of OpenRLHF is imported."""
+    return versions.check_installed()
 
 
 def flash_attn_available() -> bool:
