@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openrlhf_safesteer.cli import train_safesteer_ray
-from openrlhf_safesteer.plugin import compat, config
+from openrlhf_safesteer.plugin import config
 
 
 def launch(argv, capsys):
