@@ -144,8 +144,23 @@ def install_import_stand_ins() -> list[str]:
             sys.modules[module.__name__] = module
         installed.append("vllm")
     if installed:
+        _unlisted_in_transformers(installed)
         logger.info("registered CPU import stand-ins for %s (not installed here)", ", ".join(installed))
     return installed
+
+
+def _unlisted_in_transformers(names: list[str]) -> None:
+    """Give each stand-in an entry, naming no installed distribution, in transformers' import-name -> distribution
+    map. transformers 5.5-5.7 (OpenRLHF 0.10.x's pins) find the stand-in with find_spec, then index that map by its
+    import name and raise KeyError (is_flash_attn_2_available); with the entry they read it as not installed."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        return
+    mapping = getattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING", None)
+    if isinstance(mapping, dict):
+        for name in names:
+            mapping.setdefault(name, [f"{name}-safesteer-stand-in"])
 
 
 def _no_vllm_engine(*args, **kwargs):

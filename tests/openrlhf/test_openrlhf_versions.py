@@ -237,3 +237,20 @@ def test_exact_step_loss_is_at_the_rollout_temperature(tiny, monkeypatch):
     expected, _ = localized_reverse_kl(student, teacher_on_s, tiny.ids, mask)
     assert float(trainer.strategy.losses[0]) == pytest.approx(float(expected), rel=1e-4)
     assert gather_logprobs(student, tiny.ids).shape == teacher_on_s.shape
+
+
+def test_stand_ins_read_as_not_installed_by_transformers_of_every_supported_stack():
+    """transformers 5.5-5.7 (OpenRLHF 0.10.x's pins) index their import-name -> distribution map by the name
+    find_spec found; without an entry for the flash_attn stand-in, is_flash_attn_2_available raised KeyError in the
+    launcher's dry run on 0.10.4's own stack. The entry names no installed distribution."""
+    import importlib.metadata
+
+    from transformers.utils import import_utils
+
+    compat.install_import_stand_ins()
+    for name in compat.stand_ins_needed():
+        distributions = import_utils.PACKAGE_DISTRIBUTION_MAPPING[name]   # the lookup that raised
+        for distribution in distributions:
+            with pytest.raises(importlib.metadata.PackageNotFoundError):
+                importlib.metadata.version(distribution)
+    assert not import_utils.is_flash_attn_2_available()
