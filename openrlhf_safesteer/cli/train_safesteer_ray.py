@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except compat.UnsupportedOpenRLHFError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    openrlhf_argv = default_openrlhf_flags(openrlhf_argv, config.objective, config.coeff_key)
+    from openrlhf_safesteer.plugin import versions
+
+    known = versions.default_flags_supported()
+    openrlhf_argv = default_openrlhf_flags(openrlhf_argv, config.objective, config.coeff_key,
+                                           loss_agg_mode=known["--actor.loss_agg_mode"])
 
     from openrlhf_safesteer.plugin.install import run_openrlhf_main
     from openrlhf_safesteer.steering import IncompatibleArtifactError

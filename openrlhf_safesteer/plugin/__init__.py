@@ -1,4 +1,4 @@
-"""SafeSteer as a plugin of OpenRLHF 0.11.2 (Ray + vLLM + DeepSpeed).
+"""SafeSteer as a plugin of OpenRLHF 0.10.2 to 0.11.2 (Ray + vLLM + DeepSpeed); `versions` says what differs.
 
 OpenRLHF has no plugin registry, so the engine is a set of subclasses that the launcher
 (`python -m openrlhf_safesteer.cli.train_safesteer_ray`) hands to OpenRLHF's own `train()`:

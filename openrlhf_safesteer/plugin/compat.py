@@ -1,4 +1,4 @@
-"""What the OpenRLHF engine needs from its environment: the OpenRLHF version it supports, import
+"""What the OpenRLHF engine needs from its environment: the OpenRLHF check (`versions` says which releases), import
 stand-ins for the two CUDA-only packages on machines without them, and CPU shims.
 
 Nothing here is needed on a GPU machine with flash-attn and vLLM installed: each function checks
@@ -18,7 +18,7 @@ Stand-ins (CPU machines only, clearly not the real thing):
   and nothing else; the engine itself is replaced by the HF-generate rollout actor
   (`openrlhf_safesteer.plugin.rollout`), which is real generation with transformers.
 
-CPU shims: OpenRLHF 0.11.2 calls `torch.cuda.set_device/current_device/synchronize` and builds a
+CPU shims: OpenRLHF (0.10.2 to 0.11.2) calls `torch.cuda.set_device/current_device/synchronize` and builds a
 "cuda" device mesh unconditionally. On a machine without CUDA they are pointed at the CPU, the
 DeepSpeed optimizer is told to use torch's AdamW (DeepSpeed's CPU FusedAdam is a 2-minute JIT
 build), and DeepSpeed's shared-memory comm op (a 90 s JIT build) is skipped; DeepSpeed then runs
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import importlib.machinery
-import importlib.metadata
 import logging
 import os
 import sys
@@ -39,39 +38,20 @@ from typing import Any
 
 from openrlhf_safesteer.optional import STAND_IN_MARK, really_installed
 from openrlhf_safesteer.optional import vllm_installed as vllm_available  # the real package, never the stand-in
+from openrlhf_safesteer.plugin import versions
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_OPENRLHF = ("0.11.2",)
-
-
-class UnsupportedOpenRLHFError(RuntimeError):
-    """The installed OpenRLHF is not a version this plugin was written and tested against."""
-
-
-def openrlhf_version() -> str | None:
-    try:
-        return importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+# Which OpenRLHF releases run, and what each lacks, is `versions`' business; these names are kept for callers.
+SUPPORTED_OPENRLHF = versions.TESTED
+UnsupportedOpenRLHFError = versions.UnsupportedOpenRLHFError
+openrlhf_version = versions.installed_version
 
 
 def check_openrlhf_version() -> str:
-    """Return the installed OpenRLHF version; raise a clear error unless it is supported."""
-    version = openrlhf_version()
-    if version is None:
-        raise UnsupportedOpenRLHFError(
-            "OpenRLHF is not installed. The SafeSteer OpenRLHF engine needs openrlhf=="
-            f"{SUPPORTED_OPENRLHF[0]} (pip install 'openrlhf-safesteer[openrlhf]')."
-        )
-    if version not in SUPPORTED_OPENRLHF:
-        raise UnsupportedOpenRLHFError(
-            f"OpenRLHF {version} is installed, but this plugin supports only {', '.join(SUPPORTED_OPENRLHF)}: it "
-            "subclasses OpenRLHF's reference actor, experience maker and policy step, whose signatures change "
-            f"between releases (PolicyLoss, compute_approx_kl, the advantage flags). Install openrlhf=="
-            f"{SUPPORTED_OPENRLHF[0]}."
-        )
-    return version
+    """The installed OpenRLHF's version; UnsupportedOpenRLHFError (one line) unless it is 0.10.2 or newer
+    (a warning for a release newer than the tested range). Reads files only: nothing of OpenRLHF is imported."""
+    return versions.check_installed()
 
 
 def flash_attn_available() -> bool:
@@ -164,8 +144,23 @@ def install_import_stand_ins() -> list[str]:
             sys.modules[module.__name__] = module
         installed.append("vllm")
     if installed:
+        _unlisted_in_transformers(installed)
         logger.info("registered CPU import stand-ins for %s (not installed here)", ", ".join(installed))
     return installed
+
+
+def _unlisted_in_transformers(names: list[str]) -> None:
+    """Give each stand-in an entry, naming no installed distribution, in transformers' import-name -> distribution
+    map. transformers 5.5-5.7 (OpenRLHF 0.10.x's pins) find the stand-in with find_spec, then index that map by its
+    import name and raise KeyError (is_flash_attn_2_available); with the entry they read it as not installed."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        return
+    mapping = getattr(import_utils, "PACKAGE_DISTRIBUTION_MAPPING", None)
+    if isinstance(mapping, dict):
+        for name in names:
+            mapping.setdefault(name, [f"{name}-safesteer-stand-in"])
 
 
 def _no_vllm_engine(*args, **kwargs):

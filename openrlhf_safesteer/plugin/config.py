@@ -143,14 +143,16 @@ def flag_given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
-def default_openrlhf_flags(argv: list[str], objective: str = "exact", coeff_key: str | None = None) -> list[str]:
+def default_openrlhf_flags(argv: list[str], objective: str = "exact", coeff_key: str | None = None,
+                           loss_agg_mode: bool = True) -> list[str]:
     """OpenRLHF flags whose OpenRLHF default does not fit SafeSteer, set unless the user chose them.
 
     --algo.advantage.estimator defaults to gae, which makes OpenRLHF place a critic; SafeSteer's
     advantage (sampled objective) or loss (exact) needs none, so the launcher picks `reinforce`.
     --actor.loss_agg_mode defaults to token-mean (every token of the batch weighs the same); docs/METHOD.md
     section 4 and the exact objective take the token mean within each sequence, then the mean over
-    sequences, so the sampled objective gets seq-mean-token-mean too.
+    sequences, so the sampled objective gets seq-mean-token-mean too. OpenRLHF before 0.11.2 has no such flag
+    (loss_agg_mode=False, from versions.default_flags_supported): the policy step sets the same aggregation there.
     --data.label_key carries --safesteer.coeff_key's column to the experience maker (SafeSteer has no reward, so
     the label is free).
     """
@@ -159,7 +161,7 @@ def default_openrlhf_flags(argv: list[str], objective: str = "exact", coeff_key:
         extra += ["--data.label_key", coeff_key]
     if not flag_given(argv, "--algo.advantage.estimator"):
         extra += ["--algo.advantage.estimator", "reinforce"]
-    if objective == "sampled" and not flag_given(argv, "--actor.loss_agg_mode"):
+    if objective == "sampled" and loss_agg_mode and not flag_given(argv, "--actor.loss_agg_mode"):
         extra += ["--actor.loss_agg_mode", "seq-mean-token-mean"]
     return list(argv) + extra
 
@@ -201,7 +203,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     this_machine=False (dry runs of recipes meant for a GPU cluster) skips the checks about the
     machine the check runs on (vLLM, flash-attn, GPUs installed here).
     """
-    from openrlhf_safesteer.plugin import compat
+    from openrlhf_safesteer.plugin import compat, versions
 
     problems = []
     if not config.vector:
@@ -247,7 +249,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         problems.append("--eval.dataset scores eval rollouts with a reward, which SafeSteer does not have; evaluate "
                         "checkpoints with recipes/eval_safety.sh")
     if not args.vllm.num_engines:
-        problems.append("--vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts only through "
+        problems.append("--vllm.num_engines N (N >= 1) is required: OpenRLHF generates rollouts only through "
                         "engines (vLLM, or with --safesteer.rollout hf the HF-generate engine)")
     problems += prompt_refusals(args, config.dry_run)
     if config.coeff_key:
@@ -263,9 +265,10 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         if args.vllm.tensor_parallel_size != 1:
             problems.append("--vllm.tensor_parallel_size > 1 with the HF-generate rollout: it runs one model per "
                             "engine; use more engines instead")
-        if args.algo.advantage.is_correction_level != "off":
-            problems.append("--algo.advantage.is_correction_level with the HF-generate rollout: it returns no "
-                            "rollout log-probs to correct with; leave it off")
+        correcting, flag = versions.is_correction(args.algo.advantage)   # the flag's name changed in 0.11.2
+        if correcting:
+            problems.append(f"{flag} with the HF-generate rollout: it returns no rollout log-probs to correct "
+                            "with; leave it off")
     if this_machine and not compat.cuda_present():
         if "flash_attention" in args.ds.attn_implementation and not compat.flash_attn_available():
             problems.append(f"--ds.attn_implementation {args.ds.attn_implementation}: flash-attn is not installed "

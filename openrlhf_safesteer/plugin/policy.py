@@ -27,7 +27,6 @@ from typing import Dict, Optional
 import ray
 import torch
 import torch.nn.functional as F
-from openrlhf.models import aggregate_loss
 from openrlhf.trainer.ppo_utils import NaiveReplayBuffer
 from openrlhf.trainer.ppo_utils.experience import (
     Experience,
@@ -37,10 +36,9 @@ from openrlhf.trainer.ppo_utils.experience import (
 )
 from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
-from openrlhf.utils.loss_utils import get_loss_batch_info
 
 from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics
-from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin import compat, versions
 from openrlhf_safesteer.plugin.dump import save_dump
 from openrlhf_safesteer.plugin.logits import action_logprobs, padded_logits
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
@@ -48,6 +46,9 @@ from openrlhf_safesteer.plugin.rollout import HFWeightSync
 logger = logging.getLogger(__name__)
 
 TEACHER_ON_S = "safesteer_teacher_logprobs_on_s"
+
+# OpenRLHF's own from 0.10.3 on; copies of 0.11.2's on 0.10.2, which has neither.
+aggregate_loss, get_loss_batch_info = versions.loss_functions()
 
 
 def pad_first_dim(tensors: list[torch.Tensor], length: int) -> torch.Tensor:
@@ -109,6 +110,9 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         self.divergence = SUBSET_OBJECTIVES[config.divergence]
         self._ppo_calls = 0
         super().__init__(strategy, *args, **kwargs)
+        if config.objective == "sampled" and not versions.has_loss_agg_mode(self.args):
+            # Before 0.11.2 no flag selects seq-mean-token-mean (docs/METHOD.md section 4); set it on the loss.
+            versions.aggregate_per_sequence(self)
 
     # ---------------------------------------------------------------- the policy step
     def _with_retain_rows(self, per_token: torch.Tensor, logits: torch.Tensor, experience: Experience,
@@ -140,7 +144,8 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
     def training_step(self, experience: Experience, kl_ctl: float, step: int,
                       loss_batch_info: Optional[Dict] = None) -> Dict[str, float]:
         if self.safesteer.objective == "sampled":
-            return super().training_step(experience, kl_ctl, step, loss_batch_info)
+            stock = super().training_step   # takes loss_batch_info from 0.10.4 on
+            return stock(experience, kl_ctl, step, **versions.training_step_kwargs(stock, loss_batch_info))
         return self._exact_training_step(experience, step, loss_batch_info)
 
     def _exact_training_step(self, experience: Experience, step: int, loss_batch_info: Optional[Dict]):
@@ -150,17 +155,18 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         if teacher_on_s is None:
             raise RuntimeError("experience carries no teacher log-probs on S: was it made by "
                                "SafeSteerExperienceMaker with --safesteer.objective exact?")
-        if loss_batch_info is None:
+        if loss_batch_info is None:   # OpenRLHF before 0.10.4 passes none: normalise over this micro-batch
             loss_batch_info = get_loss_batch_info(self.strategy, action_mask, replay_buffer=self.replay_buffer,
                                                   step=step, dynamic_batch=self.args.train.dynamic_batch_enable)
-        # Full logits (B, T, V), already divided by the rollout temperature like the teacher's.
+        # Full logits (B, T, V), divided by the rollout temperature like the teacher's.
         output = self.actor(
             experience.sequences, None, attention_mask=experience.attention_mask, return_output=True,
             allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group,
         )
         width = action_mask.shape[1]
+        scaled = versions.returned_logits(output["logits"], getattr(self.actor, "temperature", 1.0))
         # (B, T, V); under --ds.packing_samples the Actor's packed gather returns (B, T, 1, V).
-        logits = padded_logits(output["logits"], experience.sequences)[:, :-1][:, -width:]
+        logits = padded_logits(scaled, experience.sequences)[:, :-1][:, -width:]
         teacher_on_s = teacher_on_s.to(logits.device)
         mask = action_mask.to(logits.dtype)
         core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)
@@ -284,7 +290,8 @@ class SafeSteerPolicyActor(_StockPolicy):
         with torch.no_grad():
             output = self.actor(sequences.to(device), None, attention_mask.to(device), return_output=True,
                                 allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group)
-            result = action_logprobs(output["logits"], sequences.to(device), action_mask.to(device), safety_ids)
+            logits = versions.returned_logits(output["logits"], getattr(self.actor, "temperature", 1.0))
+            result = action_logprobs(logits, sequences.to(device), action_mask.to(device), safety_ids)
         self.actor.train()
         return {key: value.to("cpu") for key, value in result.items()}
 

@@ -34,7 +34,7 @@ import torch
 from openrlhf.trainer.ray.launcher import ReferenceModelActor
 
 from openrlhf_safesteer.cpu_kernels import onednn_linear
-from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin import compat, versions
 from openrlhf_safesteer.plugin.logits import action_logprobs
 from openrlhf_safesteer.steering import steer
 
@@ -107,8 +107,8 @@ class SteeredReferenceActor(_StockReference):
         # on a CPU, oneDNN for the large products, as the local engine's teacher (cpu_kernels.py; no gradient here)
         with torch.no_grad(), onednn_linear(not compat.cuda_present()), \
                 steer(self.model.model, self.steering_vector, coeff):
-            # action_mask=None + return_output: the Actor returns its logits (already divided by the
-            # rollout temperature, like the student's), gathered back to (B, T, V) under packing.
+            # action_mask=None + return_output: the Actor returns its logits, gathered back to (B, T, V) under
+            # packing; divided by the rollout temperature like the student's (by OpenRLHF from 0.11.1 on).
             output = self.model(
                 sequences.to(device),
                 None,
@@ -119,7 +119,8 @@ class SteeredReferenceActor(_StockReference):
                 packed_seq_lens=packed_seq_lens,
                 **mm_inputs,
             )
-            result = teacher_outputs(output["logits"], sequences.to(device), action_mask.to(device), self.safety_ids)
+            logits = versions.returned_logits(output["logits"], getattr(self.model, "temperature", 1.0))
+            result = teacher_outputs(logits, sequences.to(device), action_mask.to(device), self.safety_ids)
         return {key: value.to("cpu") for key, value in result.items()}
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openrlhf_safesteer.cli import train_safesteer_ray
-from openrlhf_safesteer.plugin import compat, config
+from openrlhf_safesteer.plugin import config
 
 
 def launch(argv, capsys):
@@ -77,10 +77,13 @@ def test_unknown_openrlhf_flag_fails_in_openrlhfs_parser(tiny_run, tmp_path, cap
 
 
 def test_unsupported_openrlhf_version_is_refused(tiny_run, tmp_path, capsys, monkeypatch, flags):
-    monkeypatch.setattr(compat, "openrlhf_version", lambda: "0.10.1")
+    from openrlhf_safesteer.plugin import versions
+
+    monkeypatch.setattr(versions, "installed_version", lambda: "0.10.1")
     status, _, err = launch(flags(tiny_run, tmp_path), capsys)
     assert status == 2
-    assert "OpenRLHF 0.10.1 is installed, but this plugin supports only 0.11.2" in err
+    assert err.strip() == ("error: OpenRLHF 0.10.1 is older than 0.10.2, the oldest release SafeSteer supports (flat "
+                           "flags such as --pretrain need a port): upgrade to openrlhf>=0.10.2")
 
 
 def test_vector_of_another_hidden_size_is_refused_on_the_driver(tiny_run, tmp_path, capsys, flags):
