@@ -45,6 +45,7 @@ LAUNCHER = "openrlhf/trainer/ray/launcher.py"
 PPO_ACTOR = "openrlhf/trainer/ray/ppo_actor.py"
 EXPERIENCE = "openrlhf/trainer/ppo_utils/experience.py"
 MAKER = "openrlhf/trainer/ppo_utils/experience_maker.py"
+SAMPLES = "openrlhf/trainer/ppo_utils/samples_generator.py"
 
 
 def _names(where: str, used_by: str, *names: str) -> list[Need]:
@@ -98,6 +99,18 @@ NEEDS: tuple[Need, ...] = (
     Need("openrlhf/utils/distributed_util.py", "torch_dist_barrier_and_cuda_sync", used_by="rollout.py"),
     *_names("openrlhf/utils/deepspeed/deepspeed.py", "compat.py (CPU)", "get_train_ds_config", "init_device_mesh"),
     Need("openrlhf/utils/utils.py", "convert_to_torch_dtype", used_by="compat.py (CPU)"),
+    # Repeatable rollouts: the seeded sample generator (samples.py), the seeded vLLM actor (vllm_seeded.py), the
+    # LoRA init seeded like the local engine's (policy.py).
+    Need("openrlhf/trainer/ppo_trainer.py", "SamplesGenerator", used_by="experience.py (seeded_samples)"),
+    Need(SAMPLES, "SamplesGenerator", used_by="samples.py"),
+    Need(SAMPLES, "_collect_prompt_batch", ("dataloader_iter", "num_prompts"), "samples.py"),
+    Need(SAMPLES, "SamplesGenerator._dispatch_prompts_to_vllm", ("prompts", "labels", "images"), "samples.py"),
+    Need(SAMPLES, "SamplesGenerator._generate_vllm", ("dataloader_iter", "num_prompts", "dynamic_filtering"),
+         "samples.py"),
+    Need(SAMPLES, "SamplesGenerator._process_response_into_experience", ("response",), "samples.py"),
+    Need("openrlhf/trainer/ray/vllm_engine.py", "RolloutRayActor.generate",
+         ("prompt_token_ids", "sampling_params", "multi_modal_data"), "vllm_seeded.py"),
+    Need("openrlhf/models/actor.py", "get_peft_model", used_by="policy.py (seeded_lora_init)"),
     # Flags the plugin reads from OpenRLHF's parsed args, or adds to its argv.
     *(Need(PPO, flag, used_by="config.py, placement.py, install.py") for flag in (
         "--actor.model_name_or_path", "--actor.num_nodes", "--actor.num_gpus_per_node", "--actor.entropy_coef",
@@ -108,7 +121,7 @@ NEEDS: tuple[Need, ...] = (
         "--ds.zero_stage", "--eval.dataset", "--reward.model_name_or_path", "--reward.remote_url",
         "--train.agent_func_path", "--train.async_enable", "--train.colocate_all", "--train.colocate_actor_ref",
         "--train.colocate_critic_reward", "--train.dynamic_batch_enable", "--vllm.num_engines",
-        "--vllm.tensor_parallel_size", "--vllm.sync_backend", "--rollout.temperature")),
+        "--vllm.tensor_parallel_size", "--vllm.sync_backend", "--rollout.temperature", "--train.seed")),
     Need(PPO, "--actor.loss_agg_mode", used_by="config.py (sampled objective)", adapted="loss_agg_mode_flag"),
     Need(PPO, "--algo.advantage.is_correction_level", used_by="config.py (HF rollout)",
          instead=("--algo.advantage.is_correction_enable",)),

@@ -137,6 +137,14 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         retain = (scales.to(logits.device) == 0)[:, None]
         return torch.where(retain, estimate, per_token)
 
+    def _unsharded_grad_norm(self) -> float:
+        """The 2-norm of the policy's gradients where this rank holds them whole (ZeRO stage 0), else 0."""
+        ds = getattr(self.strategy.args, "ds", None)
+        if getattr(ds, "zero_stage", 0) != 0:
+            return 0.0
+        grads = [p.grad for p in self.actor.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
     def ppo_train(self, kl_ctl: float):
         self._ppo_calls += 1
         return super().ppo_train(kl_ctl)
@@ -175,15 +183,19 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         # the optimizer step's sequences on all ranks so gradient accumulation and DP do not change it.
         loss = aggregate_loss(per_token, mask, token_level_loss=False, **loss_batch_info)
 
+        lr = float(self.actor_scheduler.get_last_lr()[0])     # this step's, before the scheduler moves on
+        self.strategy.backward(loss, self.actor, self.actor_optim)
+        own_norm = self._unsharded_grad_norm()
+        self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
+        # before clipping, as the local engine logs it; DeepSpeed keeps none in plain fp32 without ZeRO (CPU runs)
+        grad_norm = self.strategy.get_grad_norm(self.actor) or own_norm
         if self.safesteer.dump_dir and step == 0 and self.strategy.is_rank_0():
             save_dump(os.path.join(self.safesteer.dump_dir, f"policy_step{self._ppo_calls}"), {
                 "sequences": experience.sequences, "attention_mask": experience.attention_mask,
-                "action_mask": action_mask, "teacher_on_s": teacher_on_s, "per_token": per_token,
+                "action_mask": action_mask, "teacher_on_s": teacher_on_s, "per_token": per_token.detach(),
             }, {"loss": float(loss.detach()), "core_loss": float(core_loss.detach()), "ppo_call": self._ppo_calls,
+                "grad_norm": float(grad_norm), "lr": lr,
                 "loss_batch_info": {k: float(v) for k, v in loss_batch_info.items()}})
-
-        self.strategy.backward(loss, self.actor, self.actor_optim)
-        self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
         if self.ema_model:
             self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta,
                                          "cuda" if compat.cuda_present() else "cpu")
@@ -202,7 +214,7 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         weights["policy_loss"] = "token"
         metrics["actor_lr"] = self.actor_scheduler.get_last_lr()[0]
         weights["actor_lr"] = None
-        metrics["actor_grad_norm"] = self.strategy.get_grad_norm(self.actor)
+        metrics["actor_grad_norm"] = grad_norm
         weights["actor_grad_norm"] = None
         for key, value in experience.info.items():
             if isinstance(value, torch.Tensor):

@@ -70,6 +70,9 @@ class FixedLogitsActor:
     def train(self):
         pass
 
+    def parameters(self):
+        return iter([self.logits])
+
 
 def make_trainer(monkeypatch, logits, divergence="reverse"):
     """A real SafeSteerActorTrainer (its own __init__ runs) over the stock base class minus its distributed setup."""

@@ -1,10 +1,12 @@
-"""The plugin repeats itself at a fixed seed, through the real Ray path (OpenRLHF's trainer, Ray actors, DeepSpeed's
-CPU accelerator, the HF-generate engine):
+"""The plugin repeats itself at a fixed seed and follows the local engine, through the real Ray path (OpenRLHF's
+trainer, Ray actors, DeepSpeed's CPU accelerator in float32, the HF-generate engine):
 
 - two runs with the same --train.seed draw the same rollout tokens at every step and end with the same weights
   (bit for bit), while a run with another seed draws other tokens (the negative control);
 - the plugin's step-1 rollouts are token for token the local engine's (`sample_rollouts` with the same seed, the
-  same prompts in the same order): both engines draw a request's tokens the same way.
+  same prompts in the same order): both engines draw a request's tokens the same way;
+- replay: the local engine, fed the plugin's rollouts of every step, gives the same per-step loss, gradient norm
+  and learning rate and the same final weights (1e-5 relative): the same objective, optimizer and schedule.
 """
 
 from __future__ import annotations
@@ -21,14 +23,30 @@ from openrlhf_safesteer.testing import load_dump
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 SEED = 42   # OpenRLHF's default --train.seed
+LR = 1e-3
+# The local engine's optimizer in OpenRLHF's flags (compare/arms.py does the same for the comparison).
+LOCAL_OPTIMIZER = ["--actor.adam.lr", repr(LR), "--actor.adam.betas", "0.9", "0.999", "--actor.adam.weight_decay",
+                   "0.0", "--actor.lr_scheduler", "cosine_with_min_lr", "--actor.min_lr_ratio", "0.0",
+                   "--actor.lr_warmup_ratio", "0", "--actor.max_norm", "1.0"]
 
 
-def _train(tiny_run, out: Path, cpu_flags, *extra: str) -> None:
+def _train(tiny_run, out: Path, cpu_flags, *extra: str) -> Path:
     from openrlhf_safesteer.cli import train_safesteer_ray
 
     argv = cpu_flags(tiny_run, out, ["--safesteer.rollout", "hf", "--safesteer.keep_prompt_order",
-                                     "--actor.lr_warmup_ratio", "0", *extra])
+                                     *LOCAL_OPTIMIZER, *extra])
     assert train_safesteer_ray.main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_run, tmp_path_factory, ray_session, cpu_flags):
+    """Two runs at seed 42 (2 steps of 2 prompts x 2 samples) and one step at seed 7, in float32."""
+    root = tmp_path_factory.mktemp("repeat")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SAFESTEER_CPU_DTYPE", "fp32")
+        return {"a": _train(tiny_run, root / "a", cpu_flags), "b": _train(tiny_run, root / "b", cpu_flags),
+                "c": _train(tiny_run, root / "c", cpu_flags, "--train.seed", "7", "--data.max_samples", "2")}
 
 
 def _responses(dump: dict) -> list[list[int]]:
@@ -44,36 +62,70 @@ def _digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def test_same_seed_same_rollouts_and_weights_and_the_local_engines_draws(tiny_run, tmp_path, ray_session, cpu_flags):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _prompts(tiny_run, n: int) -> list[str]:
+    return [json.loads(line)["prompt"] for line in Path(tiny_run["prompts"]).read_text().splitlines()][:n]
 
-    from openrlhf_safesteer.chat import end_of_turn_ids
-    from openrlhf_safesteer.local.rollout import sample_rollouts
 
-    runs = [tmp_path / "a", tmp_path / "b"]
-    for out in runs:
-        _train(tiny_run, out, cpu_flags)
+def test_same_seed_same_rollouts_and_weights(runs):
     for step in (1, 2):   # --data.max_samples 4, 2 prompts x 2 samples a step: 2 steps, one micro-batch each
-        first, _ = load_dump(runs[0] / "dump" / f"experience_batch{step}")
-        second, _ = load_dump(runs[1] / "dump" / f"experience_batch{step}")
+        first, _ = load_dump(runs["a"] / "dump" / f"experience_batch{step}")
+        second, _ = load_dump(runs["b"] / "dump" / f"experience_batch{step}")
         assert torch.equal(first["sequences"], second["sequences"]), f"step {step} rollouts differ"
         assert torch.equal(first["action_mask"], second["action_mask"])
-    assert _digest(runs[0] / "final") == _digest(runs[1] / "final")
-
+    assert _digest(runs["a"] / "final") == _digest(runs["b"] / "final")
     # another seed, other draws: the comparison above could fail
-    _train(tiny_run, tmp_path / "c", cpu_flags, "--train.seed", "7", "--data.max_samples", "2")
-    other, _ = load_dump(tmp_path / "c" / "dump" / "experience_batch1")
-    first, _ = load_dump(runs[0] / "dump" / "experience_batch1")
+    other, _ = load_dump(runs["c"] / "dump" / "experience_batch1")
+    first, _ = load_dump(runs["a"] / "dump" / "experience_batch1")
     assert _responses(other) != _responses(first)
 
-    # the local engine, same seed and prompts (the file's first two, in order: --safesteer.keep_prompt_order)
+
+def test_step_one_rollouts_are_the_local_engines(runs, tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_safesteer.local.rollout import sample_rollouts
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
     model = AutoModelForCausalLM.from_pretrained(tiny_run["model"], dtype=torch.float32)
-    prompts = [json.loads(line)["prompt"] for line in Path(tiny_run["prompts"]).read_text().splitlines()][:2]
-    local = sample_rollouts(model, tokenizer, prompts, 2, max_new_tokens=8, seed=SEED, rollout_index=0)
-    stop = set(end_of_turn_ids(tokenizer))
-    local_responses = []
-    for row, mask in zip(local.input_ids[:, local.prompt_len:], local.attention_mask[:, local.prompt_len:]):
-        local_responses.append(row[mask.bool()].tolist())
-    assert _responses(first) == local_responses
-    assert any(r[-1] in stop for r in local_responses) or all(len(r) == 8 for r in local_responses)
+    # the file's first two prompts, in order (--safesteer.keep_prompt_order), 2 samples each, as the plugin's step 1
+    local = sample_rollouts(model, tokenizer, _prompts(tiny_run, 2), 2, max_new_tokens=8, seed=SEED, rollout_index=0)
+    local_responses = [row[mask.bool()].tolist() for row, mask in
+                       zip(local.input_ids[:, local.prompt_len:], local.attention_mask[:, local.prompt_len:])]
+    plugin, _ = load_dump(runs["a"] / "dump" / "experience_batch1")
+    assert _responses(plugin) == local_responses
+
+
+def test_local_engine_replaying_the_plugins_rollouts_takes_the_same_steps(runs, tiny_run):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_safesteer.compare.run import rollouts_from_openrlhf
+    from openrlhf_safesteer.local.config import TrainConfig
+    from openrlhf_safesteer.local.engine import build_run, optimizer_step
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+    from openrlhf_safesteer.steering import SteeringVector
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_run["model"], dtype=torch.float32)
+    vector = SteeringVector.load(tiny_run["vector"])
+    safety_ids = torch.tensor(SafetyTokenSet.load(tiny_run["tokens"]).ids)
+    cfg = TrainConfig(out=str(runs["a"] / "replay"), lr=LR, lora_r=0, freeze_embeddings=False, warmup_ratio=0.0,
+                      weight_decay=0.0, max_grad_norm=1.0, prompts_per_step=2, samples_per_prompt=2,
+                      micro_batch_size=4, max_steps=2, seed=SEED, progress=False, save_final=False)
+    run = build_run(model, tokenizer, vector, safety_ids, _prompts(tiny_run, 4), cfg, None, n_steps=2)
+    for step in (0, 1):
+        batch, _ = load_dump(runs["a"] / "dump" / f"experience_batch{step + 1}")
+        _, logged = load_dump(runs["a"] / "dump" / f"policy_step{step + 1}")
+        lr = run.scheduler.get_last_lr()[0]
+        totals, grad_norm = optimizer_step(run, step, rollouts_from_openrlhf(
+            batch["sequences"], batch["attention_mask"], batch["action_mask"]))
+        assert lr == pytest.approx(logged["lr"], rel=1e-6), f"step {step + 1} learning rate"
+        assert totals["loss"] == pytest.approx(logged["loss"], rel=1e-5), f"step {step + 1} loss"
+        assert float(grad_norm) == pytest.approx(logged["grad_norm"], rel=1e-5), f"step {step + 1} gradient norm"
+    plugin = load_file(str(runs["a"] / "final" / "model.safetensors"))
+    local = {name: p.detach() for name, p in run.student.named_parameters()}
+    moved = 0
+    initial = load_file(str(Path(tiny_run["model"]) / "model.safetensors"))
+    for name, weight in plugin.items():
+        torch.testing.assert_close(local[name], weight.float(), rtol=1e-5, atol=1e-6, msg=name)
+        moved += not torch.equal(initial[name], weight)
+    assert moved >= len(plugin) // 2    # the steps moved the weights: the equality above is not initial == initial
