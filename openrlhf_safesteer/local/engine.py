@@ -334,6 +334,7 @@ def optimizer_step(run: LocalRun, step: int, rollouts: Rollouts) -> tuple[dict[s
     run.optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
     totals = train_step(run.student, run.teacher, rollouts, run.safety_ids, cfg)
+    totals["lr"] = run.scheduler.get_last_lr()[0]      # this step's (the schedule moves on below)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
@@ -344,7 +345,7 @@ def step_record(run: LocalRun, step: int, totals: dict[str, float], grad_norm: T
                 n_harmful: int, t0: float, t1: float) -> dict:
     """The metrics line of step `step` (t0: when the step began, t1: when its rollouts were done)."""
     record = {
-        "step": step + 1, **totals, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
+        "step": step + 1, **totals, "grad_norm": float(grad_norm),
         "response_length": float(rollouts.response_lengths().float().mean()),
         "rollout_refusal_rate": refusal_rate(rollouts.completions[:n_harmful]),
         "rollout_seconds": t1 - t0, "step_seconds": time.time() - t0,

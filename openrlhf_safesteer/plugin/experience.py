@@ -227,13 +227,21 @@ def prompts_in_order(strategy, enabled: bool):
 
 
 @contextlib.contextmanager
-def seeded_samples():
-    """While PPOTrainer builds its sample generator, it builds `SeededSamplesGenerator` (repeatable rollouts)."""
+def seeded_samples(seed: int):
+    """While PPOTrainer builds its prompt loader and sample generator: the generator is `SeededSamplesGenerator`
+    (repeatable rollouts), and the controller's torch RNG is seeded with --train.seed.
+
+    Why the seed: the controller process has no torch.distributed group, so OpenRLHF's setup_dataloader builds no
+    DistributedSampler (whose shuffle takes --train.seed) and the prompt loader shuffles with the process's global
+    RNG, which nothing seeds there: each run drew the prompts in another order (found by running the stock PPO arm
+    twice). This also holds on GPU clusters (the controller is a CPU actor).
+    """
     import openrlhf.trainer.ppo_trainer as ppo_trainer
 
     from openrlhf_safesteer.plugin.install import patched
     from openrlhf_safesteer.plugin.samples import SeededSamplesGenerator
 
+    torch.manual_seed(seed)
     with patched(ppo_trainer, "SamplesGenerator", SeededSamplesGenerator):
         yield
 
@@ -248,7 +256,8 @@ class SafeSteerPPOTrainer(_StockTrainer):
             reward_model_group = None
         if reference_model_group is None:
             raise RuntimeError("SafeSteer needs the reference group (the teacher): --algo.kl.init_coef must be > 0")
-        with prompts_in_order(strategy, strategy.args.safesteer.keep_prompt_order), seeded_samples():
+        with prompts_in_order(strategy, strategy.args.safesteer.keep_prompt_order), \
+                seeded_samples(int(strategy.args.train.seed)):
             super().__init__(pretrain, strategy, actor_model_group, critic_model_group, reward_model_group,
                              reference_model_group, vllm_engines, **generate_kwargs)
         self.experience_maker = SafeSteerExperienceMaker(

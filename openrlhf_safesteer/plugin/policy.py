@@ -137,6 +137,31 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         retain = (scales.to(logits.device) == 0)[:, None]
         return torch.where(retain, estimate, per_token)
 
+    def _response_logits(self, experience: Experience, width: int) -> torch.Tensor:
+        """(B, A = width, V) float32 logits at the positions that predict the response tokens, divided by the
+        rollout temperature like the teacher's.
+
+        Without packing, ring attention or a vision model the HF model computes only those positions' logits
+        (`logits_to_keep`, as the local engine does): the LM head and the loss over every prompt position cost
+        as much again on the demo's model, where prompts are twice the responses (docs/openrlhf.md, "Wall
+        time"). Otherwise OpenRLHF's Actor.forward gives all T positions and they are sliced.
+        """
+        actor, sequences, attention = self.actor, experience.sequences, experience.attention_mask
+        temperature = getattr(actor, "temperature", 1.0)
+        if not (getattr(actor, "packing_samples", False) or getattr(actor, "is_vlm", False)
+                or self.strategy.ring_attn_group is not None):
+            position_ids = attention.long().cumsum(-1) - 1     # as OpenRLHF's Actor.forward numbers them
+            position_ids.masked_fill_(attention == 0, 1)
+            output = actor.model(sequences, attention_mask=attention, position_ids=position_ids,
+                                 logits_to_keep=width + 1)
+            logits = output["logits"].float()[:, :-1]            # positions T-1-A .. T-2 predict the A tokens
+            return logits / temperature if temperature != 1.0 else logits
+        output = actor(sequences, None, attention_mask=attention, return_output=True, allgather_logits=True,
+                       ring_attn_group=self.strategy.ring_attn_group)
+        scaled = versions.returned_logits(output["logits"], temperature)
+        # (B, T, V); under --ds.packing_samples the Actor's packed gather returns (B, T, 1, V).
+        return padded_logits(scaled, sequences)[:, :-1][:, -width:]
+
     def _unsharded_grad_norm(self) -> float:
         """The 2-norm of the policy's gradients where this rank holds them whole (ZeRO stage 0), else 0."""
         ds = getattr(self.strategy.args, "ds", None)
@@ -166,15 +191,8 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         if loss_batch_info is None:   # OpenRLHF before 0.10.4 passes none: normalise over this micro-batch
             loss_batch_info = get_loss_batch_info(self.strategy, action_mask, replay_buffer=self.replay_buffer,
                                                   step=step, dynamic_batch=self.args.train.dynamic_batch_enable)
-        # Full logits (B, T, V), divided by the rollout temperature like the teacher's.
-        output = self.actor(
-            experience.sequences, None, attention_mask=experience.attention_mask, return_output=True,
-            allgather_logits=True, ring_attn_group=self.strategy.ring_attn_group,
-        )
         width = action_mask.shape[1]
-        scaled = versions.returned_logits(output["logits"], getattr(self.actor, "temperature", 1.0))
-        # (B, T, V); under --ds.packing_samples the Actor's packed gather returns (B, T, 1, V).
-        logits = padded_logits(scaled, experience.sequences)[:, :-1][:, -width:]
+        logits = self._response_logits(experience, width)     # (B, A, V), divided by the rollout temperature
         teacher_on_s = teacher_on_s.to(logits.device)
         mask = action_mask.to(logits.dtype)
         core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)

@@ -37,10 +37,10 @@ class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
     """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims, its sample generator the
     repeatable one (`plugin.samples`: seeded requests, a step barrier, results in dispatch order)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, pretrain, strategy, *args, **kwargs):
         compat.prepare_process()
-        with seeded_samples():
-            super().__init__(*args, **kwargs)
+        with seeded_samples(int(strategy.args.train.seed)):
+            super().__init__(pretrain, strategy, *args, **kwargs)
 
 
 CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)

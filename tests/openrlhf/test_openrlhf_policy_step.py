@@ -67,6 +67,11 @@ class FixedLogitsActor:
         self.calls.append((sequences, attention_mask, return_output))
         return {"logits": self.logits}
 
+    def model(self, sequences, attention_mask=None, position_ids=None, logits_to_keep=0):
+        """The HF model inside: the last `logits_to_keep` positions' logits (all with 0), as transformers does."""
+        self.calls.append((sequences, attention_mask, logits_to_keep))
+        return {"logits": self.logits[:, -logits_to_keep:] if logits_to_keep else self.logits}
+
     def train(self):
         pass
 

@@ -129,3 +129,40 @@ def test_local_engine_replaying_the_plugins_rollouts_takes_the_same_steps(runs, 
         torch.testing.assert_close(local[name], weight.float(), rtol=1e-5, atol=1e-6, msg=name)
         moved += not torch.equal(initial[name], weight)
     assert moved >= len(plugin) // 2    # the steps moved the weights: the equality above is not initial == initial
+
+
+def test_stock_ppo_on_the_hf_engine_repeats_at_a_fixed_seed(tiny_run, tmp_path):
+    """OpenRLHF's own PPO (REINFORCE++-baseline, 2 samples a prompt, the refusal-judge reward), run as the
+    comparison runs its ppo arm, twice at one seed: the same rewards and response lengths at every step and the
+    same final weights. Before the controller's RNG was seeded, two runs drew the prompts in different orders."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from openrlhf_safesteer.compare.arms import reward_file
+    from openrlhf_safesteer.compare.run import arm_env
+
+    def ppo(out: Path) -> list[tuple[str, str]]:
+        argv = [sys.executable, "-m", "openrlhf_safesteer.plugin.stock", "ppo",
+                "--actor.model_name_or_path", tiny_run["model"], "--data.prompt_dataset", tiny_run["prompts"],
+                "--data.input_key", "prompt", "--data.apply_chat_template", "--data.max_samples", "4",
+                "--data.max_len", "64", "--actor.num_nodes", "1", "--actor.num_gpus_per_node", "1",
+                "--vllm.num_engines", "1", "--ds.attn_implementation", "sdpa", "--ds.zero_stage", "0",
+                "--rollout.batch_size", "2", "--rollout.n_samples_per_prompt", "2", "--rollout.micro_batch_size",
+                "4", "--rollout.max_new_tokens", "8", "--train.batch_size", "4", "--train.micro_batch_size", "4",
+                "--train.max_epochs", "1", *LOCAL_OPTIMIZER, "--algo.advantage.estimator", "reinforce_baseline",
+                "--algo.kl.init_coef", "0", "--reward.remote_url", str(reward_file()),
+                "--ckpt.output_dir", str(out / "final"), "--ckpt.path", str(out / "ckpt"), "--ckpt.disable_ds"]
+        proc = subprocess.run(argv, env=arm_env(), capture_output=True, text=True, timeout=900,
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        log = proc.stdout + proc.stderr
+        assert proc.returncode == 0, log[-4000:]
+        steps = re.findall(r"Global step \d+: (\{.*)", log)
+        assert len(steps) == 2, log[-3000:]
+        return [(re.search(r"'reward': ([-0-9.e]+)", s).group(1), re.search(r"'response_length': ([-0-9.e]+)",
+                                                                           s).group(1)) for s in steps]
+
+    first, second = ppo(tmp_path / "a"), ppo(tmp_path / "b")
+    assert first == second
+    assert _digest(tmp_path / "a" / "final") == _digest(tmp_path / "b" / "final")
