@@ -493,13 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     summarising = args.subsets is not None or args.flips
+    if args.rows_only and not summarising:   # a flag error first: it needs no look at the folders
+        p.error("--rows-only goes with --subsets N or --flips")
     try:     # the summaries read only the base evaluation; a training run needs every artifact
         check_source(Path(args.source), ("eval_base.json",) if summarising else SOURCE_FILES)
     except FileNotFoundError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.rows_only and args.subsets is None and not args.flips:
-        p.error("--rows-only goes with --subsets N or --flips")
     if args.subsets is not None or args.flips:
         # The summaries train nothing; a --run beside them would be silently skipped, so it is an error.
         if args.run:
