@@ -160,7 +160,7 @@ class HFRolloutActor:
         self.unfinished = 0
         self.pending: list[Request] = []
         self.expected = 0                     # announced requests of the current barrier not yet arrived
-        self.arrived = asyncio.Event()
+        self.arrived: asyncio.Future | None = None   # the barrier's wake-up, made in the loop that waits on it
         self.partial_batches = 0              # barriers the watchdog cut short
         self.occurrences = Occurrences()
         self.batcher: asyncio.Task | None = None
@@ -201,8 +201,8 @@ class HFRolloutActor:
         self.pending.append(request)
         if self.expected:
             self.expected -= 1
-            if not self.expected:
-                self.arrived.set()
+            if not self.expected and self.arrived is not None and not self.arrived.done():
+                self.arrived.set_result(None)
         if self.batcher is None or self.batcher.done():
             self.batcher = loop.create_task(self._run_batches())
         try:
@@ -215,17 +215,29 @@ class HFRolloutActor:
         if not self.expected:
             await asyncio.sleep(BATCH_WAIT_SECONDS)
             return
-        self.arrived.clear()
+        self.arrived = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self.arrived.wait(), BARRIER_TIMEOUT_SECONDS)
+            await asyncio.wait_for(self.arrived, BARRIER_TIMEOUT_SECONDS)
         except asyncio.TimeoutError:
             self.partial_batches += 1
             logger.warning("rollout barrier: %d announced requests missing after %.0f s; generating the %d that "
                            "arrived (partial batch %d: this rollout's batching is not repeatable)", self.expected,
                            BARRIER_TIMEOUT_SECONDS, len(self.pending), self.partial_batches)
             self.expected = 0
+        finally:
+            self.arrived = None
 
     async def _run_batches(self) -> None:
+        try:
+            await self._batches()
+        except BaseException as error:   # never leave an executor waiting on a batcher that died
+            pending, self.pending = self.pending, []
+            for request in pending:
+                if not request.future.done():
+                    request.future.set_exception(error if isinstance(error, Exception) else RuntimeError(error))
+            raise
+
+    async def _batches(self) -> None:
         await self._wait_for_requests()
         while self.pending:
             pending, self.pending = sorted(self.pending, key=Request.order_key), []
