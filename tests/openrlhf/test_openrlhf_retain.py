@@ -82,9 +82,10 @@ def test_row_coefficients_under_packing_follow_the_unpadded_token_order():
         row_coefficients(2.0, torch.ones(2), mask, packed=False)
 
 
-def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
+@pytest.mark.parametrize("objective", ["exact", "sampled"])
+def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only(objective):
     """make_experience reads the scales from the samples' labels (the coeff_key column) and passes them to the
-    reference (teacher) group's forward, not to the policy's."""
+    reference (teacher) group's forward, not to the policy's (which `exact` does not call at all)."""
     calls = {}
 
     def dispatch(group, colocated, **kwargs):
@@ -100,7 +101,7 @@ def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
     fake = SimpleNamespace(
         args=SimpleNamespace(ds=SimpleNamespace(ring_attn_size=1, tensor_parallel_size=1),
                              train=SimpleNamespace(colocate_all=False, colocate_actor_ref=False)),
-        safesteer=SimpleNamespace(coeff_key="teacher_scale", objective="exact"),
+        safesteer=SimpleNamespace(coeff_key="teacher_scale", objective=objective),
         actor_model_group="policy", initial_model_group="teacher", _dispatch_forward=dispatch,
         _flatten_results=lambda group, duplicate: results[group])
     samples = SimpleNamespace(sequences=torch.zeros(batch, width + 1, dtype=torch.long),
@@ -108,11 +109,14 @@ def test_experience_maker_sends_each_prompts_scale_to_the_teacher_only():
                               labels=["1", 0], rewards=None, info={})
     SafeSteerExperienceMaker.make_experience.__wrapped__(fake, [samples])
     assert calls["teacher"]["steering_scales"][0].tolist() == [1.0, 0.0]
-    assert "steering_scales" not in calls["policy"]
     # The retain rows' estimate reads the teacher's (on a retain row: the unsteered base's) sampled-token
     # log-probs from OpenRLHF's reference field; the student's own stay in action_log_probs.
     assert torch.equal(samples.base_action_log_probs, torch.full((batch, width), -2.0))
-    assert torch.equal(samples.action_log_probs, torch.full((batch, width), -1.0))
+    if objective == "sampled":
+        assert "steering_scales" not in calls["policy"]
+        assert torch.equal(samples.action_log_probs, torch.full((batch, width), -1.0))
+    else:
+        assert "policy" not in calls      # the exact policy step recomputes the student itself
     fake.safesteer.coeff_key = None                            # no retain rows: the reference field stays empty
     SafeSteerExperienceMaker.make_experience.__wrapped__(fake, [samples])
     assert samples.base_action_log_probs is None
