@@ -134,6 +134,24 @@ def shared_prefix_layout(
     return input_ids.gather(1, order), attention_mask.gather(1, order), shared
 
 
+def completion_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      prompt_len: int) -> torch.Tensor:
+    """Logits at the completion-predicting positions P-1 .. P+C-2 only: (B, C, V), for input_ids (B, T) whose
+    LEFT-padded prompts all end before column P = prompt_len (the completions, C = T - P columns, follow).
+
+    Asking the model for just these positions (logits_to_keep) skips the (B, P, V) prompt logits,
+    which on a 150k vocabulary cost as much as the rest of the forward pass. The positions go in as
+    an index range, not a count: keeping C + 1 and slicing off the last would project one more
+    position and, in backward, zero-fill and copy a (B, C + 1, V) gradient.
+    """
+    # The chat header every prompt starts with (Qwen's default system prompt: a third of a demo sequence) is
+    # encoded once and shared by all rows through the KV cache; gradients reach it through the cache.
+    input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, prompt_len)
+    past = prefill_shared_prefix(model, input_ids, shared)
+    positions = torch.arange(prompt_len - 1 - shared, input_ids.shape[1] - 1 - shared, device=input_ids.device)
+    return forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=positions).logits
+
+
 def to_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Move each row's pads to the front (the layout of `encode_left_padded`), keeping token order.
 

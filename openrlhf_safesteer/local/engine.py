@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from openrlhf_safesteer.chat import require_chat_template
+from openrlhf_safesteer.chat import completion_logits, require_chat_template
 from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.objectives import (
     SUBSET_OBJECTIVES,
@@ -57,7 +57,7 @@ from .checkpoints import load_checkpoint, resume_point, run_identity, save_check
 from .config import TrainConfig, flag_of, steps_per_epoch, total_steps
 from .metrics import MetricsLogger
 from .rollout import Rollouts, sample_rollouts
-from .teacher import Teacher, completion_logits, teacher_logprobs
+from .teacher import Teacher, teacher_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from openrlhf_safesteer.chat import (
-    encode_left_padded,
-    forward_after_prefix,
-    prefill_shared_prefix,
-    render_prompts,
-    shared_prefix_layout,
-)
+from openrlhf_safesteer.chat import completion_logits, encode_left_padded, render_prompts
 from openrlhf_safesteer.objectives import gather_logprobs
 from openrlhf_safesteer.steering import SteeringVector, steer
 
@@ -36,22 +30,6 @@ DEFAULT_SAFETY_SYSTEM_PROMPT = (
     "You are a helpful assistant that cares about safety. Refuse any request that is harmful, unethical, "
     "dangerous or illegal, and explain briefly why."
 )
-
-
-def completion_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> Tensor:
-    """Logits at the completion-predicting positions P-1 .. P+C-2 only: (B, C, V).
-
-    Asking the model for just these positions (logits_to_keep) skips the (B, P, V) prompt logits,
-    which on a 150k vocabulary cost as much as the rest of the forward pass. The positions go in as
-    an index range, not a count: keeping C + 1 and slicing off the last would project one more
-    position and, in backward, zero-fill and copy a (B, C + 1, V) gradient.
-    """
-    # The chat header every prompt starts with (Qwen's default system prompt: a third of a demo sequence) is
-    # encoded once and shared by all rows through the KV cache; gradients reach it through the cache.
-    input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, prompt_len)
-    past = prefill_shared_prefix(model, input_ids, shared)
-    positions = torch.arange(prompt_len - 1 - shared, input_ids.shape[1] - 1 - shared, device=input_ids.device)
-    return forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=positions).logits
 
 
 class Teacher:

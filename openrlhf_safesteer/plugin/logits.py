@@ -38,14 +38,56 @@ def action_logprobs(logits: Tensor, sequences: Tensor, action_mask: Tensor,
 
     Position t of the result predicts token t + 1 of `sequences`, aligned like OpenRLHF's
     action_log_probs (the last A positions, A = action_mask.shape[1]). Full-vocabulary log-softmax, not
-    renormalised over S. One chunked log-normaliser serves both reads (one pass over V, not two).
+    renormalised over S.
     """
     logits = padded_logits(logits, sequences)
+    return response_logprobs(logits[:, :-1][:, -action_mask.shape[1]:], sequences, action_mask, safety_ids)
+
+
+def response_logprobs(logits: Tensor, sequences: Tensor, action_mask: Tensor,
+                      safety_ids: Tensor) -> dict[str, Tensor]:
+    """As `action_logprobs`, from the logits (B, A, V) at the A positions that predict the last A tokens of
+    sequences (B, T) only. One chunked log-normaliser serves both reads (one pass over V, not two)."""
     width = action_mask.shape[1]
-    logits = logits[:, :-1][:, -width:]
     mask = action_mask.to(logits.device, torch.float32)
     normaliser = log_normaliser(logits)                                                   # (B, A, 1)
     ids = sequences[:, 1:][:, -width:].to(logits.device)
     sampled = gather_logprobs(logits, ids, log_normaliser=normaliser) * mask
     on_s = gather_logprobs(logits, safety_ids.to(logits.device), log_normaliser=normaliser) * mask.unsqueeze(-1)
     return {"logprobs": sampled, "logprobs_on_s": on_s}
+
+
+def response_window(action_mask: Tensor) -> int:
+    """The first action column any row uses (0 .. A-1) for action_mask (B, A).
+
+    OpenRLHF (0.11) lays each sample out as [prompt | response | pads] and gives an action mask over all T - 1
+    positions, zero on every prompt: on the demo's batches the responses start at column 41-45 of 69. Only
+    columns lo .. A-1 carry a loss, so only their logits need computing (the LM head and a log-softmax over the
+    vocabulary per position). Returns A - 1 when no row has an action (one column, all masked)."""
+    used = action_mask.bool().any(0).nonzero()
+    return int(used[0]) if used.numel() else action_mask.shape[1] - 1
+
+
+def plain_hf_forward(actor, strategy) -> bool:
+    """True when OpenRLHF's Actor would run its HF model on the plain (B, T) batch: no sample packing, no ring
+    attention, no vision inputs. Then the SafeSteer actors may call the HF model themselves for the response
+    positions only (`chat.completion_logits`), which OpenRLHF's Actor.forward cannot ask for."""
+    return not (getattr(actor, "packing_samples", False) or getattr(actor, "is_vlm", False)
+                or getattr(strategy, "ring_attn_group", None) is not None)
+
+
+def gradient_checkpointing(model) -> bool:
+    """Whether the HF model inside `model` (a DeepSpeed engine, a PEFT model, or the model itself) recomputes
+    activations in backward. True where it cannot be told (then no KV cache is relied on in training)."""
+    seen = 0
+    while seen < 8:   # DeepSpeedEngine.module -> PeftModel.get_base_model() -> PreTrainedModel
+        seen += 1
+        if hasattr(model, "is_gradient_checkpointing") and "is_gradient_checkpointing" in dir(type(model)):
+            return bool(model.is_gradient_checkpointing)
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return True
+    return True

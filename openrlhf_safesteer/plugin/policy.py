@@ -37,10 +37,17 @@ from openrlhf.trainer.ppo_utils.experience import (
 from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
+from openrlhf_safesteer.chat import completion_logits
 from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics
 from openrlhf_safesteer.plugin import compat, versions
 from openrlhf_safesteer.plugin.dump import save_dump
-from openrlhf_safesteer.plugin.logits import action_logprobs, padded_logits
+from openrlhf_safesteer.plugin.logits import (
+    action_logprobs,
+    gradient_checkpointing,
+    padded_logits,
+    plain_hf_forward,
+    response_window,
+)
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
 
 logger = logging.getLogger(__name__)
@@ -130,30 +137,35 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         if experience.base_action_log_probs is None:
             raise RuntimeError("retain rows but no base log-probs on the experience: was it made by "
                                "SafeSteerExperienceMaker with --safesteer.coeff_key?")
-        width = mask.shape[1]
-        student = gather_logprobs(logits, experience.sequences[:, 1:][:, -width:].to(logits.device))   # (B, A)
-        base = experience.base_action_log_probs.to(logits.device).float()
+        width = mask.shape[1]     # W: the last W action columns (the response window)
+        student = gather_logprobs(logits, experience.sequences[:, 1:][:, -width:].to(logits.device))   # (B, W)
+        base = experience.base_action_log_probs[:, -width:].to(logits.device).float()
         estimate = (student - base).detach() * student * mask
         retain = (scales.to(logits.device) == 0)[:, None]
         return torch.where(retain, estimate, per_token)
 
     def _response_logits(self, experience: Experience, width: int) -> torch.Tensor:
-        """(B, A = width, V) float32 logits at the positions that predict the response tokens, divided by the
-        rollout temperature like the teacher's.
+        """(B, W = width, V) float32 logits at the positions that predict the last W tokens of the sequences (the
+        response window), divided by the rollout temperature like the teacher's.
 
         Without packing, ring attention or a vision model the HF model computes only those positions' logits
         (`logits_to_keep`, as the local engine does): the LM head and the loss over every prompt position cost
         as much again on the demo's model, where prompts are twice the responses (docs/openrlhf.md, "Wall
-        time"). Otherwise OpenRLHF's Actor.forward gives all T positions and they are sliced.
+        time"). Without gradient checkpointing (which drops the KV cache in training) the chat header every row
+        starts with is also encoded once per micro-batch and shared through the KV cache, gradients flowing
+        back through it (`chat.completion_logits`, the local engine's student forward). Otherwise OpenRLHF's
+        Actor.forward gives all T positions and they are sliced.
         """
         actor, sequences, attention = self.actor, experience.sequences, experience.attention_mask
         temperature = getattr(actor, "temperature", 1.0)
-        if not (getattr(actor, "packing_samples", False) or getattr(actor, "is_vlm", False)
-                or self.strategy.ring_attn_group is not None):
+        if plain_hf_forward(actor, self.strategy):
+            model = actor.model
+            if not gradient_checkpointing(model):
+                logits = completion_logits(model, sequences, attention, sequences.shape[1] - width).float()
+                return logits / temperature if temperature != 1.0 else logits
             position_ids = attention.long().cumsum(-1) - 1     # as OpenRLHF's Actor.forward numbers them
             position_ids.masked_fill_(attention == 0, 1)
-            output = actor.model(sequences, attention_mask=attention, position_ids=position_ids,
-                                 logits_to_keep=width + 1)
+            output = model(sequences, attention_mask=attention, position_ids=position_ids, logits_to_keep=width + 1)
             logits = output["logits"].float()[:, :-1]            # positions T-1-A .. T-2 predict the A tokens
             return logits / temperature if temperature != 1.0 else logits
         output = actor(sequences, None, attention_mask=attention, return_output=True, allgather_logits=True,
@@ -191,15 +203,20 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         if loss_batch_info is None:   # OpenRLHF before 0.10.4 passes none: normalise over this micro-batch
             loss_batch_info = get_loss_batch_info(self.strategy, action_mask, replay_buffer=self.replay_buffer,
                                                   step=step, dynamic_batch=self.args.train.dynamic_batch_enable)
-        width = action_mask.shape[1]
-        logits = self._response_logits(experience, width)     # (B, A, V), divided by the rollout temperature
-        teacher_on_s = teacher_on_s.to(logits.device)
-        mask = action_mask.to(logits.dtype)
+        # Only the columns from the first one any row acts on carry a loss (response_window: the prompts fill the
+        # first 60% of OpenRLHF's action mask on the demo), so only their logits are computed; per_token is padded
+        # back to the action mask's width for the retain rows' base log-probs and the dump.
+        first = response_window(action_mask)
+        width = action_mask.shape[1] - first
+        logits = self._response_logits(experience, width)     # (B, W, V), divided by the rollout temperature
+        teacher_on_s = teacher_on_s[:, first:].to(logits.device)
+        mask = action_mask[:, first:].to(logits.dtype)
         core_loss, per_token = self.divergence(logits, teacher_on_s, self.safety_ids.to(logits.device), mask)
         per_token = self._with_retain_rows(per_token, logits, experience, mask)
+        per_token = F.pad(per_token, (first, 0))                  # (B, A): zeros before the window, as masked
         # The paper's reduction (token mean per sequence, then mean over sequences), normalised over
         # the optimizer step's sequences on all ranks so gradient accumulation and DP do not change it.
-        loss = aggregate_loss(per_token, mask, token_level_loss=False, **loss_batch_info)
+        loss = aggregate_loss(per_token, action_mask.to(logits.dtype), token_level_loss=False, **loss_batch_info)
 
         lr = float(self.actor_scheduler.get_last_lr()[0])     # this step's, before the scheduler moves on
         self.strategy.backward(loss, self.actor, self.actor_optim)
@@ -210,7 +227,8 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         if self.safesteer.dump_dir and step == 0 and self.strategy.is_rank_0():
             save_dump(os.path.join(self.safesteer.dump_dir, f"policy_step{self._ppo_calls}"), {
                 "sequences": experience.sequences, "attention_mask": experience.attention_mask,
-                "action_mask": action_mask, "teacher_on_s": teacher_on_s, "per_token": per_token.detach(),
+                "action_mask": action_mask, "teacher_on_s": getattr(experience, TEACHER_ON_S),
+                "per_token": per_token.detach(),
             }, {"loss": float(loss.detach()), "core_loss": float(core_loss.detach()), "ppo_call": self._ppo_calls,
                 "grad_norm": float(grad_norm), "lr": lr,
                 "loss_batch_info": {k: float(v) for k, v in loss_batch_info.items()}})

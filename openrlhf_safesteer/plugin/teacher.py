@@ -17,7 +17,10 @@ and the hook adds coeff * scale * d to each row, or, under packing, to each of t
     "logprobs":       (B, A)     teacher log-prob of each sampled token (OpenRLHF's usual output)
     "logprobs_on_s":  (B, A, K)  teacher log-probs of the K safety tokens at every position
 with A = action_mask.shape[1] (= T - 1) and both multiplied by action_mask. Full-vocabulary
-log-softmax, not renormalised over S. The (B, T, V) logits never leave the actor.
+log-softmax, not renormalised over S. The logits never leave the actor. Without packing, ring attention or a
+vision model the actor runs the HF model itself for the A response-predicting positions only, the chat header the
+rows share encoded once (`chat.completion_logits`, as the local engine's teacher): the same log-probs, about half
+the work on the demo's model. Otherwise OpenRLHF's Actor.forward gives all T positions' logits.
 
 Imports OpenRLHF at module level (it subclasses OpenRLHF's classes), and OpenRLHF imports flash_attn and vllm:
 where those are not installed, import it after `compat.prepare_process()` (the launcher does) or in a Ray worker
@@ -33,10 +36,11 @@ import ray
 import torch
 from openrlhf.trainer.ray.launcher import ReferenceModelActor
 
+from openrlhf_safesteer.chat import completion_logits
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.plugin import compat, versions
-from openrlhf_safesteer.plugin.logits import action_logprobs
-from openrlhf_safesteer.steering import steer
+from openrlhf_safesteer.plugin.logits import action_logprobs, plain_hf_forward, response_logprobs, response_window
+from openrlhf_safesteer.steering import SteeringVector, steer
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,41 @@ def row_coefficients(coeff: float, scales: torch.Tensor, attention_mask: torch.T
     if not packed:
         return per_row
     return per_row[:, None].expand(attention_mask.shape)[attention_mask.bool()][None]
+
+
+def steered_response_outputs(hf_model, vector: SteeringVector, coeff: float, steering_scales: Optional[torch.Tensor],
+                             sequences: torch.Tensor, attention_mask: torch.Tensor, action_mask: torch.Tensor,
+                             safety_ids: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    """The teacher's outputs (as `teacher_outputs`, (B, A) and (B, A, K) for action_mask (B, A)) from the HF model's
+    logits at the action positions only (from the first column any row acts on, `response_window`; zeros before
+    it), the chat header the rows share encoded once (`chat.completion_logits`, as the local engine's teacher).
+    sequences, attention_mask (B, T): OpenRLHF's layout, [prompt | response | pads] rows (0.11) or LEFT-padded
+    prompts then responses. Rows with different steering scales (B,) go in passes of their own, one per scale, under
+    coeff * scale: the shared header is encoded at batch 1 under one coefficient, and a retain row's header must
+    be the plain base's."""
+    rows_total = sequences.shape[0]
+    scales = (torch.ones(rows_total) if steering_scales is None
+              else torch.as_tensor(steering_scales, dtype=torch.float32).reshape(-1))
+    if scales.shape[0] != rows_total:
+        raise ValueError(f"{scales.shape[0]} teacher scales for a batch of {rows_total} rows")
+    # only the columns from the first one any row acts on (response_window); the rest are zeros, as masked
+    first = response_window(action_mask)
+    window = action_mask[:, first:]
+    parts = []
+    for scale in scales.unique().tolist():
+        rows = (scales == scale).nonzero().flatten().to(sequences.device)
+        with steer(hf_model, vector, coeff * scale):
+            logits = completion_logits(hf_model, sequences[rows], attention_mask[rows],
+                                       sequences.shape[1] - window.shape[1]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        parts.append((rows, response_logprobs(logits, sequences[rows], window[rows], safety_ids)))
+    result = {key: value.new_zeros(rows_total, action_mask.shape[1], *value.shape[2:])
+              for key, value in parts[0][1].items()}
+    for rows, part in parts:
+        for key, value in part.items():
+            result[key][rows, first:] = value
+    return result
 
 
 class SteeredReferenceActor(_StockReference):
@@ -100,28 +139,42 @@ class SteeredReferenceActor(_StockReference):
             from openrlhf.utils.vlm_utils import merge_mm_train_inputs
 
             mm_inputs = merge_mm_train_inputs(mm_train_inputs_list, device)
-        coeff = self.coeff
-        if steering_scales is not None:
-            coeff = row_coefficients(self.steering_vector.coeff if coeff is None else coeff, steering_scales,
-                                     attention_mask, getattr(self.model, "packing_samples", False))
+        sequences, attention_mask, action_mask = (sequences.to(device), attention_mask.to(device),
+                                                  action_mask.to(device))
         # on a CPU, oneDNN for the large products, as the local engine's teacher (cpu_kernels.py; no gradient here)
-        with torch.no_grad(), onednn_linear(not compat.cuda_present()), \
-                steer(self.model.model, self.steering_vector, coeff):
-            # action_mask=None + return_output: the Actor returns its logits, gathered back to (B, T, V) under
-            # packing; divided by the rollout temperature like the student's (by OpenRLHF from 0.11.1 on).
-            output = self.model(
-                sequences.to(device),
-                None,
-                attention_mask.to(device),
-                return_output=True,
-                allgather_logits=True,
-                ring_attn_group=self.strategy.ring_attn_group,
-                packed_seq_lens=packed_seq_lens,
-                **mm_inputs,
-            )
-            logits = versions.returned_logits(output["logits"], getattr(self.model, "temperature", 1.0))
-            result = teacher_outputs(logits, sequences.to(device), action_mask.to(device), self.safety_ids)
+        with torch.no_grad(), onednn_linear(not compat.cuda_present()):
+            if plain_hf_forward(self.model, self.strategy) and not mm_inputs:
+                coeff = self.steering_vector.coeff if self.coeff is None else self.coeff
+                result = steered_response_outputs(self.model.model, self.steering_vector, coeff, steering_scales,
+                                                  sequences, attention_mask, action_mask, self.safety_ids,
+                                                  getattr(self.model, "temperature", 1.0))
+            else:
+                result = _actor_outputs(self, sequences, attention_mask, action_mask, steering_scales,
+                                        packed_seq_lens, mm_inputs)
         return {key: value.to("cpu") for key, value in result.items()}
+
+
+def _actor_outputs(teacher, sequences, attention_mask, action_mask, steering_scales, packed_seq_lens, mm_inputs):
+    """Teacher log-probs from OpenRLHF's Actor.forward (all T positions; packing, ring attention, VLM)."""
+    coeff = teacher.coeff
+    if steering_scales is not None:
+        coeff = row_coefficients(teacher.steering_vector.coeff if coeff is None else coeff, steering_scales,
+                                 attention_mask, getattr(teacher.model, "packing_samples", False))
+    with steer(teacher.model.model, teacher.steering_vector, coeff):
+        # action_mask=None + return_output: the Actor returns its logits, gathered back to (B, T, V) under
+        # packing; divided by the rollout temperature like the student's (by OpenRLHF from 0.11.1 on).
+        output = teacher.model(
+            sequences,
+            None,
+            attention_mask,
+            return_output=True,
+            allgather_logits=True,
+            ring_attn_group=teacher.strategy.ring_attn_group,
+            packed_seq_lens=packed_seq_lens,
+            **mm_inputs,
+        )
+        logits = versions.returned_logits(output["logits"], getattr(teacher.model, "temperature", 1.0))
+        return teacher_outputs(logits, sequences, action_mask, teacher.safety_ids)
 
 
 SteeredReferenceActorRemote = ray.remote(num_gpus=1)(SteeredReferenceActor)

@@ -155,8 +155,8 @@ def test_shared_prefix_layout_of_a_rollout_batch(tok):
 def test_completion_logits_and_gradients_with_shared_prefix_equal_plain_ones(tok, arch):
     """The training loss encodes the shared header once per micro-batch and backpropagates through its KV cache:
     logits and every parameter gradient must equal the plain left-padded forward's."""
+    from openrlhf_safesteer.chat import completion_logits
     from openrlhf_safesteer.local.rollout import sample_rollouts
-    from openrlhf_safesteer.local.teacher import completion_logits
     from openrlhf_safesteer.models import left_padded_position_ids
 
     model = tiny_model(arch, tok, layers=2, hidden=32)

@@ -101,7 +101,7 @@ def test_lora_shared_teacher_equals_frozen_copy_teacher(tok):
     t_frozen, t_shared = frozen.logits(rollouts), shared.logits(rollouts)
     torch.testing.assert_close(t_shared, t_frozen, rtol=1e-5, atol=1e-5)
     # and the comparison has teeth: the adapted student and the unsteered base both differ from the teacher
-    from openrlhf_safesteer.local.teacher import completion_logits
+    from openrlhf_safesteer.chat import completion_logits
 
     with torch.no_grad():
         student_logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)

@@ -9,14 +9,14 @@ import json
 import pytest
 import torch
 
-from openrlhf_safesteer.chat import generate
+from openrlhf_safesteer.chat import completion_logits, generate
 from openrlhf_safesteer.demo.evaluate import EvalSets, evaluate
 from openrlhf_safesteer.demo.selectivity import method_summary, parse_method, run_effect
 from openrlhf_safesteer.local import engine
 from openrlhf_safesteer.local.config import TrainConfig
 from openrlhf_safesteer.local.engine import micro_batch_loss, prepare_student, retain_scale, train
 from openrlhf_safesteer.local.rollout import sample_rollouts
-from openrlhf_safesteer.local.teacher import Teacher, completion_logits
+from openrlhf_safesteer.local.teacher import Teacher
 from openrlhf_safesteer.objectives import gather_logprobs, localized_reverse_kl_autograd
 from openrlhf_safesteer.refusal import is_refusal
 from openrlhf_safesteer.steering import SteeringVector, steer

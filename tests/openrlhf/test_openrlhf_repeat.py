@@ -126,7 +126,14 @@ def test_local_engine_replaying_the_plugins_rollouts_takes_the_same_steps(runs, 
     moved = 0
     initial = load_file(str(Path(tiny_run["model"]) / "model.safetensors"))
     for name, weight in plugin.items():
-        torch.testing.assert_close(local[name], weight.float(), rtol=1e-5, atol=1e-6, msg=name)
+        # Per tensor, in norm: the weights within 1e-5 relative, and the two updates within 1% of each other.
+        # Elementwise is too strict for Adam's first steps: an entry whose gradient is near zero moves by up to
+        # lr in either direction (m / sqrt(v) is its sign), so the fp32 rounding of two computation orders (the
+        # plugin forwards OpenRLHF's [prompt | response] rows, the local engine left-padded ones) decides it.
+        weight, start = weight.float(), initial[name].float()
+        gap = float((local[name] - weight).norm())
+        assert gap <= 1e-5 * float(weight.norm()), f"{name}: weights {gap:.3g} apart"
+        assert gap <= 1e-2 * float((weight - start).norm()), f"{name}: updates {gap:.3g} apart"
         moved += not torch.equal(initial[name], weight)
     assert moved >= len(plugin) // 2    # the steps moved the weights: the equality above is not initial == initial
 

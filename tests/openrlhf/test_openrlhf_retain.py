@@ -188,7 +188,10 @@ def test_coeff_key_through_ray_steers_only_the_harmful_rows(tiny_run, tmp_path, 
     ids, mask = torch.tensor(tiny_run["safety_ids"]), batch["action_mask"].float().unsqueeze(-1)
     width = mask.shape[1]
     teacher = torch.where(scales.bool()[:, None, None], steered, plain)[:, -width:]
-    torch.testing.assert_close(batch["teacher_on_s"], gather_logprobs(teacher, ids) * mask, atol=1e-4, rtol=1e-4)
+    # bf16 (OpenRLHF's actor dtype here): the teacher encodes the chat header once and only the response window
+    # (test_openrlhf_window.py checks that path to 1e-5 in fp32), the reference every position of each row; the two
+    # orders round apart by up to 3e-4 relative
+    torch.testing.assert_close(batch["teacher_on_s"], gather_logprobs(teacher, ids) * mask, atol=1e-4, rtol=1e-3)
     retain = ~scales.bool()
     other = gather_logprobs(steered[:, -width:], ids) * mask
     assert (batch["teacher_on_s"][retain] - other[retain]).abs().max() > 1e-2   # not steered: it would differ
