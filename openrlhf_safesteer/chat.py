@@ -134,6 +134,28 @@ def shared_prefix_layout(
     return input_ids.gather(1, order), attention_mask.gather(1, order), shared
 
 
+@torch.no_grad()
+def shared_prompt_cache(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, shared: int,
+                        samples_per_prompt: int = 1):
+    """KV cache of each distinct prompt but its last token, computed once and repeated for its samples.
+
+    prompt_ids, prompt_mask: (N, P) distinct prompts laid out by `chat.encode_shared_prefix`: the first
+    `shared` columns (the chat header) are the same in every row and are encoded once at batch 1, the rest
+    once per distinct prompt. Returns a cache for N * samples_per_prompt rows (row i * M + j is sample j
+    of prompt i), so generate only encodes the last prompt token per row. On a CPU a rollout's prefill
+    costs about as much as its decoding; docs/METHOD.md's M = 8 samples share 7/8 of it.
+    """
+    cache = prefill_shared_prefix(model, prompt_ids, shared)
+    head_mask = prompt_mask[:, :-1]
+    if prompt_ids.shape[1] - 1 > shared:
+        positions = left_padded_position_ids(head_mask)[:, shared:]
+        cache = model(input_ids=prompt_ids[:, shared:-1], attention_mask=head_mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
+    if cache is not None and samples_per_prompt > 1:
+        cache.batch_repeat_interleave(samples_per_prompt)
+    return cache
+
+
 def completion_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       prompt_len: int) -> torch.Tensor:
     """Logits at the completion-predicting positions P-1 .. P+C-2 only: (B, C, V), for input_ids (B, T) whose

@@ -14,8 +14,8 @@ import torch
 from openrlhf_safesteer.chat import (
     encode_shared_prefix,
     end_of_turn_ids,
-    prefill_shared_prefix,
     render_prompts,
+    shared_prompt_cache,
     to_left_padded,
 )
 from openrlhf_safesteer.models import left_padded_position_ids
@@ -86,27 +86,6 @@ def build_rollouts(prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tens
     loss_mask = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
     loss_mask[:, prompt_len - 1:] = completion_mask
     return Rollouts(input_ids, attention_mask, loss_mask, prompt_len, prompts, completions)
-
-
-@torch.no_grad()
-def shared_prompt_cache(model, prompt_ids: Tensor, prompt_mask: Tensor, shared: int, samples_per_prompt: int):
-    """KV cache of each distinct prompt but its last token, computed once and repeated for its samples.
-
-    prompt_ids, prompt_mask: (N, P) distinct prompts laid out by `chat.encode_shared_prefix`: the first
-    `shared` columns (the chat header) are the same in every row and are encoded once at batch 1, the rest
-    once per distinct prompt. Returns a cache for N * samples_per_prompt rows (row i * M + j is sample j
-    of prompt i), so generate only encodes the last prompt token per row. On a CPU a rollout's prefill
-    costs about as much as its decoding; docs/METHOD.md's M = 8 samples share 7/8 of it.
-    """
-    cache = prefill_shared_prefix(model, prompt_ids, shared)
-    head_mask = prompt_mask[:, :-1]
-    if prompt_ids.shape[1] - 1 > shared:
-        positions = left_padded_position_ids(head_mask)[:, shared:]
-        cache = model(input_ids=prompt_ids[:, shared:-1], attention_mask=head_mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True, logits_to_keep=1).past_key_values
-    if cache is not None and samples_per_prompt > 1:
-        cache.batch_repeat_interleave(samples_per_prompt)
-    return cache
 
 
 # OpenRLHF's rollouts never end a reply at its first token (SamplingParams(min_tokens=1)); the local engine

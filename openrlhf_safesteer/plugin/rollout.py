@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 # No OpenRLHF import at module level: the actor installs the CPU stand-ins (compat.prepare_process) in its
 # own process before it imports OpenRLHF's agent executors.
+from openrlhf_safesteer.chat import shared_prefix_layout, shared_prompt_cache
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.plugin import compat
 from openrlhf_safesteer.sampling import SeededSampling, request_seed
@@ -279,11 +280,15 @@ class HFRolloutActor:
         if kwargs["do_sample"] and seeds is not None and all(seed is not None for seed in seeds):
             sampler = SeededSampling(seeds, kwargs.pop("temperature"), kwargs.pop("top_p"), kwargs.pop("top_k"))
             kwargs.update(do_sample=False, logits_processor=[sampler], output_scores=False)
-        # on a CPU, oneDNN for the large products: the local engine's kernels, so both engines compute the same
-        # logits for the same request (cpu_kernels.py; generation needs no gradient)
+        # The chat header every prompt starts with is encoded once at batch 1 and each prompt but its last token
+        # once, as the local engine's rollouts do (chat.shared_prompt_cache): on a CPU the prefill costs about as
+        # much as the decoding. On a CPU, oneDNN for the large products: the local engine's kernels, so both
+        # engines compute the same logits for the same request (cpu_kernels.py; generation needs no gradient).
+        input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, width)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with onednn_linear(self.device.type == "cpu"):
-            out = self.model.generate(input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                                      **kwargs)
+            cache = shared_prompt_cache(self.model, input_ids, attention_mask, shared)
+            out = self.model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
         want_logprobs = getattr(sampling_params, "logprobs", None) is not None
         drawn = sampler.drawn_logprobs() if sampler is not None and want_logprobs else None
         skip = getattr(sampling_params, "skip_special_tokens", False)
