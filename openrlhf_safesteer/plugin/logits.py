@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from openrlhf_safesteer.chat import completion_logits
 from openrlhf_safesteer.objectives import gather_logprobs, log_normaliser
 
 Tensor = torch.Tensor
@@ -76,18 +77,50 @@ def plain_hf_forward(actor, strategy) -> bool:
                 or getattr(strategy, "ring_attn_group", None) is not None)
 
 
-def gradient_checkpointing(model) -> bool:
-    """Whether the HF model inside `model` (a DeepSpeed engine, a PEFT model, or the model itself) recomputes
-    activations in backward. True where it cannot be told (then no KV cache is relied on in training)."""
-    seen = 0
-    while seen < 8:   # DeepSpeedEngine.module -> PeftModel.get_base_model() -> PreTrainedModel
-        seen += 1
-        if hasattr(model, "is_gradient_checkpointing") and "is_gradient_checkpointing" in dir(type(model)):
-            return bool(model.is_gradient_checkpointing)
+def hf_model_inside(model):
+    """The transformers PreTrainedModel inside `model` (a DeepSpeed engine's .module, a PEFT model's base model, or
+    the model itself); None where there is none to be found."""
+    for _ in range(8):
+        if hasattr(type(model), "is_gradient_checkpointing") and hasattr(model, "config"):
+            return model
         if isinstance(getattr(model, "module", None), torch.nn.Module):
             model = model.module
         elif hasattr(model, "get_base_model"):
             model = model.get_base_model()
         else:
-            return True
-    return True
+            return None
+    return None
+
+
+def gradient_checkpointing(model) -> bool:
+    """Whether the HF model inside `model` recomputes activations in backward (True where it cannot be told)."""
+    inner = hf_model_inside(model)
+    return True if inner is None else bool(inner.is_gradient_checkpointing)
+
+
+# Attention kernels the shared-header KV cache is checked with (tests/openrlhf/test_openrlhf_window.py, fp32, and
+# the local engine's own tests): right-padded rows after a cache. flash-attn's varlen path is not checked on a CPU.
+HEADER_CACHE_ATTENTION = ("sdpa", "eager")
+
+
+def can_share_header(model, training: bool) -> bool:
+    """Whether the chat header the rows share may be encoded once through the KV cache (`chat.completion_logits`):
+    the attention kernel is one HEADER_CACHE_ATTENTION names and, in training, no gradient checkpointing (which
+    drops the cache)."""
+    inner = hf_model_inside(model)
+    if inner is None or getattr(inner.config, "_attn_implementation", None) not in HEADER_CACHE_ATTENTION:
+        return False
+    return not (training and inner.is_gradient_checkpointing)
+
+
+def window_logits(model, sequences: Tensor, attention_mask: Tensor, width: int, share_header: bool) -> Tensor:
+    """(B, W = width, V) logits at the positions that predict the last W tokens of sequences (B, T), from the HF
+    `model` (or the DeepSpeed engine around it). share_header: encode the header the rows share once
+    (`chat.completion_logits`); else one plain forward that projects only those positions (`logits_to_keep`),
+    positions numbered as OpenRLHF's Actor.forward numbers them."""
+    if share_header:
+        return completion_logits(model, sequences, attention_mask, sequences.shape[1] - width)
+    position_ids = attention_mask.long().cumsum(-1) - 1
+    position_ids.masked_fill_(attention_mask == 0, 1)
+    output = model(sequences, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=width + 1)
+    return output["logits"][:, :-1]                   # positions T-1-W .. T-2 predict the last W tokens

@@ -37,16 +37,16 @@ from openrlhf.trainer.ppo_utils.experience import (
 from openrlhf.trainer.ray import ppo_actor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
-from openrlhf_safesteer.chat import completion_logits
 from openrlhf_safesteer.objectives import SUBSET_OBJECTIVES, gather_logprobs, safety_metrics
 from openrlhf_safesteer.plugin import compat, versions
 from openrlhf_safesteer.plugin.dump import save_dump
 from openrlhf_safesteer.plugin.logits import (
     action_logprobs,
-    gradient_checkpointing,
+    can_share_header,
     padded_logits,
     plain_hf_forward,
     response_window,
+    window_logits,
 )
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
 
@@ -151,22 +151,16 @@ class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
         Without packing, ring attention or a vision model the HF model computes only those positions' logits
         (`logits_to_keep`, as the local engine does): the LM head and the loss over every prompt position cost
         as much again on the demo's model, where prompts are twice the responses (docs/openrlhf.md, "Wall
-        time"). Without gradient checkpointing (which drops the KV cache in training) the chat header every row
-        starts with is also encoded once per micro-batch and shared through the KV cache, gradients flowing
-        back through it (`chat.completion_logits`, the local engine's student forward). Otherwise OpenRLHF's
-        Actor.forward gives all T positions and they are sliced.
+        time"). With sdpa or eager attention and no gradient checkpointing (which drops the KV cache in
+        training) the chat header every row starts with is also encoded once per micro-batch and shared through
+        the KV cache, gradients flowing back through it (`chat.completion_logits`, the local engine's student
+        forward). Otherwise OpenRLHF's Actor.forward gives all T positions and they are sliced.
         """
         actor, sequences, attention = self.actor, experience.sequences, experience.attention_mask
         temperature = getattr(actor, "temperature", 1.0)
         if plain_hf_forward(actor, self.strategy):
-            model = actor.model
-            if not gradient_checkpointing(model):
-                logits = completion_logits(model, sequences, attention, sequences.shape[1] - width).float()
-                return logits / temperature if temperature != 1.0 else logits
-            position_ids = attention.long().cumsum(-1) - 1     # as OpenRLHF's Actor.forward numbers them
-            position_ids.masked_fill_(attention == 0, 1)
-            output = model(sequences, attention_mask=attention, position_ids=position_ids, logits_to_keep=width + 1)
-            logits = output["logits"].float()[:, :-1]            # positions T-1-A .. T-2 predict the A tokens
+            logits = window_logits(actor.model, sequences, attention, width,
+                                   share_header=can_share_header(actor.model, training=True)).float()
             return logits / temperature if temperature != 1.0 else logits
         output = actor(sequences, None, attention_mask=attention, return_output=True, allgather_logits=True,
                        ring_attn_group=self.strategy.ring_attn_group)

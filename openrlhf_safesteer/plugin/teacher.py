@@ -36,10 +36,16 @@ import ray
 import torch
 from openrlhf.trainer.ray.launcher import ReferenceModelActor
 
-from openrlhf_safesteer.chat import completion_logits
 from openrlhf_safesteer.cpu_kernels import onednn_linear
 from openrlhf_safesteer.plugin import compat, versions
-from openrlhf_safesteer.plugin.logits import action_logprobs, plain_hf_forward, response_logprobs, response_window
+from openrlhf_safesteer.plugin.logits import (
+    action_logprobs,
+    can_share_header,
+    plain_hf_forward,
+    response_logprobs,
+    response_window,
+    window_logits,
+)
 from openrlhf_safesteer.steering import SteeringVector, steer
 
 logger = logging.getLogger(__name__)
@@ -74,7 +80,8 @@ def steered_response_outputs(hf_model, vector: SteeringVector, coeff: float, ste
                              safety_ids: torch.Tensor, temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """The teacher's outputs (as `teacher_outputs`, (B, A) and (B, A, K) for action_mask (B, A)) from the HF model's
     logits at the action positions only (from the first column any row acts on, `response_window`; zeros before
-    it), the chat header the rows share encoded once (`chat.completion_logits`, as the local engine's teacher).
+    it), the chat header the rows share encoded once where the attention kernel allows (`can_share_header`,
+    `chat.completion_logits`, as the local engine's teacher).
     sequences, attention_mask (B, T): OpenRLHF's layout, [prompt | response | pads] rows (0.11) or LEFT-padded
     prompts then responses. Rows with different steering scales (B,) go in passes of their own, one per scale, under
     coeff * scale: the shared header is encoded at batch 1 under one coefficient, and a retain row's header must
@@ -91,8 +98,8 @@ def steered_response_outputs(hf_model, vector: SteeringVector, coeff: float, ste
     for scale in scales.unique().tolist():
         rows = (scales == scale).nonzero().flatten().to(sequences.device)
         with steer(hf_model, vector, coeff * scale):
-            logits = completion_logits(hf_model, sequences[rows], attention_mask[rows],
-                                       sequences.shape[1] - window.shape[1]).float()
+            logits = window_logits(hf_model, sequences[rows], attention_mask[rows], window.shape[1],
+                                   share_header=can_share_header(hf_model, training=False)).float()
         if temperature != 1.0:
             logits = logits / temperature
         parts.append((rows, response_logprobs(logits, sequences[rows], window[rows], safety_ids)))

@@ -20,7 +20,11 @@ from openrlhf_safesteer.plugin import compat
 
 compat.install_import_stand_ins()
 
-from openrlhf_safesteer.plugin.logits import gradient_checkpointing, response_window  # noqa: E402
+from openrlhf_safesteer.plugin.logits import (  # noqa: E402
+    can_share_header,
+    gradient_checkpointing,
+    response_window,
+)
 from openrlhf_safesteer.plugin.policy import SafeSteerActorTrainer  # noqa: E402
 from openrlhf_safesteer.plugin.teacher import steered_response_outputs, teacher_outputs  # noqa: E402
 from openrlhf_safesteer.steering import SteeringVector, steer  # noqa: E402
@@ -96,9 +100,14 @@ def test_policy_window_logits_and_gradients_equal_the_full_forward(tiny):
         torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_teacher_window_with_mixed_scales_equals_each_rows_full_forward(tiny):
+@pytest.mark.parametrize("share_header", [True, False])
+def test_teacher_window_with_mixed_scales_equals_each_rows_full_forward(tiny, monkeypatch, share_header):
     """Rows with scales (1, 0, 0.5, 1): each row equals its own full forward under coeff * scale (0: the plain base),
-    zeros before the window, where the action mask is zero anyway."""
+    zeros before the window, where the action mask is zero anyway; with the header cache and with the plain
+    windowed forward (flash-attn's case)."""
+    import openrlhf_safesteer.plugin.teacher as teacher_module
+
+    monkeypatch.setattr(teacher_module, "can_share_header", lambda model, training: share_header)
     scales = torch.tensor([1.0, 0.0, 0.5, 1.0])
     with torch.no_grad():
         got = steered_response_outputs(tiny.model, tiny.vector, tiny.vector.coeff, scales, tiny.sequences,
@@ -116,6 +125,15 @@ def test_teacher_window_with_mixed_scales_equals_each_rows_full_forward(tiny):
     assert (plain["logprobs_on_s"][0] - got["logprobs_on_s"][0]).abs().max() > 1e-2   # row 0 is steered
 
 
+def test_header_is_shared_only_where_the_cache_is_checked(tiny, monkeypatch):
+    model = tiny.model
+    assert model.config._attn_implementation == "sdpa"
+    assert can_share_header(model, training=True) and can_share_header(model, training=False)
+    monkeypatch.setattr(model.config, "_attn_implementation", "flash_attention_2")
+    assert not can_share_header(model, training=False)      # flash-attn's varlen path after a cache: unchecked
+    assert not can_share_header(lambda *a: None, training=False)   # no HF model inside: the plain forward
+
+
 def test_gradient_checkpointing_is_seen_through_wrappers(tiny):
     from peft import LoraConfig, get_peft_model
 
@@ -124,6 +142,8 @@ def test_gradient_checkpointing_is_seen_through_wrappers(tiny):
     engine = type("Engine", (torch.nn.Module,), {})()      # DeepSpeed's engine holds the model as .module
     engine.module = peft
     assert gradient_checkpointing(engine) is False
+    assert can_share_header(engine, training=True)
     model.gradient_checkpointing_enable()
     assert gradient_checkpointing(engine) is True
+    assert not can_share_header(engine, training=True) and can_share_header(engine, training=False)
     assert gradient_checkpointing(object()) is True         # cannot tell: assume it does (no KV cache relied on)
