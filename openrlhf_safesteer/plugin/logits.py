@@ -92,12 +92,6 @@ def hf_model_inside(model):
     return None
 
 
-def gradient_checkpointing(model) -> bool:
-    """Whether the HF model inside `model` recomputes activations in backward (True where it cannot be told)."""
-    inner = hf_model_inside(model)
-    return True if inner is None else bool(inner.is_gradient_checkpointing)
-
-
 # Attention kernels the shared-header KV cache is checked with (tests/openrlhf/test_openrlhf_window.py, fp32, and
 # the local engine's own tests): right-padded rows after a cache. flash-attn's varlen path is not checked on a CPU.
 HEADER_CACHE_ATTENTION = ("sdpa", "eager")

@@ -94,12 +94,12 @@ def steered_response_outputs(hf_model, vector: SteeringVector, coeff: float, ste
     # only the columns from the first one any row acts on (response_window); the rest are zeros, as masked
     first = response_window(action_mask)
     window = action_mask[:, first:]
-    parts = []
+    share_header, parts = can_share_header(hf_model, training=False), []
     for scale in scales.unique().tolist():
         rows = (scales == scale).nonzero().flatten().to(sequences.device)
         with steer(hf_model, vector, coeff * scale):
             logits = window_logits(hf_model, sequences[rows], attention_mask[rows], window.shape[1],
-                                   share_header=can_share_header(hf_model, training=False)).float()
+                                   share_header=share_header).float()
         if temperature != 1.0:
             logits = logits / temperature
         parts.append((rows, response_logprobs(logits, sequences[rows], window[rows], safety_ids)))
