@@ -167,7 +167,13 @@ def completion_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention
     position and, in backward, zero-fill and copy a (B, C + 1, V) gradient.
     """
     # The chat header every prompt starts with (Qwen's default system prompt: a third of a demo sequence) is
-    # encoded once and shared by all rows through the KV cache; gradients reach it through the cache.
+    # encoded once and shared by all rows through the KV cache; gradients reach it through the cache. Not under
+    # gradient checkpointing in training: transformers then returns no cache (and the header would be lost).
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        position_ids = left_padded_position_ids(attention_mask)
+        positions = torch.arange(prompt_len - 1, input_ids.shape[1] - 1, device=input_ids.device)
+        return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     logits_to_keep=positions).logits
     input_ids, attention_mask, shared = shared_prefix_layout(input_ids, attention_mask, prompt_len)
     past = prefill_shared_prefix(model, input_ids, shared)
     positions = torch.arange(prompt_len - 1 - shared, input_ids.shape[1] - 1 - shared, device=input_ids.device)

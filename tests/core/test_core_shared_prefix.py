@@ -177,3 +177,24 @@ def test_completion_logits_and_gradients_with_shared_prefix_equal_plain_ones(tok
     assert len(got_grads) == len(want_grads) > 0
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_completion_logits_under_gradient_checkpointing_equal_the_plain_ones(tok):
+    """transformers returns no KV cache when a training model checkpoints its activations, so the shared header
+    cannot go through the cache there (the local engine's --gradient-checkpointing crashed on it): the logits and
+    gradients must still be the plain forward's."""
+    from openrlhf_safesteer.chat import completion_logits
+    from openrlhf_safesteer.models import left_padded_position_ids
+
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    generator = torch.Generator().manual_seed(0)
+    header = torch.randint(20, 400, (6,), generator=generator)
+    ids = torch.cat([header.repeat(3, 1), torch.randint(20, 400, (3, 8), generator=generator)], 1)
+    mask = torch.ones_like(ids)
+    model.train()
+    model.gradient_checkpointing_enable()
+    got = completion_logits(model, ids, mask, 10)
+    want = model(input_ids=ids, attention_mask=mask, position_ids=left_padded_position_ids(mask)).logits[:, 9:-1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
