@@ -66,6 +66,9 @@ NEEDS: tuple[Need, ...] = (
                                                        "allgather_logits", "ring_attn_group", "packed_seq_lens"),
          "teacher.py, policy.py, versions.py"),
     Need("openrlhf/utils/vlm_utils.py", "merge_mm_train_inputs", used_by="teacher.py (VLM only)"),
+    Need("openrlhf/models/actor.py", "Actor.forward", ("return_logprobs", "return_entropy"), "actor_window.py"),
+    *_names("openrlhf/models/utils.py", "actor_window.py (stock PPO on a CPU)", "log_probs_from_logits",
+            "compute_entropy"),
     # The experience maker and the controller.
     Need("openrlhf/models/utils.py", "masked_mean", used_by="experience.py"),
     Need("openrlhf/trainer/ppo_trainer.py", "PPOTrainer", used_by="experience.py, stock_actors.py, install.py"),

@@ -13,6 +13,7 @@ from openrlhf.trainer.ppo_trainer import PPOTrainer
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from openrlhf_safesteer.plugin import compat
+from openrlhf_safesteer.plugin.actor_window import install_response_window
 from openrlhf_safesteer.plugin.experience import Tracked, seeded_samples
 from openrlhf_safesteer.plugin.policy import init_with_trainer
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
@@ -23,7 +24,9 @@ class HFSyncActorPPOTrainer(HFWeightSync, ActorPPOTrainer):
 
 
 class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
-    """OpenRLHF's PolicyModelActor in a worker with the CPU shims, training with HFSyncActorPPOTrainer."""
+    """OpenRLHF's PolicyModelActor in a worker with the CPU shims, training with HFSyncActorPPOTrainer, its Actor's
+    log-probs computed from the response window's logits only (`actor_window`: the same values, a third of the LM
+    head's work on the demo's batches)."""
 
     def __init__(self, *args, **kwargs):
         compat.prepare_process()
@@ -31,6 +34,7 @@ class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
 
     def init_model_from_pretrained(self, *args, **kwargs):
         init_with_trainer(self, HFSyncActorPPOTrainer, *args, **kwargs)
+        install_response_window(self.actor, self.strategy)
 
 
 class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):

@@ -145,3 +145,59 @@ def test_gradient_checkpointing_is_seen_through_wrappers(tiny):
     # checkpointing drops the KV cache in training only: seen through the engine and the PEFT wrapper
     assert not can_share_header(engine, training=True) and can_share_header(engine, training=False)
     assert not can_share_header(object(), training=True)    # cannot tell: no KV cache relied on
+
+
+@pytest.mark.parametrize("share_header", [True, False])
+def test_stock_actor_window_equals_openrlhfs_forward(tiny, monkeypatch, share_header):
+    """OpenRLHF's own Actor (stock PPO on a CPU, `actor_window`): action log-probs, entropies under the action mask,
+    and every parameter's gradient of a PPO-like loss equal the stock Actor.forward's, at temperature 0.7."""
+    from openrlhf.models.actor import Actor
+
+    import openrlhf_safesteer.plugin.actor_window as actor_window
+
+    monkeypatch.setattr(actor_window, "can_share_header", lambda model, training: share_header)
+    model = tiny.model
+    stock = Actor(model, temperature=0.7)
+    windowed = Actor(model, temperature=0.7)
+    stock.packing_samples = windowed.packing_samples = False    # set only when Actor loads a model by name
+    actor_window.install_response_window(windowed, SimpleNamespace(ring_attn_group=None))
+    weights = torch.randn(tiny.action.shape, generator=torch.Generator().manual_seed(2))
+    mask = tiny.action.bool()
+
+    def run(actor):
+        model.zero_grad()
+        logprobs, output = actor(tiny.sequences, tiny.action, attention_mask=tiny.attention, return_output=True,
+                                 return_entropy=True)
+        entropy = output.entropy[:, -tiny.action.shape[1]:]
+        loss = (logprobs * weights).sum() + 0.1 * (entropy * tiny.action).sum()
+        loss.backward()
+        return logprobs.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got_logprobs, got_entropy, got_grads = run(windowed)
+    want_logprobs, want_entropy, want_grads = run(stock)
+    assert got_logprobs.shape == want_logprobs.shape == tiny.action.shape
+    torch.testing.assert_close(got_logprobs, want_logprobs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_entropy[mask], want_entropy[mask], atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with torch.no_grad():                                   # make_experience's call: log-probs only, no output
+        torch.testing.assert_close(windowed(tiny.sequences, tiny.action, attention_mask=tiny.attention),
+                                   want_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_stock_actor_window_leaves_other_calls_to_the_stock_forward(tiny):
+    """No action mask, return_logprobs or vision inputs: the stock forward runs (full logits come back)."""
+    from openrlhf.models.actor import Actor
+
+    from openrlhf_safesteer.plugin.actor_window import install_response_window, windowable
+
+    actor = Actor(tiny.model)
+    actor.packing_samples = False
+    install_response_window(actor, SimpleNamespace(ring_attn_group=None))
+    with torch.no_grad():
+        output = actor(tiny.sequences, None, attention_mask=tiny.attention, return_output=True)
+        assert output["logits"].shape[:2] == tiny.sequences.shape
+        logprobs = actor(tiny.sequences, tiny.action, attention_mask=tiny.attention, return_logprobs=True)
+        assert logprobs.shape == (tiny.sequences.shape[0], tiny.sequences.shape[1] - 1)
+    actor.packing_samples = True                            # packing: the stock forward's business
+    assert not windowable(actor, SimpleNamespace(ring_attn_group=None), tiny.action, False, False, {})
