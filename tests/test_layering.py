@@ -1,7 +1,7 @@
 """The import layering (core, engines, evaluation, front ends; README "Layout"), checked on the modules as they are.
 
 Each package module is imported in a fresh process (a fork of one interpreter that has imported only
-third-party libraries: torch, transformers), and what that import loaded is compared with its layer:
+third-party libraries: torch, transformers, deepspeed, peft), and what that import loaded is compared with its layer:
 - the core (the modules at the package's top, and `data`) never loads OpenRLHF, Ray, or any engine,
   evaluation or front-end package of this project;
 - the local engine never loads OpenRLHF, Ray, the plugin, the evaluation or a front end;
@@ -49,6 +49,10 @@ PROBE = r"""
 import json, os, sys, warnings
 warnings.simplefilter("ignore")
 import torch, transformers  # noqa: F401  (third party: shared by every fork, checked by no rule)
+try:  # OpenRLHF's heavy dependencies (deepspeed alone is 5-8 s a fork): loaded once here, where installed
+    import deepspeed, peft  # noqa: F401  (neither loads OpenRLHF, Ray or a CUDA-only package)
+except ImportError:
+    pass
 CUDA_ONLY = ("vllm", "flash_attn")
 as_worker = sys.argv[1] == "worker"
 results = {}

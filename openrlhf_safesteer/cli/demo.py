@@ -2,9 +2,10 @@
 
     safesteer demo --out demo/
 
-direction -> safety tokens -> training (SafeSteer and the full-vocabulary ablation) -> before/after
-evaluation on held-out prompts. Writes demo/final (the trained model), demo/report.json and
-demo/report.md with plots.
+direction -> safety tokens -> training (SafeSteer; with --ablation also the full-vocabulary ablation) ->
+before/after evaluation on held-out prompts. Writes demo/final (the trained model), demo/report.json and
+demo/report.md with plots. The base evaluation and stage 1 are stored by content and reused by a later run with
+the same model, prompts, settings, code and threads (--no-cache computes them again).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from openrlhf_safesteer.cli import HelpFormatter, add_config_flags, config_value
 # Every DemoConfig field, in the help's order (help, default and type: the field's), so that `safesteer demo --help`
 # is the whole list of settings docs/demo.md says it is; `onednn` alone is the top-level `safesteer --no-onednn`.
 FLAGS = ["out", "model", "seed", "layers", "positions", "kl_threshold", "coeff", "teacher_coeff", "horizon",
-         "min_prob", "token_samples", "token_prompts", "k", "objectives", "train_splits", "steps", "prompts_per_step",
+         "min_prob", "token_samples", "token_prompts", "k", "objectives", "ablation", "train_splits", "steps", "prompts_per_step",
          "samples_per_prompt", "max_new_tokens", "lr", "lora_r", "lora_alpha", "lora_targets", "lora_layers",
          "freeze_embeddings", "warmup_ratio", "micro_batch_size", "retain_prompts_per_step", "retain_divergence",
          "retain_splits", "eval_limit", "refusal_tokens", "teacher_check_prompts", "threads", "vector", "tokens",
-         "progress"]
+         "cache", "progress"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import logging
 import math
 import time
@@ -77,7 +78,9 @@ class DemoConfig:
     train_splits: list[str] = knob(help="harmful prompt splits to train on (openrlhf_safesteer/data/harmful.json; "
                                    "never 'test')", factory=lambda: ["train"])
     objectives: list[str] = knob(help="engine objectives to train (exact = SafeSteer; full_vocab = the ablation)",
-                                 factory=lambda: ["exact", "full_vocab"])
+                                 factory=lambda: ["exact"])
+    ablation: bool = knob(False, "also train and evaluate the full-vocabulary ablation (objective full_vocab: the "
+                          "method without its restriction to S; about 5 more minutes on 2 cores)")
     steps: int = training("max_steps", "optimizer steps per training run")
     prompts_per_step: int = training("prompts_per_step")
     samples_per_prompt: int = training("samples_per_prompt")
@@ -103,6 +106,13 @@ class DemoConfig:
     progress: bool = training("progress", "hide progress bars")
     vector: str | None = knob(None, "reuse a steering-vector folder (skips the direction search)")
     tokens: str | None = knob(None, "reuse a safety-token JSON (skips the vote)")
+    cache: bool = knob(True, "compute the base evaluation and stage 1 (direction, teacher check, S) again instead "
+                       "of reusing what an earlier run stored for the same model, prompts, settings, code and "
+                       "threads (demo/cache.py)")
+
+    def trained_objectives(self) -> list[str]:
+        """The objectives trained, in order: --objectives, then full_vocab with --ablation."""
+        return [*self.objectives, *(["full_vocab"] if self.ablation and "full_vocab" not in self.objectives else [])]
 
     def summary(self) -> str:
         return "\n".join(f"  {k} = {v}" for k, v in dataclasses.asdict(self).items())
@@ -134,7 +144,7 @@ class DemoConfig:
             raise ValueError(f"--objectives must name distinct engine objectives, got {self.objectives}")
         train_prompts(self)
         retain_prompts(self)
-        for objective in self.objectives:
+        for objective in self.trained_objectives():
             try:
                 train_config(self, objective, Path(self.out) / "train").validate()
             except ValueError as e:
@@ -246,7 +256,75 @@ def run_demo(cfg: DemoConfig) -> dict:
     cfg.validate()      # before the out folder, the model load and the stages before training
     with onednn_linear(cfg.onednn) as active:
         logger.info("inference matrix products: %s", "oneDNN" if active else "PyTorch's default (MKL)")
-        return _run_demo(cfg)
+        return _run_demo(cfg, active)
+
+
+# The settings stage 1 depends on (with the model, the prompt sets, the code and the environment: demo/cache.py).
+STAGE1_SETTINGS = ("seed", "layers", "positions", "coeff", "kl_threshold", "horizon", "min_prob", "token_samples",
+                   "token_prompts", "k", "teacher_check_prompts", "refusal_tokens")
+STAGE1_FILES = ("vector", "direction_candidates.json", "teacher_check.json", "safety_tokens.json")
+
+
+def stage_keys(cfg: DemoConfig, sets: EvalSets, onednn: bool) -> dict[str, str]:
+    """The cache keys of the base evaluation ("base_eval") and stage 1 ("stage1", only when the run computes it:
+    no --vector or --tokens); empty with --no-cache or a model that is not a local folder."""
+    from openrlhf_safesteer.loading import resolve_model
+
+    from . import cache
+
+    if not cfg.cache:
+        return {}
+    model = cache.model_fingerprint(resolve_model(cfg.model))
+    if model is None:
+        logger.info("demo cache: %s is not a local folder, so nothing is reused or stored", cfg.model)
+        return {}
+    env, code = cache.environment(onednn), cache.code_fingerprint()
+    keys = {"base_eval": cache.stage_key("base_eval", model, {"sets": dataclasses.asdict(sets),
+                                                             "refusal_tokens": cfg.refusal_tokens}, env, code)}
+    if not (cfg.vector or cfg.tokens):
+        keys["stage1"] = cache.stage_key("stage1", model, {k: getattr(cfg, k) for k in STAGE1_SETTINGS}, env, code)
+    return keys
+
+
+def cached_stage(keys: dict[str, str], stage: str) -> Path | None:
+    from . import cache
+
+    return cache.load_entry(stage, keys[stage]) if stage in keys else None
+
+
+def load_artifacts(folder: Path, out: Path) -> tuple:
+    """Stage 1's results as `make_artifacts` returns them, copied from a stored folder into out."""
+    import shutil
+
+    from openrlhf_safesteer.directions import CandidateScore
+    from openrlhf_safesteer.safety_tokens import SafetyTokenSet
+
+    for name in STAGE1_FILES:
+        if (folder / name).is_dir():
+            shutil.copytree(folder / name, out / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(folder / name, out / name)
+    vector = SteeringVector.load(out / "vector")
+    table = [CandidateScore(**row) for row in json.loads((out / "direction_candidates.json").read_text())]
+    check = json.loads((out / "teacher_check.json").read_text())
+    texts = check.pop("safety_tokens")
+    check.pop("refusal_openers")
+    return vector, table, check, SafetyTokenSet.load(out / "safety_tokens.json"), texts
+
+
+def store_artifacts(key: str, out: Path) -> None:
+    import shutil
+
+    from . import cache
+
+    def write(folder: Path) -> None:
+        for name in STAGE1_FILES:
+            if (out / name).is_dir():
+                shutil.copytree(out / name, folder / name)
+            else:
+                shutil.copy2(out / name, folder / name)
+
+    cache.store_entry("stage1", key, write)
 
 
 def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) -> tuple:
@@ -302,7 +380,8 @@ def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) 
     return vector, table, teacher, tokens, texts
 
 
-def _run_demo(cfg: DemoConfig) -> dict:
+def _run_demo(cfg: DemoConfig, onednn: bool) -> dict:
+    from . import cache
     from .report import write_report
 
     if cfg.threads:
@@ -314,21 +393,43 @@ def _run_demo(cfg: DemoConfig) -> dict:
     start = time.time()
     sets = EvalSets.default(cfg.eval_limit)
 
+    reused: dict[str, str] = {}
     with _timed(timings, "load model"):
-        model, tokenizer = load_model(cfg.model)
+        keys = stage_keys(cfg, sets, onednn)
+        base_entry, stage1_entry = cached_stage(keys, "base_eval"), cached_stage(keys, "stage1")
+        computes_stage1 = stage1_entry is None
+        model, tokenizer = (load_model(cfg.model) if base_entry is None or computes_stage1 else (None, None))
         torch.manual_seed(cfg.seed)
 
     with _timed(timings, "evaluate base"):
-        base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
+        if base_entry is not None:
+            base_eval = json.loads((base_entry / "eval_base.json").read_text())
+            reused["evaluate base"] = str(base_entry)
+            logger.info("evaluate base: reused %s (stored by an earlier run with the same model, prompts, settings, "
+                        "code and threads; --no-cache computes it again)", base_entry)
+        else:
+            base_eval = evaluate(model, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
+            if "base_eval" in keys:
+                cache.store_entry("base_eval", keys["base_eval"],
+                                  lambda folder: atomic_write_json(folder / "eval_base.json", base_eval))
     # stage results land on disk as they come, so a long or interrupted run still shows what it measured
     atomic_write_json(out / "eval_base.json", base_eval)
 
-    vector, table, teacher, tokens, texts = make_artifacts(model, tokenizer, cfg, out, timings)
+    if computes_stage1:
+        vector, table, teacher, tokens, texts = make_artifacts(model, tokenizer, cfg, out, timings)
+        if "stage1" in keys:
+            store_artifacts(keys["stage1"], out)
+    else:
+        with _timed(timings, "stage 1"):
+            vector, table, teacher, tokens, texts = load_artifacts(stage1_entry, out)
+        reused["stage 1"] = str(stage1_entry)
+        logger.info("direction, teacher check and safety tokens: reused %s (stored by an earlier run with the same "
+                    "model, settings, code and threads; --no-cache computes them again)", stage1_entry)
 
     del model
     gc.collect()
     runs: dict[str, dict] = {}
-    for objective in cfg.objectives:
+    for objective in cfg.trained_objectives():
         name = "safesteer" if objective == "exact" else objective
         with _timed(timings, f"train {name}"):
             student, tokenizer = load_model(cfg.model)
@@ -367,6 +468,7 @@ def _run_demo(cfg: DemoConfig) -> dict:
                           "refusal_openers": refusal_openers_in(texts)},
         "training": {name: run["history"] for name, run in runs.items()},
         "timings_seconds": {**timings, "total": round(time.time() - start, 1)},
+        "reused": reused,
         "samples": {"base": base_eval["samples"], **{n: r["eval"]["samples"] for n, r in runs.items()},
                     "teacher": teacher["samples"]},
         "n": base_eval["n"],

@@ -30,7 +30,7 @@ def tiny_demo(tmp_path_factory):
     cfg = DemoConfig(out=str(tmp_path / "demo"), model=model_dir, vector=str(tmp_path / "vec"),
                      tokens=str(tmp_path / "tokens.json"), steps=2, prompts_per_step=2, samples_per_prompt=2,
                      max_new_tokens=4, lora_r=4, eval_limit=3, refusal_tokens=4, teacher_check_prompts=2,
-                     progress=False)
+                     ablation=True, progress=False)
     return tmp_path, run_demo(cfg)
 
 
@@ -520,3 +520,20 @@ def test_selectivity_measures_each_method_over_seeds(tiny_demo, tmp_path):
         assert result["summary"][name] == method_summary(effects)
     assert (out / "frontier.png").is_file()
     assert "| retain | 2 |" in (out / "selectivity.md").read_text()
+
+
+def test_the_ablation_is_one_flag_away():
+    """The default demo trains the method; --ablation adds the full-vocabulary ablation (once, after it)."""
+    import argparse
+
+    from openrlhf_safesteer.cli import config_values
+    from openrlhf_safesteer.cli.demo import FLAGS, add_parser
+
+    assert DemoConfig().trained_objectives() == ["exact"]
+    assert DemoConfig(ablation=True).trained_objectives() == ["exact", "full_vocab"]
+    assert DemoConfig(objectives=["full_vocab", "exact"], ablation=True).trained_objectives() == ["full_vocab", "exact"]
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--ablation", "--no-cache"])
+    cfg = DemoConfig(**config_values(args, DemoConfig, FLAGS))
+    assert cfg.trained_objectives() == ["exact", "full_vocab"] and cfg.cache is False
