@@ -211,27 +211,45 @@ def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return sorted(ids)
 
 
+def length_order(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[int]:
+    """Indices of rendered texts from the fewest tokens to the most (stable): batches cut from this order pad each
+    prompt to its neighbours' length, not to the longest prompt of the set."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(texts)), key=lambda i: lengths[i])
+
+
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, do_sample, temperature, top_p,
               system_prompt, progress, first_logprobs: bool) -> tuple[list[str], list[torch.Tensor]]:
     from tqdm.auto import tqdm
 
     texts = render_prompts(tokenizer, prompts, system_prompt)
     device = model_device(model)
-    replies: list[str] = []
-    first: list[torch.Tensor] = []
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    for chunk in tqdm(list(batches(texts, batch_size)), desc="generate", disable=not progress):
-        input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, chunk, device)
+    # Greedy rows go in by prompt length: a greedy reply does not depend on its batch mates or on how far its
+    # prompt is padded (same replies and first-token log-probs bit for bit on the demo's model and sets,
+    # tests/core/test_core_chat.py), and a batch's prefill costs its longest prompt times its rows. Sampled rows
+    # keep their order: the global RNG draws in batch order.
+    order = list(range(len(texts))) if do_sample else length_order(tokenizer, texts)
+    replies: list[str] = [""] * len(texts)
+    first: list[torch.Tensor] = []
+    for chunk in tqdm(list(batches(order, batch_size)), desc="generate", disable=not progress):
+        input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, [texts[i] for i in chunk], device)
         out = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             past_key_values=prefill_shared_prefix(model, input_ids, shared),
             pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer),
             output_logits=first_logprobs, return_dict_in_generate=True, **sampling,
         )
-        replies.extend(tokenizer.batch_decode(out.sequences[:, input_ids.shape[1]:], skip_special_tokens=True))
+        decoded = tokenizer.batch_decode(out.sequences[:, input_ids.shape[1]:], skip_special_tokens=True)
+        for i, reply in zip(chunk, decoded):
+            replies[i] = reply
         if first_logprobs:
             # raw (unprocessed) logits of the first step = the next-token distribution at the prompt's end
             first.append(torch.log_softmax(out.logits[0].float(), dim=-1).cpu())
+    if first:
+        restore = torch.empty(len(order), dtype=torch.long)
+        restore[torch.tensor(order)] = torch.arange(len(order))
+        first = [torch.cat(first)[restore]]
     return replies, first
 
 

@@ -71,19 +71,17 @@ def evaluate(model, tokenizer, sets: EvalSets, refusal_tokens: int = 16, general
     start = time.time()
     was_training = model.training
     model.eval()
-    # One batch of harmful + harmless prompts: on a CPU a decoding step costs about the same for 8 rows as for
-    # 24 (small-M matrix products are far from the memory bound), so 48 rows in one batch beat 2 x 24.
-    replies, first = generate_with_first_logprobs(model, tokenizer, sets.harmful + sets.harmless, refusal_tokens,
-                                                  batch_size, progress=progress)
-    n = len(sets.harmful)
+    refusal_ids = refusal_token_ids(tokenizer)
+    # Every refusal set in one call: rows are batched by prompt length (chat._generate), and on a CPU a decoding
+    # step costs about the same for 50 rows as for 8 (small-M matrix products are far from the memory bound), so
+    # fewer, fuller batches decode faster.
+    judged = refusal_sets(model, tokenizer, {"harmful": sets.harmful, "harmless": sets.harmless,
+                                             "borderline": sets.borderline, "contrast": sets.contrast},
+                          refusal_tokens, batch_size, refusal_ids, progress)
+    harmful, harmless = judged.pop("harmful"), judged.pop("harmless")
+    selectivity = judged
     general = generate(model, tokenizer, [q["question"] for q in sets.general], general_tokens, batch_size,
                        progress=progress)
-    refusal_ids = refusal_token_ids(tokenizer)
-    harmful = judged_set(sets.harmful, replies[:n], refusal_scores_from_logprobs(first[:n], refusal_ids))
-    harmless = judged_set(sets.harmless, replies[n:], refusal_scores_from_logprobs(first[n:], refusal_ids))
-    # a call of their own: appended to the batch above, they would re-pad its last rows (and could move a reply)
-    selectivity = refusal_sets(model, tokenizer, {"borderline": sets.borderline, "contrast": sets.contrast},
-                                refusal_tokens, batch_size, refusal_ids, progress)
     model.train(was_training)
     correct = [data.answer_matches(r, q["answers"]) for r, q in zip(general, sets.general)]
     result = {

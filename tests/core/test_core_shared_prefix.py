@@ -73,6 +73,21 @@ def test_generation_with_shared_prefix_equals_plain_generate(tok, arch, system):
     assert len(set(replies)) > 1                                      # the prompts really steer the replies
 
 
+def test_greedy_rows_batched_by_length_come_back_in_prompt_order(tok):
+    """Greedy generation batches rows by prompt length (chat.length_order); each reply and first-token log-prob
+    comes back at its prompt's index and equals that prompt generated alone."""
+    from openrlhf_safesteer.chat import length_order
+
+    model = tiny_model("llama", tok, layers=2, hidden=32).eval()
+    texts = render_prompts(tok, PROMPTS, None)
+    assert length_order(tok, texts) != list(range(len(PROMPTS)))     # the order really changes
+    replies, first = generate_with_first_logprobs(model, tok, PROMPTS, max_new_tokens=6, batch_size=2)
+    for i, prompt in enumerate(PROMPTS):
+        alone, alone_first = generate_with_first_logprobs(model, tok, [prompt], max_new_tokens=6, batch_size=1)
+        assert replies[i] == alone[0], prompt
+        torch.testing.assert_close(first[i], alone_first[0], atol=1e-5, rtol=1e-5)
+
+
 def _layer_inputs_at_end(model, layer: int, ids, mask, last: int):
     """Plain left-padded forward; returns (logits (B, T, V), input of decoder layer `layer` at the last positions)."""
     from openrlhf_safesteer.models import decoder_layers, left_padded_position_ids
