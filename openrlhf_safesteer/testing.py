@@ -256,3 +256,17 @@ def right_padded_batch(pad_token_id: int, lengths, prompt_len: int, generator: t
         attention[row, :length] = 1
         action[row, prompt_len - 1: length - 1] = True
     return sequences, attention, action
+
+
+# ------------------------------------------------------------------ vLLM worker helpers (tests/vllm)
+
+
+def restore_openrlhf_sync_transport(worker=None) -> None:
+    """In a vLLM worker (through collective_rpc): put back OpenRLHF's own stateless_init_process_group (vLLM's
+    PyNcclCommunicator) by reloading its module, undoing the gloo shim of plugin.vllm_cpu. Without NCCL that
+    communicator disables itself and sends nothing: the silent no-op sync the weight-sync check must catch."""
+    import importlib
+
+    import openrlhf.utils.distributed_util as distributed_util
+
+    importlib.reload(distributed_util)
