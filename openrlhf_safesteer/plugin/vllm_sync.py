@@ -51,9 +51,13 @@ class VLLMWeightSync:
     hf_rollout = True
 
     def _init_vllm_sync_group(self, backend: str):
-        if not self.hf_rollout and vllm_cpu.install_trainer_shims():
-            logger.info("vLLM on CPU: weight sync over gloo (plugin.vllm_cpu; --vllm.sync_backend is not read there)")
-        super()._init_vllm_sync_group(backend)
+        if self.hf_rollout or not vllm_cpu.active():
+            return super()._init_vllm_sync_group(backend)
+        import openrlhf.trainer.ray.ppo_actor as ppo_actor
+
+        logger.info("vLLM on CPU: weight sync over gloo (plugin.vllm_cpu; --vllm.sync_backend is not read there)")
+        with vllm_cpu.gloo_transport(ppo_actor):   # the name ActorPPOTrainer._init_vllm_sync_group calls
+            super()._init_vllm_sync_group(backend)
 
     def broadcast_to_vllm(self):
         if self.hf_rollout:

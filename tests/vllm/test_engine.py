@@ -45,7 +45,8 @@ def engine_and_policy(tiny_run):
     assert install.ensure_ray(logical_gpus=1) == 1
     if not torch.distributed.is_initialized():   # the policy's DeepSpeed world: one gloo rank
         torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29555", rank=0, world_size=1)
-    engines = seeded_vllm_engines(create_vllm_engines)(1, 1, tiny_run["model"], 0, False, False, True, 256)
+    engines = seeded_vllm_engines(create_vllm_engines)(1, 1, tiny_run["model"], 0, False, False, True, 256,
+                                                       gpu_memory_utilization=0.95)   # OpenRLHF's default; unused on CPU
 
     class Policy(VLLMWeightSync, ActorPPOTrainer):
         """ActorPPOTrainer's sync methods without its __init__ (which builds the whole trainer)."""
@@ -100,19 +101,15 @@ def test_seeded_requests_repeat(engine_and_policy):
 def test_a_sync_that_sends_nothing_trips_the_check(engine_and_policy):
     """OpenRLHF's own transport on both sides: PyNccl without NCCL disables itself, broadcast sends nothing, and
     update_weight loads an uninitialised buffer. Runs last: it leaves the engine with garbage weights."""
-    import importlib
-
     import openrlhf.trainer.ray.ppo_actor as ppo_actor
-    import openrlhf.utils.distributed_util as distributed_util
     import ray
 
     from openrlhf_safesteer.plugin.sync_guard import WeightSyncError
-    from openrlhf_safesteer.testing import restore_openrlhf_sync_transport
+    from openrlhf_safesteer.testing import use_openrlhf_sync_transport
 
     engine, policy, _ = engine_and_policy
-    ray.get(engine.run_in_workers.remote(restore_openrlhf_sync_transport))
-    importlib.reload(distributed_util)             # this side too: OpenRLHF's function as shipped
-    ppo_actor.stateless_init_process_group = distributed_util.stateless_init_process_group
+    ray.get(engine.run_in_workers.remote(use_openrlhf_sync_transport))
     ppo_actor.ActorPPOTrainer._init_vllm_sync_group(policy, "nccl")   # OpenRLHF's, without the plugin's shim
+    assert "PyNccl" in type(policy._model_update_group).__name__ and policy._model_update_group.disabled
     with pytest.raises(WeightSyncError, match="does not hold the policy's weights"):
         policy.broadcast_to_vllm()
