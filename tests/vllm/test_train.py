@@ -35,8 +35,10 @@ def test_two_steps_with_vllm_rollouts_and_checked_syncs(tiny_run, tmp_path, vllm
                            *vllm_train_flags(tiny_run, out, extra)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     log = proc.stdout + proc.stderr
+    (tmp_path / "train.log").write_text(log)
     assert proc.returncode == 0, log[-6000:]
-    assert "Injected WorkerWrap" in log                    # OpenRLHF's worker extension in vLLM's own worker
+    # OpenRLHF's worker extension (with the CPU shims: plugin.vllm_cpu_worker) in vLLM's own worker process
+    assert "Injected <class 'openrlhf_safesteer.plugin.vllm_cpu_worker.CPUWorkerWrap'>" in log, log[-3000:]
     assert "weight sync over gloo" in log                  # the CPU transport shim, and nothing else of a stand-in
     steps = [line for line in log.splitlines() if "Global step" in line]
     losses = [float(re.search(r"'policy_loss': ([-+0-9.e]+)", line).group(1)) for line in steps]
