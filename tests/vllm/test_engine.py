@@ -13,6 +13,7 @@ attributes they read) with the plugin's VLLMWeightSync check after each sync. Ch
 from __future__ import annotations
 
 import hashlib
+import socket
 from types import SimpleNamespace
 
 import pytest
@@ -44,7 +45,10 @@ def engine_and_policy(tiny_run):
 
     assert install.ensure_ray(logical_gpus=1) == 1
     if not torch.distributed.is_initialized():   # the policy's DeepSpeed world: one gloo rank
-        torch.distributed.init_process_group("gloo", init_method="tcp://127.0.0.1:29555", rank=0, world_size=1)
+        with socket.socket() as sock:            # a free port: other jobs share this machine
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     engines = seeded_vllm_engines(create_vllm_engines)(1, 1, tiny_run["model"], 0, False, False, True, 256,
                                                        gpu_memory_utilization=0.95)   # OpenRLHF's default; unused on CPU
 
