@@ -256,3 +256,17 @@ def right_padded_batch(pad_token_id: int, lengths, prompt_len: int, generator: t
         attention[row, :length] = 1
         action[row, prompt_len - 1: length - 1] = True
     return sequences, attention, action
+
+
+# ------------------------------------------------------------------ vLLM worker helpers (tests/vllm)
+
+
+def use_openrlhf_sync_transport(worker=None) -> None:
+    """In a vLLM worker (through collective_rpc): make shim 1 of plugin.vllm_cpu hand back OpenRLHF's own
+    stateless_init_process_group (vLLM's PyNcclCommunicator). Without NCCL that communicator disables itself and
+    sends nothing: the silent no-op sync the weight-sync check must catch."""
+    import openrlhf.utils.distributed_util as distributed_util
+
+    from openrlhf_safesteer.plugin import vllm_cpu
+
+    vllm_cpu.gloo_process_group = distributed_util.stateless_init_process_group

@@ -18,7 +18,7 @@ Stand-ins (CPU machines only, clearly not the real thing):
   and nothing else; the engine itself is replaced by the HF-generate rollout actor
   (`openrlhf_safesteer.plugin.rollout`), which is real generation with transformers.
 
-CPU shims: OpenRLHF (0.10.2 to 0.11.2) calls `torch.cuda.set_device/current_device/synchronize` and builds a
+CPU shims: OpenRLHF (0.10.2 to 0.11.2) calls `torch.cuda.set_device/current_device/synchronize/current_stream` and builds a
 "cuda" device mesh unconditionally. On a machine without CUDA they are pointed at the CPU, the
 DeepSpeed optimizer is told to use torch's AdamW (DeepSpeed's CPU FusedAdam is a 2-minute JIT
 build), and DeepSpeed's shared-memory comm op (a 90 s JIT build) is skipped; DeepSpeed then runs
@@ -253,6 +253,9 @@ def install_cpu_shims() -> bool:
         torch.cuda.current_device = lambda: torch.device("cpu")
         torch.cuda.synchronize = lambda *args, **kwargs: None
         torch.cuda.empty_cache = lambda: None
+        # ActorPPOTrainer.broadcast_to_vllm passes stream=torch.cuda.current_stream() to the sync group's broadcast
+        # (OpenRLHF's vLLM path on a CPU, plugin/vllm_cpu.py: the gloo group there ignores it).
+        torch.cuda.current_stream = lambda *args, **kwargs: None
         torch.cuda._safesteer_cpu = True
 
     import deepspeed.ops

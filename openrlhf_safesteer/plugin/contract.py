@@ -114,6 +114,17 @@ NEEDS: tuple[Need, ...] = (
     Need("openrlhf/trainer/ray/vllm_engine.py", "RolloutRayActor.generate",
          ("prompt_token_ids", "sampling_params", "multi_modal_data"), "vllm_seeded.py"),
     Need("openrlhf/models/actor.py", "get_peft_model", used_by="policy.py (seeded_lora_init)"),
+    # OpenRLHF's vLLM engines and weight sync on a machine without CUDA (vllm_cpu.py, vllm_cpu_worker.py), the LoRA
+    # sync and the check after each sync (vllm_sync.py).
+    Need("openrlhf/trainer/ray/vllm_worker_wrap.py", "WorkerWrap", used_by="vllm_cpu_worker.py"),
+    Need("openrlhf/trainer/ray/vllm_worker_wrap.py", "WorkerWrap.init_process_group", used_by="vllm_cpu_worker.py"),
+    Need("openrlhf/trainer/ray/vllm_worker_wrap.py", "WorkerWrap.update_weight", ("name", "dtype", "shape"),
+         "vllm_cpu.py"),
+    Need("openrlhf/utils/distributed_util.py", "stateless_init_process_group",
+         ("master_address", "master_port", "rank", "world_size", "device"), "vllm_cpu.py"),
+    Need(PPO_ACTOR, "stateless_init_process_group", used_by="vllm_sync.py (the name _init_vllm_sync_group calls)"),
+    Need("openrlhf/trainer/ray/vllm_engine.py", "RolloutRayActor.update_weight", ("name", "dtype", "shape"),
+         "vllm_sync.py (LoRA)"),
     # Flags the plugin reads from OpenRLHF's parsed args, or adds to its argv.
     *(Need(PPO, flag, used_by="config.py, placement.py, install.py") for flag in (
         "--actor.model_name_or_path", "--actor.num_nodes", "--actor.num_gpus_per_node", "--actor.entropy_coef",

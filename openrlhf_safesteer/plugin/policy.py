@@ -49,6 +49,7 @@ from openrlhf_safesteer.plugin.logits import (
     window_logits,
 )
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
+from openrlhf_safesteer.plugin.vllm_sync import VLLMWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,9 @@ class SafeSteerReplayBuffer(NaiveReplayBuffer):
         return experience
 
 
-class SafeSteerActorTrainer(HFWeightSync, ActorPPOTrainer):
-    """ActorPPOTrainer with the exact SafeSteer loss, and weight sync to HF-generate engines."""
+class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
+    """ActorPPOTrainer with the exact SafeSteer loss, weight sync to HF-generate engines, and to vLLM engines
+    with LoRA merged and a check after each sync (`vllm_sync`)."""
 
     def __init__(self, strategy, *args, **kwargs):
         config = strategy.args.safesteer

