@@ -426,13 +426,16 @@ def _run_demo(cfg: DemoConfig, onednn: bool) -> dict:
         logger.info("direction, teacher check and safety tokens: reused %s (stored by an earlier run with the same "
                     "model, settings, code and threads; --no-cache computes them again)", stage1_entry)
 
+    # The base model, untouched by the evaluation and stage 1 (their hooks are gone), is the first run's student: the
+    # engine adapts it in place. Any later run loads a fresh copy.
+    base = (model, tokenizer) if model is not None else None
     del model
-    gc.collect()
     runs: dict[str, dict] = {}
     for objective in cfg.trained_objectives():
         name = "safesteer" if objective == "exact" else objective
         with _timed(timings, f"train {name}"):
-            student, tokenizer = load_model(cfg.model)
+            student, tokenizer = base or load_model(cfg.model)
+            base = None
             # only SafeSteer's model is kept (DIR/final); the ablation's 2 GB merged copy is not written
             tcfg = train_config(cfg, objective, out / f"train_{name}", save_final=name == "safesteer")
             clear_checkpoints(Path(tcfg.out))

@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -222,6 +225,25 @@ def merged(model: nn.Module) -> nn.Module:
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
+@contextlib.contextmanager
+def without_deepspeed_probe() -> Iterator[None]:
+    """While saving: transformers' save_pretrained unwraps the model with accelerate's extract_model_from_parallel,
+    which imports deepspeed (wherever it is installed) only to ask whether the model is a DeepSpeedEngine: 2-7 s on
+    2 cores in a process that never loaded deepspeed. No object can be a DeepSpeedEngine there, so accelerate is
+    told deepspeed is absent for the duration; a process that did import deepspeed gets the probe unchanged."""
+    if "deepspeed" in sys.modules:
+        yield
+        return
+    import accelerate.utils.other as accelerate_other
+
+    probe = accelerate_other.is_deepspeed_available
+    accelerate_other.is_deepspeed_available = lambda: False
+    try:
+        yield
+    finally:
+        accelerate_other.is_deepspeed_available = probe
+
+
 def save_final(out: Path, student: nn.Module, tokenizer) -> tuple[Path, nn.Module]:
     """out/final: a plain HF checkpoint (LoRA merged into the weights), atomically. Returns (dir, plain model)."""
     final = out / "final"
@@ -229,7 +251,8 @@ def save_final(out: Path, student: nn.Module, tokenizer) -> tuple[Path, nn.Modul
     model.eval()
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        with without_deepspeed_probe():
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
     _atomic_dir(final, write)
