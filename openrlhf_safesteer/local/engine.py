@@ -153,12 +153,14 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
     mask = rollouts.loss_mask[:, rollouts.prompt_len - 1:]           # (B, C)
     sampled = rollouts.input_ids[:, rollouts.prompt_len:]            # (B, C)
     retain = retain_rows(rollouts, cfg)
+    started = time.perf_counter()
     if cfg.objective == "full_vocab" or retain is not None:
         teacher_logits = teacher.logits(rollouts)
         teacher_on_s, teacher_sampled = teacher_logprobs(teacher_logits, rollouts, safety_ids, cfg.temperature)
     else:
         teacher_logits = None
         teacher_on_s, teacher_sampled = teacher.logprobs(rollouts, safety_ids, cfg.temperature)
+    teacher_seconds = time.perf_counter() - started
     logits = completion_logits(student, rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len)
     with torch.no_grad():  # for the metrics only: no graph through a second pass over (B, C, V)
         student_on_s = gather_logprobs(logits.detach(), safety_ids, cfg.temperature)
@@ -178,7 +180,7 @@ def micro_batch_loss(student: nn.Module, teacher: Teacher, rollouts: Rollouts, s
         _, on_retain = full_vocab_reverse_kl(logits[retain], teacher_logits[retain], mask[retain], cfg.temperature)
         per_token = per_token.masked_scatter(retain[:, None].expand_as(per_token), on_retain)
         loss = sequence_mean(per_token, mask)
-    metrics = safety_metrics(student_on_s.detach(), teacher_on_s, mask)
+    metrics = {**safety_metrics(student_on_s.detach(), teacher_on_s, mask), "teacher_seconds": teacher_seconds}
     return loss, metrics, mask.sum(-1) > 0
 
 
@@ -197,6 +199,7 @@ def train_step(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_
     valid = rollouts.loss_mask.sum(-1) > 0
     n_valid = max(int(valid.sum()), 1)
     totals = {"loss": 0.0, "student_mass_on_S": 0.0, "teacher_mass_on_S": 0.0, "kl_on_S": 0.0}
+    started, teacher_seconds = time.perf_counter(), 0.0
     for start in range(0, rollouts.input_ids.shape[0], cfg.micro_batch_size):
         part = rollouts.select(slice(start, start + cfg.micro_batch_size))
         part_valid = int((part.loss_mask.sum(-1) > 0).sum())
@@ -208,6 +211,11 @@ def train_step(student: nn.Module, teacher: Teacher, rollouts: Rollouts, safety_
         totals["loss"] += float(loss.detach()) * weight
         for key in ("student_mass_on_S", "teacher_mass_on_S", "kl_on_S"):
             totals[key] += metrics[key] * weight
+        teacher_seconds += metrics["teacher_seconds"]
+    # where the step's time goes (docs/demo.md, "Performance"): the teacher's forward, and the student's forward,
+    # loss and backward
+    totals["teacher_seconds"] = teacher_seconds
+    totals["student_seconds"] = time.perf_counter() - started - teacher_seconds
     return totals
 
 
@@ -335,9 +343,11 @@ def optimizer_step(run: LocalRun, step: int, rollouts: Rollouts) -> tuple[dict[s
     torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
     totals = train_step(run.student, run.teacher, rollouts, run.safety_ids, cfg)
     totals["lr"] = run.scheduler.get_last_lr()[0]      # this step's (the schedule moves on below)
+    started = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
     run.optimizer.step()
     run.scheduler.step()
+    totals["optimizer_seconds"] = time.perf_counter() - started
     return totals, grad_norm
 
 
