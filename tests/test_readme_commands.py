@@ -115,6 +115,9 @@ def test_readme_command_parses(command, monkeypatch, tmp_path, capsys):
         parse_only(monkeypatch, main, argv[1:], complete)
     elif argv[0] == "python":
         assert argv[1] == "-m", command
+        # a module whose main does not parse with argparse would run for real here (pytest ran the whole suite
+        # inside this test once): README says `make test` for the suite
+        assert argv[2] not in ("pytest", "pip"), f"README names `{command}`: write the make target instead"
         module = importlib.import_module(argv[2])
         parse_only(monkeypatch, module.main, argv[3:], complete)
     else:
