@@ -292,18 +292,23 @@ def cached_stage(keys: dict[str, str], stage: str) -> Path | None:
     return cache.load_entry(stage, keys[stage]) if stage in keys else None
 
 
-def load_artifacts(folder: Path, out: Path) -> tuple:
-    """Stage 1's results as `make_artifacts` returns them, copied from a stored folder into out."""
+def copy_stage1(source: Path, dest: Path) -> None:
+    """Copy stage 1's files and the vector folder from source to dest (into an existing vector folder too)."""
     import shutil
 
+    for name in STAGE1_FILES:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, dest / name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source / name, dest / name)
+
+
+def load_artifacts(folder: Path, out: Path) -> tuple:
+    """Stage 1's results as `make_artifacts` returns them, copied from a stored folder into out."""
     from openrlhf_safesteer.directions import CandidateScore
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 
-    for name in STAGE1_FILES:
-        if (folder / name).is_dir():
-            shutil.copytree(folder / name, out / name, dirs_exist_ok=True)
-        else:
-            shutil.copy2(folder / name, out / name)
+    copy_stage1(folder, out)
     vector = SteeringVector.load(out / "vector")
     table = [CandidateScore(**row) for row in json.loads((out / "direction_candidates.json").read_text())]
     check = json.loads((out / "teacher_check.json").read_text())
@@ -313,18 +318,9 @@ def load_artifacts(folder: Path, out: Path) -> tuple:
 
 
 def store_artifacts(key: str, out: Path) -> None:
-    import shutil
-
     from . import cache
 
-    def write(folder: Path) -> None:
-        for name in STAGE1_FILES:
-            if (out / name).is_dir():
-                shutil.copytree(out / name, folder / name)
-            else:
-                shutil.copy2(out / name, folder / name)
-
-    cache.store_entry("stage1", key, write)
+    cache.store_entry("stage1", key, lambda folder: copy_stage1(out, folder))
 
 
 def make_artifacts(model, tokenizer, cfg: DemoConfig, out: Path, timings: dict) -> tuple:
