@@ -9,6 +9,7 @@ final/ (the SafeSteer model, LoRA merged, HF format), report.json, report.md and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -97,6 +98,13 @@ class DemoConfig:
     retain_divergence: str = training("retain_divergence")
     retain_splits: list[str] = knob(help="borderline-safe splits of the retain prompts (never dev or test)",
                                     factory=lambda: ["train"])
+    retain_weight: float = training("retain_weight")
+    retain_margin: float = training("retain_margin")
+    refusal_surgery: bool = training("refusal_surgery")
+    false_refusal_ablation: bool = knob(
+        False, "evaluate each trained model with its false-refusal direction ablated (docs/METHOD.md section 8: "
+        "borderline-safe minus harmless mean activations at the teacher's layer, orthogonal to the refusal "
+        "direction; no retraining)")
     eval_limit: int | None = knob(None, "evaluate only the first N prompts of each set")
     refusal_tokens: int = knob(12, "reply tokens judged for refusal")
     teacher_check_prompts: int = knob(6, "harmful and harmless prompts of the steered teacher's check")
@@ -221,6 +229,26 @@ def retain_prompts(cfg: DemoConfig) -> list[str] | None:
         raise ValueError(f"retain_splits must name borderline splits other than {sorted(held_out)}, "
                          f"got {cfg.retain_splits}")
     return [p for split in cfg.retain_splits for p in data.borderline(split)]
+
+
+@contextlib.contextmanager
+def evaluated_as(cfg: DemoConfig, model, tokenizer, vector: SteeringVector):
+    """The trained model as it is evaluated: with cfg.false_refusal_ablation, its false-refusal direction
+    (selective.false_refusal_direction, fitted on the model itself: the retain split's borderline-safe prompts
+    against the harmless direction split, at the teacher's layer, orthogonal to the refusal direction) ablated
+    from the residual stream at every layer; otherwise the model unchanged."""
+    if not cfg.false_refusal_ablation:
+        yield model
+        return
+    from openrlhf_safesteer.selective import false_refusal_direction
+    from openrlhf_safesteer.steering import ablate
+
+    borderline = [p for split in cfg.retain_splits for p in data.borderline(split)]
+    direction = false_refusal_direction(model, tokenizer, borderline, data.harmless("direction"), vector.vector,
+                                        vector.layer)
+    logger.info("false-refusal ablation: direction of norm %.2f at layer %d", float(direction.norm()), vector.layer)
+    with ablate(model, direction):
+        yield model
 
 
 def train_config(cfg: DemoConfig, objective: str, out: Path, save_final: bool = True) -> TrainConfig:
@@ -439,8 +467,9 @@ def _run_demo(cfg: DemoConfig, onednn: bool) -> dict:
                            retain_prompts(cfg))
         with _timed(timings, f"evaluate {name}"):
             trained = merged(result.model)
-            runs[name] = {"eval": evaluate(trained, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress),
-                          "history": result.history,
+            with evaluated_as(cfg, trained, tokenizer, vector) as judged:
+                ev = evaluate(judged, tokenizer, sets, cfg.refusal_tokens, progress=cfg.progress)
+            runs[name] = {"eval": ev, "history": result.history,
                           "final_dir": str(result.final_dir) if result.final_dir else None}
         atomic_write_json(out / f"eval_{name}.json", runs[name]["eval"])
         if name == "safesteer":

@@ -45,6 +45,7 @@ from .pipeline import (
     DemoConfig,
     clear_checkpoints,
     demo_config_from_settings,
+    evaluated_as,
     goal_check,
     retain_prompts,
     train_prompts,
@@ -95,7 +96,8 @@ SWEEP_KEYS = {
     **{name: _parser(_DEMO_FIELDS[name]) for name in (
         "lr", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lora_r", "lora_alpha",
         "lora_targets", "lora_layers", "freeze_embeddings", "train_splits", "warmup_ratio", "seed",
-        "retain_prompts_per_step", "retain_divergence", "retain_splits")},
+        "retain_prompts_per_step", "retain_divergence", "retain_splits", "retain_weight", "retain_margin",
+        "refusal_surgery", "false_refusal_ablation")},
     "coeff": _parser(_DEMO_FIELDS["teacher_coeff"]), "tokens": _parser(_DEMO_FIELDS["tokens"]),
     **{name: _parser(_TRAIN_FIELDS[name]) for name in ("objective", "temperature")},
 }
@@ -457,7 +459,8 @@ def run_sweep(source: Path, out: Path, runs: list[dict], model: str | None = Non
         result = train(student, tokenizer, vector, torch.tensor(tokens.ids), train_prompts(demo), tcfg,
                        retain_prompts(demo))
         train_seconds = time.time() - t0
-        ev = evaluate(merged(result.model), tokenizer, sets, base_cfg.refusal_tokens, progress=False)
+        with evaluated_as(demo, merged(result.model), tokenizer, vector) as judged:
+            ev = evaluate(judged, tokenizer, sets, base_cfg.refusal_tokens, progress=False)
         row = {"name": name, "overrides": overrides, "eval_sets": eval_sets, "train_seconds": train_seconds,
                "eval": {k: v for k, v in ev.items() if k != "samples"}, "samples": ev["samples"],
                "history": result.history, "goal": goal_check(base_eval, ev)}

@@ -26,7 +26,7 @@ IDENTITY_FLAGS = {"total_steps": "--max-steps/--epochs", "prompts": "--prompts",
                   "safety_ids": "--tokens"}
 
 
-RETAIN_DIVERGENCES = ("full_vocab", "subset")
+RETAIN_DIVERGENCES = ("full_vocab", "subset", "refusal")
 
 
 def knob(default: Any = dataclasses.MISSING, help: str = "", *, check: tuple[Callable[[Any, Any], bool], str] | None = None,
@@ -117,8 +117,19 @@ class TrainConfig:
         check=(lambda v, c: v >= 0, ">= 0 (0: no retain term)"))
     retain_divergence: str = knob(
         "full_vocab", "the retain rows' loss (docs/METHOD.md section 8): full_vocab, the reverse KL to the unsteered "
-        "base over the whole vocabulary (it holds the refusal openers too); subset, the method's loss on S",
+        "base over the whole vocabulary (it holds the refusal openers too); subset, the method's loss on S; "
+        "refusal, a one-sided hinge on the first reply token's refusal log-odds against the base's (prompt-only: "
+        "no retain rollouts; --retain-weight, --retain-margin)",
         choices=RETAIN_DIVERGENCES)
+    retain_weight: float = knob(
+        1.0, "retain_divergence refusal: the hinge's weight, added to the harmful rows' loss (which it does not "
+        "dilute); 0 with --refusal-surgery: the surgery alone", check=(lambda v, c: v >= 0, ">= 0"))
+    retain_margin: float = knob(
+        0.0, "retain_divergence refusal: log-odds the student may exceed the base's by before the hinge binds",
+        check=(lambda v, c: v >= 0, ">= 0"))
+    refusal_surgery: bool = knob(
+        False, "retain_divergence refusal: A-GEM gradient surgery, the harmful gradient loses its component that "
+        "would raise the retain prompts' mean first-token refusal log-odds (docs/METHOD.md section 8)")
     samples_per_prompt: int = knob(8, "on-policy completions per prompt (M)", check=(_at_least_one, ">= 1"))
     micro_batch_size: int = knob(8, "sequences per forward/backward (gradient accumulation within a step)",
                                  check=(_at_least_one, ">= 1"))
@@ -165,6 +176,9 @@ class TrainConfig:
         if self.retain_prompts_per_step and self.objective == "system_prompt":
             raise ValueError("the retain term (retain_prompts_per_step > 0) needs a steering-vector teacher; "
                              "objective system_prompt has none to switch off")
+        if self.refusal_surgery and (self.retain_divergence != "refusal" or not self.retain_prompts_per_step):
+            raise ValueError("refusal_surgery projects against the retain prompts' refusal gradient: it needs "
+                             "retain_divergence='refusal' and retain_prompts_per_step > 0")
         if self.teacher == "shared_lora" and self.lora_r <= 0:
             raise ValueError("teacher=shared_lora needs LoRA (lora_r > 0)")
         if self.bf16 and not torch.cuda.is_available():

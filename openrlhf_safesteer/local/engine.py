@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from openrlhf_safesteer.chat import completion_logits, require_chat_template
+from openrlhf_safesteer.directions import refusal_token_ids
 from openrlhf_safesteer.models import decoder_layers
 from openrlhf_safesteer.objectives import (
     SUBSET_OBJECTIVES,
@@ -51,6 +52,7 @@ from openrlhf_safesteer.objectives import (
 )
 from openrlhf_safesteer.optional import vllm_usable
 from openrlhf_safesteer.refusal import refusal_rate
+from openrlhf_safesteer.selective import first_token_refusal_scores, project_conflict, refusal_hinge
 from openrlhf_safesteer.steering import SteeringVector
 
 from .checkpoints import load_checkpoint, resume_point, run_identity, save_checkpoint, save_final
@@ -246,6 +248,14 @@ class LocalRun:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     sampler: Any = None             # VLLMRollout, or None: HF generate
+    refusal_ids: list[int] | None = None    # R, the refusal openers' first tokens (retain_divergence refusal)
+    base_refusal: dict[str, float] = dataclasses.field(default_factory=dict)   # the base's s(x) per retain prompt
+
+
+def retain_rollouts(cfg: TrainConfig) -> bool:
+    """Whether the retain prompts are sampled into the step's rollouts (full_vocab, subset); the refusal retain
+    reads only the first reply position, which depends on the prompt alone, so it samples none."""
+    return bool(cfg.retain_prompts_per_step) and cfg.retain_divergence != "refusal"
 
 
 def retain_scale(rows: int, harmful_rows: int) -> Tensor:
@@ -299,6 +309,7 @@ def build_run(model: nn.Module, tokenizer, steering_vector: SteeringVector | Non
 
     backend = rollout_backend(cfg)
     logger.info("rollout backend: %s", backend)
+    refusal_ids = refusal_token_ids(tokenizer) if cfg.retain_divergence == "refusal" else None
     sampler = None
     if backend == "vllm":
         from .vllm_rollout import VLLMRollout  # lazily: vllm is optional
@@ -306,7 +317,7 @@ def build_run(model: nn.Module, tokenizer, steering_vector: SteeringVector | Non
         sampler = VLLMRollout(student, base_path, cfg.lora_r,
                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, seed=cfg.seed)
     return LocalRun(cfg, tokenizer, prompts, retain_prompts, student, teacher, safety_ids, params, optimizer,
-                    scheduler, sampler)
+                    scheduler, sampler, refusal_ids)
 
 
 def step_batch(run: LocalRun, step: int) -> tuple[list[str], int]:
@@ -314,7 +325,7 @@ def step_batch(run: LocalRun, step: int) -> tuple[list[str], int]:
     cfg = run.cfg
     batch_prompts = step_prompts(run.prompts, step, cfg.prompts_per_step, cfg.seed)
     n_harmful = len(batch_prompts) * cfg.samples_per_prompt
-    if cfg.retain_prompts_per_step:
+    if retain_rollouts(cfg):
         # one generate call for both kinds: on a CPU 16 rows decode in about the time of 8
         batch_prompts = batch_prompts + step_prompts(run.retain_prompts, step, cfg.retain_prompts_per_step,
                                                      retain_seed(cfg.seed))
@@ -330,7 +341,7 @@ def step_rollouts(run: LocalRun, step: int, batch_prompts: list[str], n_harmful:
     else:
         rollouts = sample_rollouts(run.student, run.tokenizer, batch_prompts, cfg.samples_per_prompt,
                                    cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed=cfg.seed, rollout_index=step)
-    if cfg.retain_prompts_per_step:
+    if retain_rollouts(cfg):
         rollouts.teacher_scale = retain_scale(len(rollouts.prompts), n_harmful)
     return rollouts
 
@@ -342,6 +353,8 @@ def optimizer_step(run: LocalRun, step: int, rollouts: Rollouts) -> tuple[dict[s
     run.optimizer.zero_grad(set_to_none=True)
     torch.manual_seed(step_seed(cfg.seed, step) + 1)   # any dropout in the loss pass
     totals = train_step(run.student, run.teacher, rollouts, run.safety_ids, cfg)
+    if cfg.retain_divergence == "refusal" and cfg.retain_prompts_per_step:
+        totals.update(refusal_retain(run, step))
     totals["lr"] = run.scheduler.get_last_lr()[0]      # this step's (the schedule moves on below)
     started = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
@@ -349,6 +362,43 @@ def optimizer_step(run: LocalRun, step: int, rollouts: Rollouts) -> tuple[dict[s
     run.scheduler.step()
     totals["optimizer_seconds"] = time.perf_counter() - started
     return totals, grad_norm
+
+
+def base_refusal_scores(run: LocalRun, prompts: list[str]) -> Tensor:
+    """The base model's first-token refusal log-odds of `prompts` (N,), computed once per prompt (the teacher
+    with coefficient 0 is the plain base, also after a resume) and cached on the run."""
+    missing = [p for p in dict.fromkeys(prompts) if p not in run.base_refusal]
+    if missing:
+        with torch.no_grad(), run.teacher.as_base() as base:
+            scores = first_token_refusal_scores(base, run.tokenizer, missing, run.refusal_ids)
+        run.base_refusal.update(zip(missing, scores.tolist()))
+    return torch.tensor([run.base_refusal[p] for p in prompts])
+
+
+def refusal_retain(run: LocalRun, step: int) -> dict[str, float]:
+    """The refusal retain of step `step` (docs/METHOD.md section 8), on the gradients the harmful rows left in
+    .grad: the surgery (refusal_surgery) projects them against the gradient of the retain prompts' mean refusal
+    log-odds, then retain_weight * hinge adds its own gradient. Returns the step's retain metrics."""
+    cfg = run.cfg
+    prompts = step_prompts(run.retain_prompts, step, cfg.retain_prompts_per_step, retain_seed(cfg.seed))
+    base = base_refusal_scores(run, prompts)
+    started = time.perf_counter()
+    scores = first_token_refusal_scores(run.student, run.tokenizer, prompts, run.refusal_ids)       # (N,) with grad
+    hinge = refusal_hinge(scores, base, cfg.retain_margin)
+    metrics = {"retain_hinge": float(hinge.detach()),
+               "retain_refusal_shift": float((scores.detach() - base).mean()),
+               "retain_refusing_more": float((scores.detach() > base).float().mean())}
+    if cfg.refusal_surgery:
+        guard = torch.autograd.grad(scores.mean(), run.params, retain_graph=cfg.retain_weight > 0, allow_unused=True)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+        projected, cos, applied = project_conflict(grads, guard)
+        for p, g in zip(run.params, projected):
+            p.grad = g
+        metrics.update(surgery_cos=cos, surgery_applied=float(applied))
+    if cfg.retain_weight > 0:
+        (cfg.retain_weight * hinge).backward()
+    metrics["retain_seconds"] = time.perf_counter() - started
+    return metrics
 
 
 def step_record(run: LocalRun, step: int, totals: dict[str, float], grad_norm: Tensor, rollouts: Rollouts,
@@ -360,7 +410,7 @@ def step_record(run: LocalRun, step: int, totals: dict[str, float], grad_norm: T
         "rollout_refusal_rate": refusal_rate(rollouts.completions[:n_harmful]),
         "rollout_seconds": t1 - t0, "step_seconds": time.time() - t0,
     }
-    if run.cfg.retain_prompts_per_step:
+    if retain_rollouts(run.cfg):
         record["retain_rollout_refusal_rate"] = refusal_rate(rollouts.completions[n_harmful:])
     return record
 

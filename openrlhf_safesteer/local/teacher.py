@@ -72,6 +72,11 @@ class Teacher:
                 stack.enter_context(steer(self.model, self.steering_vector, coeff))
             yield self.model
 
+    def as_base(self):
+        """Context manager: the model as the plain base (adapter disabled, no steering), e.g. for the refusal
+        retain's reference scores (docs/METHOD.md section 8)."""
+        return self._active(0)
+
     def _inputs(self, rollouts: Rollouts) -> tuple[Tensor, Tensor, int]:
         if not self.system_prompt:
             return rollouts.input_ids, rollouts.attention_mask, rollouts.prompt_len

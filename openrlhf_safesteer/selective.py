@@ -1,0 +1,103 @@
+"""Selectivity mechanisms: the project's extension (docs/METHOD.md section 8), not the paper's method.
+
+The paper's update raises refusal of questions that merely sound harmful (borderline-safe prompts) along with
+refusal of harmful ones. Three mechanisms act where that over-refusal is decided, the first reply token:
+
+- `refusal_hinge` (M1): a one-sided retain on borderline prompts, relu(s_student - s_base - margin), where s is the
+  first-reply-token refusal log-odds (`first_token_refusal_scores`). Zero at initialisation and while the student
+  refuses a prompt no more readily than the base; it touches one scalar per prompt and no other token.
+- `project_conflict` (M3, A-GEM-style gradient surgery): the harmful loss's gradient loses its component along
+  the gradient of the borderline prompts' mean refusal score whenever a step along it would raise that score.
+- `false_refusal_direction` (M2, after Wang et al., ICLR 2025): the mean activation difference between
+  borderline-safe and harmless prompts, orthogonalised against the refusal direction; ablated from the trained
+  student at inference (`steering.ablate`), no retraining.
+
+Every function here is pure torch on a model and its tokenizer; the engine (local/engine.py) wires them into a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openrlhf_safesteer.chat import (
+    encode_shared_prefix,
+    forward_after_prefix,
+    model_device,
+    prefill_shared_prefix,
+    render_prompts,
+)
+from openrlhf_safesteer.directions import mean_activations, refusal_scores_from_logprobs
+from openrlhf_safesteer.models import decoder_layers
+
+Tensor = torch.Tensor
+
+
+def first_token_refusal_scores(model: nn.Module, tokenizer, prompts: Sequence[str],
+                               refusal_ids: Sequence[int]) -> Tensor:
+    """Refusal log-odds log p(R) - log(1 - p(R)) of the first reply token of each prompt: (N,) float32.
+
+    Differentiable (the caller picks torch.no_grad or not); one forward over the rendered prompts, the shared chat
+    header encoded once, only the last position projected onto the vocabulary. Hooks on the model apply."""
+    if not prompts:
+        raise ValueError("no prompts to score")
+    texts = render_prompts(tokenizer, prompts)
+    input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, texts, model_device(model))
+    past = prefill_shared_prefix(model, input_ids, shared)
+    logits = forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=1).logits[:, -1]
+    return refusal_scores_from_logprobs(F.log_softmax(logits.float(), dim=-1), refusal_ids)
+
+
+def refusal_hinge(student_scores: Tensor, base_scores: Tensor, margin: float = 0.0) -> Tensor:
+    """Mean over prompts of relu(s_student - s_base - margin): (N,), (N,) -> scalar.
+
+    One-sided: a prompt the student refuses less readily than the base (plus the margin) adds nothing, so the term
+    never pulls refusal below the base and is exactly zero (value and gradient) while the student equals the base."""
+    if student_scores.shape != base_scores.shape:
+        raise ValueError(f"student scores {tuple(student_scores.shape)} and base scores "
+                         f"{tuple(base_scores.shape)} differ in shape")
+    return F.relu(student_scores - base_scores.to(student_scores) - margin).mean()
+
+
+def project_conflict(grads: Sequence[Tensor], guard: Sequence[Tensor | None]) -> tuple[list[Tensor], float, bool]:
+    """A-GEM's rule against a quantity to keep from rising.
+
+    grads: the loss's gradient g, one tensor per parameter (a descent step moves by -lr * g).
+    guard: the gradient a of the quantity q that must not rise (None for a parameter q does not depend on).
+    A step -lr * g changes q by about -lr * <g, a>; when <g, a> < 0 (the step raises q) g becomes
+    g - (<g, a> / <a, a>) a, which is orthogonal to a; otherwise g is kept.
+    Returns (the new gradient, cos(g, a) before projection, whether it projected)."""
+    if len(grads) != len(guard):
+        raise ValueError(f"{len(grads)} gradients and {len(guard)} guard gradients")
+    guard = [torch.zeros_like(g) if a is None else a for g, a in zip(grads, guard)]
+    dot = sum((g.double() * a.double()).sum() for g, a in zip(grads, guard))
+    guard_sq = sum((a.double() ** 2).sum() for a in guard)
+    grad_sq = sum((g.double() ** 2).sum() for g in grads)
+    cos = float(dot / (guard_sq.sqrt() * grad_sq.sqrt())) if guard_sq > 0 and grad_sq > 0 else 0.0
+    if dot >= 0 or guard_sq == 0:
+        return list(grads), cos, False
+    scale = dot / guard_sq
+    return [(g.double() - scale * a.double()).to(g.dtype) for g, a in zip(grads, guard)], cos, True
+
+
+def false_refusal_direction(model: nn.Module, tokenizer, borderline: Sequence[str], harmless: Sequence[str],
+                            refusal_direction: Tensor, layer: int) -> Tensor:
+    """The false-refusal direction (H,) float32 at decoder layer `layer`'s input, last prompt token: mean
+    activation over borderline-safe prompts minus the mean over harmless ones, with its component along
+    `refusal_direction` (H,) removed, so that ablating it leaves the refusal of harmful prompts alone.
+    Unnormalised (`steering.ablate` normalises)."""
+    layers = len(decoder_layers(model))
+    if not 0 <= layer < layers:
+        raise ValueError(f"layer {layer} is outside the model's {layers} decoder layers")
+    if refusal_direction.dim() != 1:
+        raise ValueError(f"refusal_direction must be (H,), got {tuple(refusal_direction.shape)}")
+    diff = (mean_activations(model, tokenizer, borderline, [-1])[layer, 0]
+            - mean_activations(model, tokenizer, harmless, [-1])[layer, 0])                    # (H,) float64
+    if diff.shape != refusal_direction.shape:
+        raise ValueError(f"refusal_direction has {refusal_direction.numel()} entries, the model's hidden size is "
+                         f"{diff.numel()}")
+    unit = refusal_direction.double() / refusal_direction.double().norm()
+    return (diff - (diff @ unit) * unit).float()
