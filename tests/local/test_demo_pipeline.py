@@ -500,15 +500,29 @@ def test_sweep_reads_the_settings_of_an_old_demo_report(tmp_path, monkeypatch):
 def test_selectivity_measures_each_method_over_seeds(tiny_demo, tmp_path):
     """demo.selectivity trains every method on every seed as sweep rows (retain rows with their retain term), and
     its summary is the goal's arithmetic on those rows against the base the sweep compared them with."""
-    from openrlhf_safesteer.demo.selectivity import measure, method_summary, run_effect
+    from openrlhf_safesteer.demo.selectivity import (
+        excess_over_line,
+        measure,
+        method_summary,
+        run_effect,
+        stored_line,
+    )
     from openrlhf_safesteer.files import read_jsonl
 
     demo, out = tiny_demo[0] / "demo", tmp_path / "sel"
-    methods = {"paper": {"steps": 1}, "retain": {"steps": 1, "retain_prompts_per_step": 2}}
+    methods = {"paper": {"steps": 1}, "retain": {"steps": 1, "retain_prompts_per_step": 2},
+               "ablated": {"steps": 1, "false_refusal_ablation": True}}
     result = measure(demo, out, methods, [0, 1])
     rows = {r["name"]: r for r in read_jsonl(out / "sweep.jsonl")}
     assert set(rows) == {"steps=1 seed=0", "steps=1 seed=1", "steps=1 retain_prompts_per_step=2 seed=0",
-                         "steps=1 retain_prompts_per_step=2 seed=1"}
+                         "steps=1 retain_prompts_per_step=2 seed=1", "steps=1 false_refusal_ablation=True seed=0",
+                         "steps=1 false_refusal_ablation=True seed=1"}
+    # the same training as the paper's rows, judged with the false-refusal direction ablated: other scores
+    for seed in (0, 1):
+        trained = [(r["loss"], r["grad_norm"]) for r in rows[f"steps=1 false_refusal_ablation=True seed={seed}"]["history"]]
+        assert trained == [(r["loss"], r["grad_norm"]) for r in rows[f"steps=1 seed={seed}"]["history"]]
+        assert rows[f"steps=1 false_refusal_ablation=True seed={seed}"]["eval"]["borderline_refusal_score"] != \
+            rows[f"steps=1 seed={seed}"]["eval"]["borderline_refusal_score"]
     assert all("retain_rollout_refusal_rate" in r["history"][0] for name, r in rows.items() if "retain" in name)
     assert not any("retain_rollout_refusal_rate" in r["history"][0] for name, r in rows.items() if "retain" not in name)
     base = json.loads((out / "base.json").read_text())
@@ -517,7 +531,9 @@ def test_selectivity_measures_each_method_over_seeds(tiny_demo, tmp_path):
         names = [" ".join(f"{k}={v}" for k, v in {**overrides, "seed": s}.items()) for s in (0, 1)]
         effects = [run_effect(base, rows[n]["eval"]) for n in names]
         assert result["runs"][name] == effects
-        assert result["summary"][name] == method_summary(effects)
+        summary = dict(result["summary"][name])
+        assert summary.pop("excess") == excess_over_line(effects, stored_line("test"))
+        assert summary == method_summary(effects)
     assert (out / "frontier.png").is_file()
     assert "| retain | 2 |" in (out / "selectivity.md").read_text()
 

@@ -240,7 +240,8 @@ def test_selectivity_summary_of_hand_written_runs(tmp_path, monkeypatch):
         return [{"name": name, "eval": ev} for name, ev in reversed(evals.items())]   # not in the runs' order
 
     monkeypatch.setattr(selectivity, "run_sweep", sweep)
-    monkeypatch.setattr(selectivity, "frontier_plot", lambda path, effects: None)
+    monkeypatch.setattr(selectivity, "frontier_plot", lambda path, effects, line: None)
+    monkeypatch.setattr(selectivity, "stored_line", lambda eval_sets: selectivity.Line(0.0, 2.0, 1.0, 16))
     result = selectivity.measure(tmp_path / "demo", tmp_path / "sel", {"paper": {}, "retain": {"lr": 1e-3}}, [0, 1])
     paper, retain = result["summary"]["paper"], result["summary"]["retain"]
     assert [e["asr_reduction"] for e in result["runs"]["paper"]] == pytest.approx([0.6, 0.8])
@@ -255,8 +256,46 @@ def test_selectivity_summary_of_hand_written_runs(tmp_path, monkeypatch):
     assert [k for k, ok in paper["bounds"].items() if not ok] == ["harmless_rise", "borderline_rise"]
     assert [k for k, ok in retain["bounds"].items() if not ok] == ["asr_reduction", "seeds_meeting_goal"]
     table = (tmp_path / "sel" / "selectivity.md").read_text()
-    assert "| paper | 2 | 70.0% ± 10.0 | +2.5 ✗ | +5.0 ✗ | +5.0 | +0.00 | 2 | not met |" in table
-    assert "| retain | 2 | 50.0% ± 10.0 ✗ | +0.5 | +0.5 | -2.5 | -1.00 | 1 ✗ | not met |" in table
+    # excess over the planted line 0 + 2 x rise: paper 60 - 20 = 40 and 80 - 0 = 80 (mean 60, sem 20), retain
+    # 40 - 0 and 60 - 2 (mean 49, sem 9); 95% t interval on 1 degree of freedom: mean +- 12.706 x sem
+    assert paper["excess"]["mean"] == pytest.approx(60.0) and retain["excess"]["mean"] == pytest.approx(49.0)
+    assert paper["excess"]["ci95"] == pytest.approx([60 - 12.7062 * 20, 60 + 12.7062 * 20], rel=1e-4)
+    assert "| paper | 2 | 70.0% ± 10.0 | +2.5 ✗ | +5.0 ✗ | +5.0 | +0.00 | 2 | not met | +60.0 [-194.1, +314.1] |" \
+        in table
+    assert "| retain | 2 | 50.0% ± 10.0 ✗ | +0.5 | +0.5 | -2.5 | -1.00 | 1 ✗ | not met | +49.0 [-65.4, +163.4] |" \
+        in table
+    assert "= +0.0 + 2.00 x borderline-safe rise" in table
+
+
+def test_the_stored_line_is_the_one_the_runs_give():
+    """The committed runs give the line docs/demo.md and issue 26 state (slope 2.26, residual sd 7.3, paper +1.5
+    and retain -1.5 above it), and fit_line recovers a planted line exactly."""
+    import statistics
+
+    from openrlhf_safesteer.demo.selectivity import LINE_FILE, excess_over_line, fit_line, stored_line
+
+    line = stored_line("test")
+    assert (line.runs, round(line.slope, 2), round(line.intercept, 1), round(line.residual_sd, 1)) == \
+        (16, 2.26, 1.4, 7.3)
+    runs = json.loads(LINE_FILE.read_text())["test"]["runs"]
+    points = [(r["borderline_rise"], 100 * r["asr_reduction"]) for r in runs]
+    assert statistics.correlation(*zip(*points)) == pytest.approx(0.96, abs=0.005)
+    for method, expected in (("paper", 1.5), ("retain", -1.5)):
+        effects = [{"asr_reduction": r["asr_reduction"], "borderline_rise": r["borderline_rise"]}
+                   for r in runs if r["method"] == method]
+        excess = excess_over_line(effects, line)
+        assert excess["n"] == 8 and excess["mean"] == pytest.approx(expected, abs=0.05)
+        lo, hi = excess["ci95"]
+        assert (hi - lo) / 2 == pytest.approx(2.3646 * excess["sem"], rel=1e-3)    # t(0.975, 7)
+    dev = stored_line("dev")
+    assert (dev.runs, round(dev.intercept, 1), round(dev.slope, 2)) == (7, -8.7, 2.34)
+    planted = fit_line([(x, 3.0 - 0.5 * x) for x in (0.0, 1.0, 4.0, 9.0)])
+    assert (planted.intercept, planted.slope, planted.residual_sd) == (pytest.approx(3.0), pytest.approx(-0.5),
+                                                                       pytest.approx(0.0, abs=1e-12))
+    with pytest.raises(ValueError, match=">= 3 runs"):
+        fit_line([(0.0, 1.0), (1.0, 2.0)])
+    with pytest.raises(ValueError, match="eval_sets"):
+        stored_line("train")
 
 
 def test_parse_method():
