@@ -538,6 +538,18 @@ def test_selectivity_measures_each_method_over_seeds(tiny_demo, tmp_path):
     assert "| retain | 2 |" in (out / "selectivity.md").read_text()
 
 
+def test_every_demo_setting_is_a_flag():
+    """FLAGS lists every DemoConfig field but onednn (the top-level --no-onednn), so a new setting cannot be
+    left out of `safesteer demo --help`."""
+    import dataclasses
+
+    from openrlhf_safesteer.cli.demo import FLAGS
+    from openrlhf_safesteer.demo.pipeline import DemoConfig
+
+    assert sorted(FLAGS) == sorted(f.name for f in dataclasses.fields(DemoConfig) if f.name != "onednn")
+    assert len(FLAGS) == len(set(FLAGS))
+
+
 def test_the_ablation_is_one_flag_away():
     """The default demo trains the method; --ablation adds the full-vocabulary ablation (once, after it)."""
     import argparse
