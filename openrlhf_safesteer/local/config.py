@@ -124,8 +124,12 @@ class TrainConfig:
     retain_weight: float = knob(
         1.0, "retain_divergence refusal: the hinge's weight, added to the harmful rows' loss (which it does not "
         "dilute); 0 with --refusal-surgery: the surgery alone", check=(lambda v, c: v >= 0, ">= 0"))
+    # Not 0: the base's scores come from the no-gradient kernels (oneDNN on CPU) and the student's from the
+    # training ones, which differ by ~1e-6 at step 0; at a kink of 0 that noise switched the hinge on with its full
+    # gradient (norm ~24 at weight 1 on the demo model, against ~0.1 for the harmful loss), and AdamW, which
+    # normalises gradient scale away, then took it as the step's direction (dev run of 2026-12-07).
     retain_margin: float = knob(
-        0.0, "retain_divergence refusal: log-odds the student may exceed the base's by before the hinge binds",
+        0.1, "retain_divergence refusal: log-odds the student may exceed the base's by before the hinge binds",
         check=(lambda v, c: v >= 0, ">= 0"))
     refusal_surgery: bool = knob(
         False, "retain_divergence refusal: A-GEM gradient surgery, the harmful gradient loses its component that "
