@@ -100,6 +100,7 @@ class DemoConfig:
                                     factory=lambda: ["train"])
     retain_weight: float = training("retain_weight")
     retain_margin: float = training("retain_margin")
+    retain_grad_ratio: float | None = training("retain_grad_ratio")
     refusal_surgery: bool = training("refusal_surgery")
     false_refusal_ablation: bool = knob(
         False, "evaluate each trained model with its false-refusal direction ablated (docs/METHOD.md section 8: "

@@ -131,6 +131,11 @@ class TrainConfig:
     retain_margin: float = knob(
         0.1, "retain_divergence refusal: log-odds the student may exceed the base's by before the hinge binds",
         check=(lambda v, c: v >= 0, ">= 0"))
+    retain_grad_ratio: float | None = knob(
+        None, "retain_divergence refusal: whenever the hinge binds, rescale its gradient to this multiple of the "
+        "harmful rows' gradient norm (instead of --retain-weight's fixed weight; the hinge's own gradient is ~100x "
+        "the harmful loss's on the demo model, and AdamW followed one such step for the rest of the run)",
+        check=(lambda v, c: v is None or v > 0, "> 0 (or unset)"))
     refusal_surgery: bool = knob(
         False, "retain_divergence refusal: A-GEM gradient surgery, the harmful gradient loses its component that "
         "would raise the retain prompts' mean first-token refusal log-odds (docs/METHOD.md section 8)")

@@ -375,6 +375,11 @@ def base_refusal_scores(run: LocalRun, prompts: list[str]) -> Tensor:
     return torch.tensor([run.base_refusal[p] for p in prompts])
 
 
+def grad_norm(grads) -> float:
+    """The 2-norm of a list of gradients (None entries count as zero)."""
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) or torch.tensor(0.0)))
+
+
 def refusal_retain(run: LocalRun, step: int) -> dict[str, float]:
     """The refusal retain of step `step` (docs/METHOD.md section 8), on the gradients the harmful rows left in
     .grad: the surgery (refusal_surgery) projects them against the gradient of the retain prompts' mean refusal
@@ -389,13 +394,22 @@ def refusal_retain(run: LocalRun, step: int) -> dict[str, float]:
                "retain_refusal_shift": float((scores.detach() - base).mean()),
                "retain_refusing_more": float((scores.detach() > base).float().mean())}
     if cfg.refusal_surgery:
-        guard = torch.autograd.grad(scores.mean(), run.params, retain_graph=cfg.retain_weight > 0, allow_unused=True)
+        guard = torch.autograd.grad(scores.mean(), run.params, allow_unused=True,
+                                    retain_graph=cfg.retain_weight > 0 or cfg.retain_grad_ratio is not None)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
         projected, cos, applied = project_conflict(grads, guard)
         for p, g in zip(run.params, projected):
             p.grad = g
         metrics.update(surgery_cos=cos, surgery_applied=float(applied))
-    if cfg.retain_weight > 0:
+    if cfg.retain_grad_ratio is not None and float(hinge) > 0:
+        harmful_norm = grad_norm([p.grad for p in run.params])
+        hinge_grads = torch.autograd.grad(hinge, run.params, allow_unused=True)
+        scale = cfg.retain_grad_ratio * harmful_norm / max(grad_norm(hinge_grads), 1e-12)
+        for p, g in zip(run.params, hinge_grads):
+            if g is not None:
+                p.grad = g * scale if p.grad is None else p.grad + g * scale
+        metrics["retain_weight"] = scale
+    elif cfg.retain_grad_ratio is None and cfg.retain_weight > 0:
         (cfg.retain_weight * hinge).backward()
     metrics["retain_seconds"] = time.perf_counter() - started
     return metrics

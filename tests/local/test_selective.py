@@ -174,6 +174,37 @@ def test_refusal_retain_adds_the_weighted_hinge_gradient(tok, tmp_path):
         torch.testing.assert_close(p.grad, 1 + (torch.zeros_like(p) if e is None else e), atol=1e-5, rtol=1e-4)
 
 
+def test_retain_grad_ratio_rescales_the_hinge_gradient_to_the_harmful_norm(tok, tmp_path):
+    """With retain_grad_ratio r, a binding hinge adds its gradient's direction at r times the harmful gradient's
+    norm (the harmful part is left as it was)."""
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    cfg = _cfg(tmp_path, "r", retain_prompts_per_step=4, retain_divergence="refusal", retain_grad_ratio=0.5,
+               retain_margin=0.0)
+    run = engine.build_run(model, tok, _vector(model), torch.tensor([5, 6]), HARMFUL, cfg, RETAIN, 3)
+    ids = refusal_token_ids(tok)
+    with torch.no_grad():
+        for p in run.params:
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
+    prompts = engine.step_prompts(RETAIN, 0, 4, engine.retain_seed(cfg.seed))
+    with torch.no_grad(), run.teacher.as_base() as base_model:
+        base = first_token_refusal_scores(base_model, tok, prompts, ids)
+    hinge = refusal_hinge(first_token_refusal_scores(run.student, tok, prompts, ids), base)
+    assert float(hinge) > 0
+    direction = [torch.zeros_like(p) if g is None else g
+                 for p, g in zip(run.params, torch.autograd.grad(hinge, run.params, allow_unused=True))]
+    harmful = [torch.full_like(p, 0.01) for p in run.params]
+    for p, g in zip(run.params, harmful):
+        p.grad = g.clone()
+    metrics = engine.refusal_retain(run, 0)
+    added = [p.grad - g for p, g in zip(run.params, harmful)]
+    harmful_norm = engine.grad_norm(harmful)
+    assert engine.grad_norm(added) == pytest.approx(0.5 * harmful_norm, rel=1e-4)
+    scale = 0.5 * harmful_norm / engine.grad_norm(direction)
+    assert metrics["retain_weight"] == pytest.approx(scale, rel=1e-4)
+    for a, d in zip(added, direction):
+        torch.testing.assert_close(a, d * scale, atol=1e-6, rtol=1e-4)
+
+
 def test_refusal_surgery_leaves_a_gradient_orthogonal_to_the_refusal_gradient(tok, tmp_path):
     model = tiny_model("llama", tok, layers=2, hidden=32)
     cfg = _cfg(tmp_path, "s", retain_prompts_per_step=4, retain_divergence="refusal", retain_weight=0.0,
@@ -202,3 +233,5 @@ def test_refusal_settings_are_checked_before_training(tok, tmp_path):
         dataclasses.replace(cfg, retain_weight=-1.0).validate()
     with pytest.raises(ValueError, match="retain_margin"):
         dataclasses.replace(cfg, retain_margin=-0.5).validate()
+    with pytest.raises(ValueError, match="retain_grad_ratio"):
+        dataclasses.replace(cfg, retain_grad_ratio=0.0).validate()
