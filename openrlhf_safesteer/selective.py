@@ -101,3 +101,56 @@ def false_refusal_direction(model: nn.Module, tokenizer, borderline: Sequence[st
                          f"{diff.numel()}")
     unit = refusal_direction.double() / refusal_direction.double().norm()
     return (diff - (diff @ unit) * unit).float()
+
+
+# The linear layer of each sub-block that writes the residual stream: attention's output projection, the MLP's down
+# projection (HF names across the llama / qwen / mistral / gemma, gpt2 and gpt-neox families).
+_RESIDUAL_WRITERS = ("o_proj", "out_proj", "dense", "c_proj", "down_proj", "dense_4h_to_h", "fc2", "w2")
+
+
+def _residual_writer(block: nn.Module, hidden: int) -> nn.Module:
+    for name in _RESIDUAL_WRITERS:
+        child = getattr(block, name, None)
+        if child is not None and getattr(child, "weight", None) is not None:
+            out = child.weight.shape[0] if isinstance(child, nn.Linear) else child.weight.shape[-1]
+            if out == hidden:
+                return child
+    raise ValueError(f"{type(block).__name__} has none of {_RESIDUAL_WRITERS} writing the {hidden}-wide residual "
+                     "stream: weight orthogonalisation does not know this architecture (use steering.ablate's hooks)")
+
+
+@torch.no_grad()
+def orthogonalize_weights(model: nn.Module, direction: Tensor) -> nn.Module:
+    """Bake directional ablation of `direction` (H,) into the weights, in place (Arditi et al.'s weight
+    orthogonalisation): the token (and position) embeddings and every sub-block's residual writer lose their component along
+    the unit direction, so the residual stream never carries it; the same model as `steering.ablate`'s hooks, saved
+    like any checkpoint, whatever engine trained it. Tied input and output embeddings are untied first (the LM
+    head reads the final norm's output, which the hooks leave alone). Returns the model."""
+    from openrlhf_safesteer.models import hidden_size
+    from openrlhf_safesteer.steering import _sub_blocks
+
+    hidden = hidden_size(model)
+    if direction.dim() != 1 or direction.numel() != hidden:
+        raise ValueError(f"direction has shape {tuple(direction.shape)}, the model's hidden size is {hidden}")
+    norm = direction.double().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError("cannot orthogonalise against a zero (or non-finite) direction")
+    unit = direction.double() / norm
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    writers = [_residual_writer(block, hidden) for layer in decoder_layers(model) for block in _sub_blocks(layer)]
+    if head is not None and head.weight is embeddings.weight:
+        head.weight = nn.Parameter(embeddings.weight.detach().clone(), requires_grad=embeddings.weight.requires_grad)
+        model.config.tie_word_embeddings = False
+    # the token embeddings and any learned position embeddings (gpt2's wpe) write the residual stream too
+    for table in [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.shape[-1] == hidden]:
+        weight = table.weight                                                               # (V, H)
+        weight.copy_((weight.double() - (weight.double() @ unit)[:, None] * unit[None]).to(weight.dtype))
+    for writer in writers:
+        w = writer.weight
+        if isinstance(writer, nn.Linear):                                                   # (H, in)
+            w.copy_((w.double() - unit[:, None] * (unit[None] @ w.double())).to(w.dtype))
+        else:                                                                               # Conv1D (in, H)
+            w.copy_((w.double() - (w.double() @ unit)[:, None] * unit[None]).to(w.dtype))
+        if getattr(writer, "bias", None) is not None:
+            writer.bias.copy_((writer.bias.double() - (writer.bias.double() @ unit) * unit).to(writer.bias.dtype))
+    return model

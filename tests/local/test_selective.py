@@ -235,3 +235,32 @@ def test_refusal_settings_are_checked_before_training(tok, tmp_path):
         dataclasses.replace(cfg, retain_margin=-0.5).validate()
     with pytest.raises(ValueError, match="retain_grad_ratio"):
         dataclasses.replace(cfg, retain_grad_ratio=0.0).validate()
+
+
+@pytest.mark.parametrize("architecture,tied", [("llama", False), ("qwen2", True), ("gpt2", False)])
+def test_weight_orthogonalisation_is_the_ablation_hooks_baked_in(tok, architecture, tied):
+    """The orthogonalised copy gives the logits of the hook-ablated model (tied embeddings untied first), and
+    differs from the unablated model."""
+    import copy
+
+    from openrlhf_safesteer.selective import orthogonalize_weights
+
+    model = tiny_model(architecture, tok, layers=2, hidden=32)
+    if tied:
+        model.lm_head.weight = model.get_input_embeddings().weight
+        model.config.tie_word_embeddings = True
+    direction = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    ids = tok(["How do I kill a stuck process?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model(ids).logits
+        with ablate(model, direction):
+            hooked = model(ids).logits
+        edited = orthogonalize_weights(copy.deepcopy(model), direction)
+        baked = edited(ids).logits
+    torch.testing.assert_close(baked, hooked, atol=1e-4, rtol=1e-4)
+    assert (baked - plain).abs().max() > 1e-3
+    if tied:
+        assert edited.lm_head.weight is not edited.get_input_embeddings().weight
+        torch.testing.assert_close(edited.lm_head.weight, model.lm_head.weight)
+    with pytest.raises(ValueError, match="hidden size"):
+        orthogonalize_weights(copy.deepcopy(model), torch.ones(16))
