@@ -77,7 +77,8 @@ class CompareConfig:
         if self.demo.samples_per_prompt != 1 and "ppo" in self.arms:
             raise ValueError("the ppo arm keeps the rollouts per step equal by drawing prompts_per_step / "
                              f"{self.ppo_samples_per_prompt} prompts: use --samples-per-prompt 1")
-        if self.ppo_samples_per_prompt < 2 or self.demo.prompts_per_step % self.ppo_samples_per_prompt:
+        if "ppo" in self.arms and (self.ppo_samples_per_prompt < 2
+                                   or self.demo.prompts_per_step % self.ppo_samples_per_prompt):
             raise ValueError(f"ppo samples per prompt must be >= 2 and divide prompts_per_step "
                              f"({self.demo.prompts_per_step}), got {self.ppo_samples_per_prompt}")
         if not (self.dpo_beta > 0 and math.isfinite(self.dpo_beta)):

@@ -243,11 +243,11 @@ def compare_config(spec: dict, run: Run, out: Path, model: str) -> CompareConfig
 
 
 def data_config(spec: dict, seed: int, out: Path, model: str) -> CompareConfig:
-    """The settings of a seed's shared training data (every DPO / SFT run at that seed trains on it): the spec's
-    training settings at the default teacher coefficient, whatever SafeSteer's grid does with its own."""
-    arms = sorted({m["arm"] for m in spec["methods"].values()} & {"dpo", "sft"})
+    """The settings of a seed's shared training data (every run at that seed reads its prompt draws; every DPO / SFT
+    run trains on its pairs / targets): the spec's training settings at the default teacher coefficient, whatever
+    SafeSteer's grid does with its own."""
     cfg = compare_config(spec, Run("data", "data", None, {}, seed, "data"), out, model)
-    cfg.arms = arms or ["safesteer_local"]
+    cfg.arms = sorted({m["arm"] for m in spec["methods"].values()})
     return cfg
 
 
@@ -602,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:     # a run failed: the grid stops there (a rerun resumes at that run)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(json.dumps(status))
     if status["stopped"]:
         print(f"stopped: {status['stopped']}", file=sys.stderr)

@@ -197,15 +197,16 @@ def write_training_data(cfg: CompareConfig, data_dir: Path, model_dir: str, vect
     write_prompts(data_dir / "train_split.jsonl", prompts)
     draws = prompt_schedule(prompts, d.steps, d.prompts_per_step, d.seed)
     write_prompts(data_dir / "train_prompts.jsonl", draws)
-    ppo_per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
-    # the same seeded order as the other arms' draws (step_prompts permutes per pass), 4 samples of each
-    write_prompts(data_dir / "ppo_prompts.jsonl", prompt_schedule(prompts, d.steps, ppo_per_step, d.seed))
+    if "ppo" in cfg.arms:
+        ppo_per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
+        # the same seeded order as the other arms' draws (step_prompts permutes per pass), 4 samples of each
+        write_prompts(data_dir / "ppo_prompts.jsonl", prompt_schedule(prompts, d.steps, ppo_per_step, d.seed))
     want_pairs, want_sft = "dpo" in cfg.arms, "sft" in cfg.arms
     if not (want_pairs or want_sft):
         return {"generated_now": False}
     settings = {"seed": d.seed, "coeff": d.teacher_coeff or d.coeff, "draws": draws,
                 "max_new_tokens": cfg.pair_max_new_tokens, "attempts": cfg.pair_attempts, "fill": cfg.fill_budget,
-                "filter": cfg.pair_filter, "model": model_dir}
+                "filter": cfg.pair_filter, "model": model_dir, "pairs": want_pairs, "sft": want_sft}
     stats_file = data_dir / DATA_STATS
     if stats_file.is_file():
         stored = json.loads(stats_file.read_text())
@@ -219,20 +220,21 @@ def write_training_data(cfg: CompareConfig, data_dir: Path, model_dir: str, vect
 
     start = time.time()
     model, tokenizer = load_model(model_dir)
-    # both parts are made together (one teacher sampling serves both), whichever arm asked
+    # one teacher sampling serves both parts
     made = build_training_data(model, tokenizer, SteeringVector.load(vector_dir), settings["coeff"], draws, d.seed,
-                               cfg.pair_max_new_tokens, cfg.pair_attempts, cfg.fill_budget,
+                               cfg.pair_max_new_tokens, cfg.pair_attempts, cfg.fill_budget, want_pairs, want_sft,
                                refuses=None if cfg.pair_filter == "none" else judge(cfg.pair_filter),
                                filter_pairs=cfg.pair_filter != "none")
     del model
     gc.collect()
-    atomic_write_text(data_dir / "dpo_pairs.jsonl", "".join(json.dumps(r) + "\n" for r in made["dpo_pairs"]))
-    atomic_write_text(data_dir / "sft.jsonl", "".join(json.dumps(r) + "\n" for r in made["sft"]))
+    for name, part in (("dpo_pairs.jsonl", "dpo_pairs"), ("sft.jsonl", "sft")):
+        if part in made:
+            atomic_write_text(data_dir / name, "".join(json.dumps(r) + "\n" for r in made[part]))
     stats = {**made["stats"], "seconds": round(time.time() - start, 1)}
     write_json(stats_file, {"settings": settings, "stats": stats})
-    logger.info("training data at seed %d: %d of %d DPO pairs survive (%d repeated to fill the budget), %d SFT rows "
-                "(%.0f s)", d.seed, stats["dpo_pairs_surviving"], len(draws), stats["dpo_pairs_repeated"],
-                stats["sft_rows_surviving"], stats["seconds"])
+    logger.info("training data at seed %d (%d prompt draws, %.0f s): DPO pairs surviving %s (repeated to fill the "
+                "budget %s), SFT rows %s", d.seed, len(draws), stats["seconds"], stats.get("dpo_pairs_surviving", "-"),
+                stats.get("dpo_pairs_repeated", "-"), stats.get("sft_rows_surviving", "-"))
     return {**stats, "generated_now": True}
 
 
