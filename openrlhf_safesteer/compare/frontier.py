@@ -83,15 +83,42 @@ DEFAULT_SPEC: dict = {
     "eval_limit": None,
     # False only for tests: skips the protocol minimums (>= 2 dev seeds, >= 5 test seeds, a point each side)
     "protocol_check": True,
+    # cpu: every arm through compare.arms on this machine (CPU stand-ins); llama: every arm through the GPU recipes
+    # (recipes/train_safesteer_llama.sh, baseline_{dpo,ppo,sft}_llama.sh; LLAMA_SPEC), evaluated on `device`
+    "launcher": "cpu",
+    "train_prompts": None,       # llama: the SafeSteer run's prompt file (the recipes' 100 PKU-SafeRLHF prompts)
+    "draws_per_prompt": 8,       # llama: DPO pairs / SFT targets per prompt (SafeSteer's samples per prompt)
+    "device": None,              # evaluation device (None: cpu for the cpu launcher, cuda for llama)
 }
+
+# The GPU grid (recipes/compare_llama.sh --frontier): full fine-tuning at the recipes' learning rates (SafeSteer and
+# PPO 1e-6, DPO 5e-7, SFT 1e-6) and 2x steps around them; the plugin is SafeSteer's arm itself there (no local
+# engine), so there is no separate plugin row, and no ablation row.
+LLAMA_SPEC: dict = {
+    "model": "meta-llama/Meta-Llama-3-8B-Instruct", "launcher": "llama",
+    "methods": {
+        "safesteer": {"arm": "safesteer", "lr": [5e-7, 1e-6, 2e-6], "coeff": [1.0, 1.5]},
+        "dpo": {"arm": "dpo", "lr": [2.5e-7, 5e-7, 1e-6], "beta": [0.1, 0.5]},
+        "ppo": {"arm": "ppo", "lr": [5e-7, 1e-6, 2e-6], "kl": [0.01, 0.1]},
+        "sft": {"arm": "sft", "lr": [2.5e-7, 5e-7, 1e-6, 2e-6, 4e-6, 8e-6]},
+    },
+    "references": {"teacher": True, "ablation": False, "plugin": False},
+    "pair_max_new_tokens": 1024,
+}
+LLAMA_RECIPES = {"safesteer": "train_safesteer_llama.sh", "dpo": "baseline_dpo_llama.sh",
+                 "ppo": "baseline_ppo_llama.sh", "sft": "baseline_sft_llama.sh"}
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ the grid
 
 
-def load_spec(path: str | None, overrides: dict | None = None) -> dict:
-    """DEFAULT_SPEC with the top-level keys of the JSON file at `path` (and `overrides`) replacing its own."""
+def load_spec(path: str | None, overrides: dict | None = None, launcher: str = "cpu") -> dict:
+    """DEFAULT_SPEC (with LLAMA_SPEC over it for the llama launcher) with the top-level keys of the JSON file at
+    `path` (and `overrides`) replacing its own."""
     spec = copy.deepcopy(DEFAULT_SPEC)
+    if launcher == "llama":
+        spec.update(copy.deepcopy(LLAMA_SPEC))
     if path:
         given = json.loads(Path(path).read_text())
         unknown = set(given) - set(spec)
@@ -157,6 +184,17 @@ def validate_spec(spec: dict) -> None:
         factors = [float(f) for f in spec["test_lr_factors"]]
         if not (min(factors) < 1.0 < max(factors)):
             raise ValueError("test_lr_factors needs a point on each side of the chosen lr (e.g. 0.5, 1, 2)")
+    if spec["launcher"] not in ("cpu", "llama"):
+        raise ValueError(f"launcher must be cpu or llama, got {spec['launcher']!r}")
+    if spec["launcher"] == "llama":
+        bad = {n: m["arm"] for n, m in spec["methods"].items() if m["arm"] not in LLAMA_RECIPES}
+        if bad:
+            raise ValueError(f"the llama launcher trains through the GPU recipes of {', '.join(LLAMA_RECIPES)}; "
+                             f"got {bad}")
+        if spec["references"].get("plugin") or spec["references"].get("ablation"):
+            raise ValueError("the llama launcher's SafeSteer arm is the plugin: no plugin or ablation rows")
+        if not spec["train_prompts"]:
+            raise ValueError("the llama launcher needs train_prompts: the SafeSteer run's prompt file")
     if "safesteer" not in spec["methods"] and (spec["references"].get("plugin") or spec["references"].get("ablation")):
         raise ValueError("the plugin and ablation rows follow the 'safesteer' method's chosen setting: name it")
 
@@ -326,7 +364,12 @@ def evaluate_reference(run: Run, spec: dict, out: Path, model_dir: str, vector: 
     from openrlhf_safesteer.loading import load_model
     from openrlhf_safesteer.steering import SteeringVector, steer
 
-    model, tokenizer = load_model(model_dir)
+    if spec["launcher"] == "llama":
+        import torch
+
+        model, tokenizer = load_model(model_dir, dtype=torch.bfloat16, device=spec["device"] or "cuda")
+    else:
+        model, tokenizer = load_model(model_dir)
     coeff = None
     start = time.time()
     if run.method == TEACHER:
@@ -371,27 +414,40 @@ def execute_run(run: Run, spec: dict, out: Path, model_dir: str, vector: Path, t
     shutil.rmtree(folder, ignore_errors=True)       # a run interrupted half-way starts again
     folder.mkdir(parents=True)
     cfg = compare_config(spec, run, out, model_dir)
-    cfg.validate()
     data_dir = out / "data" / f"seed{run.seed}"
     data_start = time.time()
-    data_stats = write_training_data(data_config(spec, run.seed, out, model_dir), data_dir, model_dir, vector)
-    data_seconds = round(time.time() - data_start, 1) if data_stats.get("generated_now") else 0.0
-    command = arm_command(run.arm, cfg, model_dir, data_dir, folder, vector, tokens)
-    logger.info("%s: %s", run.key, " ".join(command))
     rewards_log = folder / "rewards.jsonl"
-    trained = timed_run(command, folder / "train.log",
-                        arm_env({"SAFETY_REWARD_LOG": str(rewards_log), "SAFETY_JUDGE": REWARD_JUDGE}))
+    if spec["launcher"] == "llama":
+        data_stats = llama_training_data(spec, run.seed, data_dir, model_dir, vector)
+        command, env = llama_command(run, spec, model_dir, data_dir, folder, vector, tokens)
+        env = arm_env({**env, "SAFETY_REWARD_LOG": str(rewards_log)})
+        env.setdefault("SAFETY_JUDGE", REWARD_JUDGE)     # a Llama Guard URL in the environment takes precedence
+    else:
+        cfg.validate()
+        data_stats = write_training_data(data_config(spec, run.seed, out, model_dir), data_dir, model_dir, vector)
+        command = arm_command(run.arm, cfg, model_dir, data_dir, folder, vector, tokens)
+        env = arm_env({"SAFETY_REWARD_LOG": str(rewards_log), "SAFETY_JUDGE": REWARD_JUDGE})
+    data_seconds = round(time.time() - data_start, 1) if data_stats.get("generated_now") else 0.0
+    logger.info("%s: %s", run.key, " ".join(command))
+    trained = timed_run(command, folder / "train.log", env)
     if trained["returncode"] != 0:
         tail = (folder / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{run.key} failed (exit {trained['returncode']}); log {folder / 'train.log'}:\n{tail}")
     final = folder / "final"
     changed = adapter_changed(final)
-    model, tokenizer = load_trained(model_dir, final)
+    if spec["launcher"] == "llama":
+        import torch
+
+        from openrlhf_safesteer.loading import load_model
+
+        model, tokenizer = load_model(str(final), dtype=torch.bfloat16, device=spec["device"] or "cuda")
+    else:
+        model, tokenizer = load_trained(model_dir, final)
     judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"])
     del model
     gc.collect()
     atomic_write_json(folder / "eval.json", judged["evaluation"], indent=None)
-    if changed is None:          # the local engine saves a merged full model (2 GB): not needed once evaluated
+    if changed is None and spec["launcher"] == "cpu":   # the local engine's merged model (2 GB), once evaluated
         shutil.rmtree(final, ignore_errors=True)
         shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     extra = {"train_seconds": trained["seconds"], "peak_rss_mb": trained["peak_rss_mb"],
@@ -404,6 +460,73 @@ def execute_run(run: Run, spec: dict, out: Path, model_dir: str, vector: Path, t
         extra["reward_judge"] = REWARD_JUDGE
     extra["wall_seconds"] = round(trained["seconds"] + judged["seconds"] + data_seconds, 1)
     return row_from(run, judged, digest, **extra)
+
+
+def llama_training_data(spec: dict, seed: int, data_dir: Path, model_dir: str, vector: Path) -> dict:
+    """The GPU grid's DPO pairs and SFT targets at `seed` (`compare.pairs` in its own process, on the GPU): every
+    prompt of the SafeSteer run `draws_per_prompt` times; made once per seed."""
+    from openrlhf_safesteer.compare.run import timed_run
+
+    stats_file = data_dir / "data_stats.json"
+    if not {m["arm"] for m in spec["methods"].values()} & {"dpo", "sft"}:
+        return {"generated_now": False}
+    if stats_file.is_file():
+        return {**json.loads(stats_file.read_text()), "generated_now": False}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "openrlhf_safesteer.compare.pairs", *pairs_flags(spec, seed, data_dir,
+                                                                                       model_dir, vector)]
+    result = timed_run(command, data_dir / "pairs.log", _python_env())
+    if result["returncode"] != 0 or not stats_file.is_file():
+        raise RuntimeError(f"the training data at seed {seed} failed; log {data_dir / 'pairs.log'}")
+    return {**json.loads(stats_file.read_text()), "generated_now": True}
+
+
+def pairs_flags(spec: dict, seed: int, data_dir: Path, model: str, vector: Path) -> list[str]:
+    return ["--model", model, "--vector", str(vector), "--prompts", str(spec["train_prompts"]), "--out", str(data_dir),
+            "--draws-per-prompt", str(spec["draws_per_prompt"]), "--max-new-tokens", str(spec["pair_max_new_tokens"]),
+            "--attempts", str(spec["pair_attempts"]), "--filter", spec["pair_filter"], "--seed", str(seed)]
+
+
+def _python_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def llama_command(run: Run, spec: dict, model: str, data_dir: Path, folder: Path, vector: Path,
+                  tokens: Path) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of one GPU run: the arm's own recipe, its learning rate, seed and regularizer appended
+    (OpenRLHF's parser keeps the last value of a repeated flag), WORK = the run's folder."""
+    cfg = run.config
+    seed = str(run.seed)
+    env = {"WORK": str(folder.resolve()), "MODEL": model, "PYTHON": sys.executable}
+    if run.arm == "safesteer":
+        # the recipe skips its stage 1 when the vector, S and prompts are in WORK: the grid's own
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, target in (("vector", vector), ("safety_tokens.json", tokens),
+                             ("pku_saferlhf_unsafe_100.jsonl", Path(spec["train_prompts"]))):
+            link = folder / name
+            if not link.exists():
+                link.symlink_to(Path(target).resolve())
+        flags = ["--actor.adam.lr", repr(cfg["lr"]), "--train.seed", seed,
+                 "--safesteer.coeff", repr(cfg.get("coeff", 1.0))]
+    elif run.arm == "dpo":
+        env["DATASET"] = str((data_dir / "dpo_pairs.jsonl").resolve())
+        # one pair per SafeSteer rollout, batch 32: SafeSteer's optimizer steps
+        flags = ["--adam.lr", repr(cfg["lr"]), "--model.beta", repr(cfg.get("beta", 0.1)), "--train.seed", seed,
+                 "--train.batch_size", "32"]
+    elif run.arm == "ppo":
+        env["PROMPTS"] = str(Path(spec["train_prompts"]).resolve())
+        flags = ["--actor.adam.lr", repr(cfg["lr"]), "--algo.kl.init_coef", repr(cfg.get("kl", 0.01)),
+                 "--train.seed", seed]
+    elif run.arm == "sft":
+        env["DATASET"] = str((data_dir / "sft.jsonl").resolve())
+        flags = ["--adam.lr", repr(cfg["lr"]), "--train.seed", seed]
+    else:
+        raise ValueError(f"no GPU recipe for arm {run.arm!r}")
+    return ["bash", str(REPO / "recipes" / LLAMA_RECIPES[run.arm]), *flags], env
 
 
 def dev_summaries(spec: dict, rows: dict[str, dict]) -> dict[str, list[dict]]:
@@ -537,7 +660,7 @@ def dry_run(spec: dict, out: Path) -> str:
     lines = [f"grid: {', '.join(f'{n} ({len(grid_configs(m))} settings)' for n, m in spec['methods'].items())}",
              f"dev runs: {len(dev_runs(spec))} (seeds {spec['dev_seeds']}); test runs: "
              f"{len(test_runs(spec, _placeholder_selection(spec)))} (seeds {spec['test_seeds']}, lr x "
-             f"{spec['test_lr_factors']}, plugin and ablation rows included)",
+             f"{spec['test_lr_factors']}; the plugin and ablation rows where the grid has them)",
              "selection rule: " + SELECTION_RULE.format(max_rise=spec["selection"]["max_borderline_rise"],
                                                         judge=spec["selection"]["judge"])]
     entry = {"dpo": "openrlhf.cli.train_dpo", "ppo": "openrlhf.cli.train_ppo_ray", "sft": "openrlhf.cli.train_sft"}
@@ -546,6 +669,9 @@ def dry_run(spec: dict, out: Path) -> str:
         if run.method in seen:
             continue
         seen.add(run.method)
+        if spec["launcher"] == "llama":
+            lines.append(llama_dry_run(run, spec, out, model))
+            continue
         cfg = compare_config(spec, run, out, model)
         cfg.validate()
         command = arm_command(run.arm, cfg, model, out / "data" / f"seed{run.seed}", out / "runs" / run.folder,
@@ -555,6 +681,36 @@ def dry_run(spec: dict, out: Path) -> str:
             parse_openrlhf_flags(entry[run.arm], command[start:])
         lines.append(f"# {run.key}\n{shlex.join(command)}")
     return "\n".join(lines)
+
+
+def llama_dry_run(run: Run, spec: dict, out: Path, model: str) -> str:
+    """The run's GPU recipe with --dry-run (which checks every flag with OpenRLHF's own parser), in a scratch WORK;
+    ValueError with the recipe's output when it fails."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "run"
+        data_dir = out / "data" / f"seed{run.seed}"
+        argv, env = llama_command(run, spec, model, data_dir, folder, out / "artifacts" / "vector",
+                                  out / "artifacts" / "safety_tokens.json")
+        env = {**_python_env(), **env, "SAFETY_JUDGE": "refusal"}
+        proc = subprocess.run([*argv, "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            raise ValueError(f"{run.key}: {argv[1]} --dry-run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        said = proc.stdout.strip().splitlines()
+        checked = next((line for line in reversed(said) if "OK" in line), said[-1] if said else "")
+    text = f"# {run.key}\nWORK=<run folder> {' '.join(f'{k}={v}' for k, v in env.items() if k in ('DATASET', 'PROMPTS'))} " \
+           f"{shlex.join(argv)}\n# {checked}"
+    if run.arm == "dpo":     # the DPO pairs and SFT targets are made together
+        pairs = [sys.executable, "-m", "openrlhf_safesteer.compare.pairs",
+                 *pairs_flags(spec, run.seed, out / "data" / f"seed{run.seed}", model, out / "artifacts" / "vector")]
+        from openrlhf_safesteer.compare.pairs import main as pairs_main
+
+        if pairs_main([*pairs[3:], "--dry-run"]) != 0:
+            raise ValueError("the pairs command's dry run failed")
+        text += f"\n# its training data, once per seed:\n{shlex.join(pairs)}"
+    return text
 
 
 def _placeholder_selection(spec: dict) -> dict:
@@ -573,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-runs", type=int, default=None, help="train at most N runs in this call, then stop")
     p.add_argument("--summarise", action="store_true", help="rebuild DIR/frontier.md, .png, .json from finished runs")
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its size and commands")
+    p.add_argument("--launcher", choices=("cpu", "llama"), default="cpu",
+                   help="cpu: this machine (recipes/compare_cpu.sh); llama: the GPU recipes (recipes/compare_llama.sh)")
+    p.add_argument("--train-prompts", default=None, help="llama: the SafeSteer run's prompt file")
+    p.add_argument("--model", default=None, help="the model (default: the grid's)")
     return p
 
 
@@ -588,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"no {out / ROWS}: nothing has finished there")
             print(write_report(out))
             return 0
-        spec = load_spec(args.spec)
+        overrides = {k: v for k, v in (("train_prompts", args.train_prompts), ("model", args.model)) if v}
+        spec = load_spec(args.spec, overrides, args.launcher)
         if (out / "spec.json").is_file() and not args.spec:     # resume with the stored grid
             stored = json.loads((out / "spec.json").read_text())
             spec = {k: stored[k] for k in DEFAULT_SPEC if k in stored}

@@ -28,13 +28,22 @@ class Reply:
 
 
 def sample_replies(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int,
-                   rollout_index: int = 0) -> list[Reply]:
-    """One sampled reply per prompt (the local engine's seeded sampler), with whether it ended in the limit."""
+                   rollout_index: int = 0, batch_size: int | None = None) -> list[Reply]:
+    """One sampled reply per prompt (the local engine's seeded sampler), with whether it ended in the limit.
+
+    batch_size: generate in chunks of this many prompts (a GPU's memory); chunk c draws with rollout index
+    rollout_index * 1000 + c, so the same prompt twice in two chunks still gets two different draws."""
     from openrlhf_safesteer.chat import end_of_turn_ids
     from openrlhf_safesteer.local.rollout import sample_rollouts
 
     if not prompts:
         return []
+    if batch_size is not None and len(prompts) > batch_size:
+        out: list[Reply] = []
+        for c, start in enumerate(range(0, len(prompts), batch_size)):
+            out += sample_replies(model, tokenizer, prompts[start:start + batch_size], max_new_tokens, seed,
+                                  rollout_index * 1000 + c)
+        return out
     rollouts = sample_rollouts(model, tokenizer, prompts, 1, max_new_tokens, seed=seed, rollout_index=rollout_index)
     completion = rollouts.input_ids[:, rollouts.prompt_len:]
     ended = torch.isin(completion, torch.tensor(end_of_turn_ids(tokenizer), device=completion.device)).any(dim=1)
@@ -78,7 +87,7 @@ def _chat(prompt: str, reply: str) -> list[dict]:
 
 
 def _tries(model, tokenizer, draws: list[str], max_new_tokens: int, seed: int, attempts: int,
-           good: Callable[[Reply], bool]) -> tuple[list[list[Reply]], int]:
+           good: Callable[[Reply], bool], batch_size: int | None = None) -> tuple[list[list[Reply]], int]:
     """Up to `attempts` samplings per draw, each attempt only for the draws with no good reply yet (a new rollout
     index: new draws). Returns (per-draw list of replies, sequences sampled)."""
     tries: list[list[Reply]] = [[] for _ in draws]
@@ -87,7 +96,7 @@ def _tries(model, tokenizer, draws: list[str], max_new_tokens: int, seed: int, a
         todo = [i for i, t in enumerate(tries) if not any(good(r) for r in t)]
         if not todo:
             break
-        replies = sample_replies(model, tokenizer, [draws[i] for i in todo], max_new_tokens, seed, attempt)
+        replies = sample_replies(model, tokenizer, [draws[i] for i in todo], max_new_tokens, seed, attempt, batch_size)
         sampled += len(todo)
         for i, reply in zip(todo, replies):
             tries[i].append(reply)
@@ -96,7 +105,8 @@ def _tries(model, tokenizer, draws: list[str], max_new_tokens: int, seed: int, a
 
 def build_training_data(model, tokenizer, vector, coeff: float, draws: list[str], seed: int, max_new_tokens: int,
                         attempts: int, fill: bool, want_pairs: bool = True, want_sft: bool = True,
-                        refuses: Callable[[str], bool] | None = None, filter_pairs: bool = True) -> dict:
+                        refuses: Callable[[str], bool] | None = None, filter_pairs: bool = True,
+                        batch_size: int | None = None) -> dict:
     """{"dpo_pairs": [...], "sft": [...], "stats": {...}} for the prompt draws (either part may be skipped).
 
     The teacher is `model` steered by `vector` at `coeff`; the rejected replies are the unsteered model's. Seeds:
@@ -117,11 +127,13 @@ def build_training_data(model, tokenizer, vector, coeff: float, draws: list[str]
             def teacher_good(r: Reply) -> bool:
                 return r.complete and (not want_pairs or pair_judge is None or pair_judge(r.text))
 
-            chosen_tries, n_teacher = _tries(model, tokenizer, draws, max_new_tokens, seed, attempts, teacher_good)
+            chosen_tries, n_teacher = _tries(model, tokenizer, draws, max_new_tokens, seed, attempts, teacher_good,
+                                             batch_size)
         rejected_tries, n_base = ([], 0)
         if want_pairs:
             rejected_tries, n_base = _tries(model, tokenizer, draws, max_new_tokens, seed + 1, attempts,
-                                            lambda r: r.complete and (pair_judge is None or not pair_judge(r.text)))
+                                            lambda r: r.complete and (pair_judge is None or not pair_judge(r.text)),
+                                            batch_size)
     stats["generated_sequences"] = n_teacher + n_base
     first = [t[0] for t in chosen_tries]
     stats["teacher_first_reply_complete"] = sum(r.complete for r in first)
@@ -148,3 +160,75 @@ def build_training_data(model, tokenizer, vector, coeff: float, draws: list[str]
                      sft_rows_trained=len(out["sft"]),
                      sft_rows_refusing=sum(refuses(r["response"]) for r in rows))
     return out
+
+
+def gpu_draws(prompts: list[str], draws_per_prompt: int, seed: int) -> list[str]:
+    """Every prompt `draws_per_prompt` times in a seeded order: the GPU recipes' SafeSteer run samples 8 replies of
+    each of its 100 prompts, so its DPO and SFT baselines get one pair / target per such draw."""
+    order = torch.randperm(len(prompts) * draws_per_prompt, generator=torch.Generator().manual_seed(seed)).tolist()
+    repeated = [p for p in prompts for _ in range(draws_per_prompt)]
+    return [repeated[i] for i in order]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m openrlhf_safesteer.compare.pairs`: the DPO pairs and SFT targets of the GPU comparison."""
+    import argparse
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from openrlhf_safesteer.compare.evaluation import JUDGES
+    from openrlhf_safesteer.data import load_prompt_file
+    from openrlhf_safesteer.files import atomic_write_json, atomic_write_text
+
+    p = argparse.ArgumentParser(prog="python -m openrlhf_safesteer.compare.pairs", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--vector", required=True, help="steering-vector folder (`safesteer direction`)")
+    p.add_argument("--prompts", required=True, help="the SafeSteer run's training prompts (JSON / JSONL / text)")
+    p.add_argument("--out", required=True, help="folder for dpo_pairs.jsonl, sft.jsonl, data_stats.json")
+    p.add_argument("--draws-per-prompt", type=int, default=8, help="pairs / targets per prompt (SafeSteer's samples)")
+    p.add_argument("--coeff", type=float, default=1.0, help="the teacher's steering coefficient")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="replies still cut at this length are dropped")
+    p.add_argument("--attempts", type=int, default=2)
+    p.add_argument("--filter", default="refusal", choices=[*JUDGES, "none"], help="the DPO pairs' judge")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="prompts generated at once")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda when there is one")
+    p.add_argument("--dry-run", action="store_true", help="check the files and settings; load and write nothing")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    prompts = load_prompt_file(args.prompts) if Path(args.prompts).is_file() else None
+    if args.dry_run:
+        print(f"pairs: {args.draws_per_prompt} draws of each prompt of {args.prompts} "
+              f"({'found' if prompts else 'made by the SafeSteer stage'}), replies up to {args.max_new_tokens} "
+              f"tokens, filter {args.filter}, into {out}; dry run OK")
+        return 0
+    if prompts is None:
+        print(f"error: no prompt file {args.prompts}", file=sys.stderr)
+        return 2
+    if (out / "data_stats.json").is_file():
+        print(f"{out / 'data_stats.json'} exists: kept")
+        return 0
+    from openrlhf_safesteer.loading import load_model
+    from openrlhf_safesteer.steering import SteeringVector
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    draws = gpu_draws(prompts, args.draws_per_prompt, args.seed)
+    start = time.time()
+    made = build_training_data(model, tokenizer, SteeringVector.load(args.vector), args.coeff, draws, args.seed,
+                               args.max_new_tokens, args.attempts, True, True, True,
+                               refuses=None if args.filter == "none" else JUDGES[args.filter],
+                               filter_pairs=args.filter != "none", batch_size=args.batch_size)
+    for name, part in (("dpo_pairs.jsonl", "dpo_pairs"), ("sft.jsonl", "sft")):
+        atomic_write_text(out / name, "".join(json.dumps(r) + "\n" for r in made[part]))
+    atomic_write_json(out / "data_stats.json", {**made["stats"], "seconds": round(time.time() - start, 1)})
+    print(json.dumps(made["stats"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
