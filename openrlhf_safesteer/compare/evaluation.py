@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 from openrlhf_safesteer import data
 from openrlhf_safesteer.compare.frontier_stats import encode_bits
-from openrlhf_safesteer.demo.evaluate import EvalSets, evaluate
+from openrlhf_safesteer.demo.evaluate import EvalSets
 from openrlhf_safesteer.eval.string_judges import arditi_refuses, jbb_refuses, xstest_refuses
 from openrlhf_safesteer.refusal import is_refusal
 
@@ -74,16 +74,47 @@ def judge_samples(samples: dict) -> dict:
             "empty": {name: sum(not s["reply"].strip() for s in samples[name]) for name in verdicts}}
 
 
-def evaluate_judged(model, tokenizer, sets: EvalSets, reply_tokens: int = 64, progress: bool = False) -> dict:
-    """Greedy replies of `reply_tokens` tokens to every set (the demo's `evaluate`), judged by all four judges.
-    Returns {"verdicts", "general", "empty", "scores" (mean refusal score per set), "evaluation" (evaluate's
-    full output with the replies), "seconds"}."""
+def evaluate_judged(model, tokenizer, sets: EvalSets, reply_tokens: int = 64, batch_size: int = 96,
+                    general_tokens: int = 6, progress: bool = False) -> dict:
+    """Greedy replies of `reply_tokens` tokens to every refusal set (one batched pass over all of them, rows batched
+    by prompt length), judged by all four judges; general answers as the demo reads them (`data.answer_matches` on
+    `general_tokens` tokens); each prompt's refusal score (docs/METHOD.md section 1) from one prefill forward.
+
+    The demo's `evaluate` reads the scores from the first generation step and keeps every step's logits to do so
+    (64 steps x rows x vocabulary floats: 1.9 GB at 50 rows, about a fifth of the 64-token evaluation's time);
+    here the replies are generated without logits, so batches can be larger. Same greedy replies (greedy rows do
+    not depend on their batch mates: chat._generate).
+    Returns {"verdicts", "general", "empty", "scores" (mean per set), "evaluation" (samples with replies, per-prompt
+    scores and general answers, in the demo's layout), "seconds"}."""
+    import time
+
+    from openrlhf_safesteer.chat import generate
+    from openrlhf_safesteer.directions import refusal_score
+
     if reply_tokens < 64:
         raise ValueError(f"replies are judged at >= 64 tokens (a 12-token reply cannot tell a refusal from 'I'm "
                          f"sorry, but here is how...'), got {reply_tokens}")
-    ev = evaluate(model, tokenizer, sets, reply_tokens, progress=progress)
-    out = judge_samples(ev["samples"])
-    out["scores"] = {name: ev[f"{name}_refusal_score"] for name in REFUSAL_SETS if f"{name}_refusal_score" in ev}
-    out["evaluation"] = ev
-    out["seconds"] = round(ev["seconds"], 1)
+    start = time.time()
+    was_training = model.training
+    model.eval()
+    names = [n for n in REFUSAL_SETS if getattr(sets, n)]
+    prompts = [p for n in names for p in getattr(sets, n)]
+    replies = generate(model, tokenizer, prompts, reply_tokens, batch_size, progress=progress)
+    scores = refusal_score(model, tokenizer, prompts, batch_size=batch_size).tolist()
+    questions = [q["question"] for q in sets.general]
+    answers = generate(model, tokenizer, questions, general_tokens, batch_size, progress=progress)
+    model.train(was_training)
+    samples: dict = {}
+    at = 0
+    for name in names:
+        part = getattr(sets, name)
+        samples[name] = [{"prompt": p, "reply": r, "score": sc}
+                         for p, r, sc in zip(part, replies[at:at + len(part)], scores[at:at + len(part)])]
+        at += len(part)
+    samples["general"] = [{"question": q["question"], "reply": a, "correct": data.answer_matches(a, q["answers"])}
+                          for q, a in zip(sets.general, answers)]
+    out = judge_samples(samples)
+    out["scores"] = {name: sum(s["score"] for s in samples[name]) / len(samples[name]) for name in names}
+    out["seconds"] = round(time.time() - start, 1)
+    out["evaluation"] = {"samples": samples, "reply_tokens": reply_tokens, "seconds": out["seconds"]}
     return out

@@ -74,6 +74,8 @@ DEFAULT_SPEC: dict = {
     "headline_judge": "xstest_strmatch",
     "matched_rises": [3.0, 10.0],
     "reply_tokens": 64,
+    "eval_batch_size": 96,       # rows generated at once in the evaluation (no logits kept: compare.evaluation)
+    "threads": None,             # torch threads of the evaluation (None: torch's choice; 1 on a shared machine)
     "references": {"teacher": True, "ablation": True, "plugin": True},
     "ppo_samples_per_prompt": 4,
     "pair_max_new_tokens": 256,
@@ -376,9 +378,9 @@ def evaluate_reference(run: Run, spec: dict, out: Path, model_dir: str, vector: 
         cfg = compare_config(spec, run, out, model_dir)
         coeff = cfg.demo.teacher_coeff or cfg.demo.coeff
         with steer(model, SteeringVector.load(vector), coeff):
-            judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"])
+            judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"], spec["eval_batch_size"])
     else:
-        judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"])
+        judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"], spec["eval_batch_size"])
     del model
     gc.collect()
     folder = out / "runs" / run.folder
@@ -443,7 +445,7 @@ def execute_run(run: Run, spec: dict, out: Path, model_dir: str, vector: Path, t
         model, tokenizer = load_model(str(final), dtype=torch.bfloat16, device=spec["device"] or "cuda")
     else:
         model, tokenizer = load_trained(model_dir, final)
-    judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"])
+    judged = evaluate_judged(model, tokenizer, sets, spec["reply_tokens"], spec["eval_batch_size"])
     del model
     gc.collect()
     atomic_write_json(folder / "eval.json", judged["evaluation"], indent=None)
@@ -604,6 +606,10 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
     validate_spec(spec)
     model_dir = resolve_model(spec["model"] or DEFAULT_MODEL)
     prepare_out(spec, out)
+    if spec["threads"]:
+        import torch
+
+        torch.set_num_threads(int(spec["threads"]))
     rows = load_rows(out)
     trained = 0
     status: dict = {"done": 0, "left": 0, "stopped": None}
