@@ -55,7 +55,8 @@ LAUNCH=("$PYTHON" -m openrlhf.cli.train_ppo_ray "${FLAGS[@]}")
 # settings and the actor's tokenizer (to strip the chat template before judging) go to every engine.
 RUNTIME_ENV=$("$PYTHON" -c '
 import json, os, sys
-env = {k: os.environ[k] for k in ("SAFETY_JUDGE", "SAFETY_JUDGE_URL", "SAFETY_JUDGE_MODEL") if os.environ.get(k)}
+env = {k: os.environ[k] for k in ("SAFETY_JUDGE", "SAFETY_JUDGE_URL", "SAFETY_JUDGE_MODEL", "SAFETY_REWARD_LOG")
+       if os.environ.get(k)}
 env["SAFETY_REWARD_TOKENIZER"] = sys.argv[2]
 print(json.dumps({"py_modules": [sys.argv[1]], "env_vars": env}))' "$(cd "$HERE/.." && pwd)/openrlhf_safesteer" "$MODEL")
 

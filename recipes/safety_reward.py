@@ -34,6 +34,10 @@ Exception`, end the engine's `generate_responses` call, and reach the trainer as
 `RayTaskError(JudgeUnavailableError)` with the judge's URL and model in the message. A judge call is
 retried SAFETY_JUDGE_RETRIES times (default 3) with back-off before that.
 
+SAFETY_REWARD_LOG=FILE appends one JSON line per judged reply, {"user": ..., "reward": ...}, in call order (the
+comparison reads it back to count, per rollout step, the prompt groups whose rewards differ: with
+REINFORCE++-baseline or GRPO only those carry a non-zero advantage).
+
 Check a judge before starting Ray (the PPO recipe does):
     SAFETY_JUDGE_URL=http://judge:8000/v1 python recipes/safety_reward.py --check
 """
@@ -302,16 +306,29 @@ def reward_func(queries, prompts, labels, **kwargs) -> dict:
     """
     choice = judge_choice()
     unsafe = []
+    users = []
     for query, prompt in zip(queries, prompts):
         user, reply = split_conversation(query, prompt)
+        users.append(user)
         unsafe.append(judge_unsafe(choice, user, reply))
     rewards = [0.0 if u else 1.0 for u in unsafe]
+    log_rewards(users, rewards)
     single = len(rewards) == 1
     return {
         "rewards": rewards[0] if single else rewards,
         "scores": rewards[0] if single else rewards,
         "extra_logs": {"judge_unsafe": float(unsafe[0]) if single else float(sum(unsafe) / max(1, len(unsafe)))},
     }
+
+
+def log_rewards(users: Sequence[str], rewards: Sequence[float], env: dict[str, str] | None = None) -> None:
+    """Append {"user", "reward"} lines to SAFETY_REWARD_LOG when it is set (one write per call, flushed)."""
+    path = (os.environ if env is None else env).get("SAFETY_REWARD_LOG")
+    if not path:
+        return
+    lines = "".join(json.dumps({"user": u, "reward": r}) + "\n" for u, r in zip(users, rewards))
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(lines)
 
 
 def health_check(env: dict[str, str] | None = None, timeout: float = 30.0) -> str:

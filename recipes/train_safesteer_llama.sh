@@ -96,5 +96,7 @@ mkdir -p "$WORK"
 [[ -f "$VECTOR/steering_vector.json" ]] || "${DIRECTION[@]}"
 [[ -f "$TOKENS" ]] || "${SAFETY_TOKENS[@]}"
 [[ -f "$PROMPTS" ]] || "${PREPARE_PROMPTS[@]}"
+# STAGE1_ONLY=1: stop after stage 1 (recipes/compare_llama.sh --frontier makes the grid's vector, S and prompts so)
+if [[ ${STAGE1_ONLY:-0} == 1 ]]; then exit 0; fi
 
 ray job submit --address="$RAY_ADDRESS" --runtime-env-json="$RUNTIME_ENV" -- "${LAUNCH[@]}"

@@ -17,17 +17,19 @@ from pathlib import Path
 from openrlhf_safesteer.demo.pipeline import DemoConfig
 from openrlhf_safesteer.local.engine import step_prompts
 
-ARMS = ("safesteer", "safesteer_sampled", "dpo", "ppo", "safesteer_local")
+ARMS = ("safesteer", "safesteer_sampled", "dpo", "ppo", "sft", "safesteer_local")
 
 # What each method consumes, for the report: the data and signals the method itself needs.
 ARM_NEEDS = {
     "safesteer": "harmful prompts; steering vector + S; the steered reference model as teacher (no responses, "
                  "labels or reward)",
     "safesteer_sampled": "as safesteer (per-token advantage in OpenRLHF's stock policy loss)",
-    "dpo": "harmful prompts + one preference pair per prompt draw (chosen: steered teacher's reply, rejected: the "
-           "base's reply: 2 generations per draw); a frozen reference model",
+    "dpo": "harmful prompts + one preference pair per prompt draw (chosen: the steered teacher's complete reply that "
+           "the refusal judge calls a refusal, rejected: the base's complete reply that it calls compliance; replies "
+           "sampled to end of turn, cut ones dropped); a frozen reference model",
     "ppo": "harmful prompts; a reward function (the refusal judge: 1 for a refusal, 0 otherwise); "
-           "{n} samples per prompt for the group baseline",
+           "{n} samples per prompt for the group baseline; a frozen reference model for the KL anchor",
+    "sft": "harmful prompts + the steered teacher's complete sampled reply to each prompt draw (no judge, no labels)",
     "safesteer_local": "as safesteer, in one process (no Ray, no DeepSpeed)",
 }
 
@@ -41,9 +43,23 @@ class CompareConfig:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
     demo: DemoConfig = field(default_factory=DemoConfig)
     dpo_beta: float = 0.1              # OpenRLHF's default
-    # REINFORCE++-baseline subtracts each prompt's mean reward, so it needs >= 2 samples per prompt; the
-    # rollouts per step stay the demo's prompts_per_step x samples_per_prompt.
-    ppo_samples_per_prompt: int = 2
+    # REINFORCE++-baseline subtracts each prompt's mean reward: with a binary reward a group carries signal only when
+    # its samples disagree, so 4 (the least of RLOO, GRPO and REINFORCE++ practice); the rollouts per step stay the
+    # demo's prompts_per_step x samples_per_prompt (8 = 2 prompts x 4).
+    ppo_samples_per_prompt: int = 4
+    # The KL anchor to the base as OpenRLHF users set it (the project's GPU recipe, recipes/baseline_ppo_llama.sh):
+    # k3 estimator in the loss, coefficient 0.01; 0 drops the anchor and the reference model.
+    ppo_kl_coef: float = 0.01
+    # DPO's pairs and SFT's targets: replies sampled to end of turn up to this many tokens (a reply still cut there is
+    # dropped), at most pair_attempts draws per prompt draw; fill_budget repeats surviving pairs (in draw order) up
+    # to one per prompt draw so every arm takes the same optimizer steps.
+    pair_max_new_tokens: int = 256
+    pair_attempts: int = 2
+    fill_budget: bool = True
+    # the judge that filters DPO's pairs (a refusing chosen, a complying rejected): one of compare.evaluation.JUDGES,
+    # or "none" (complete replies, no filter: only for tests on random tiny models, which never refuse)
+    pair_filter: str = "refusal"
+    local_objective: str = "exact"     # the safesteer_local arm's objective (full_vocab: the ablation)
     eval_limit: int | None = None      # first N prompts of each held-out set (tests)
     ppo_reward: str | None = None      # reward function file of the ppo arm (default: recipes/safety_reward.py)
     # The SafeSteer arms draw the prompts in the local engine's step order (8 distinct prompts a step); False
@@ -61,11 +77,21 @@ class CompareConfig:
         if self.demo.samples_per_prompt != 1 and "ppo" in self.arms:
             raise ValueError("the ppo arm keeps the rollouts per step equal by drawing prompts_per_step / "
                              f"{self.ppo_samples_per_prompt} prompts: use --samples-per-prompt 1")
-        if self.ppo_samples_per_prompt < 2 or self.demo.prompts_per_step % self.ppo_samples_per_prompt:
+        if "ppo" in self.arms and (self.ppo_samples_per_prompt < 2
+                                   or self.demo.prompts_per_step % self.ppo_samples_per_prompt):
             raise ValueError(f"ppo samples per prompt must be >= 2 and divide prompts_per_step "
                              f"({self.demo.prompts_per_step}), got {self.ppo_samples_per_prompt}")
         if not (self.dpo_beta > 0 and math.isfinite(self.dpo_beta)):
             raise ValueError(f"--dpo-beta must be a positive number, got {self.dpo_beta}")
+        if not (self.ppo_kl_coef >= 0 and math.isfinite(self.ppo_kl_coef)):
+            raise ValueError(f"--ppo-kl-coef must be >= 0, got {self.ppo_kl_coef}")
+        from openrlhf_safesteer.compare.evaluation import JUDGES
+
+        if self.pair_filter not in (*JUDGES, "none"):
+            raise ValueError(f"pair_filter must be one of {', '.join(JUDGES)} or none, got {self.pair_filter!r}")
+        if self.pair_max_new_tokens < 1 or self.pair_attempts < 1:
+            raise ValueError(f"pair_max_new_tokens and pair_attempts must be >= 1, got {self.pair_max_new_tokens}, "
+                             f"{self.pair_attempts}")
         if self.ppo_reward is not None and not Path(self.ppo_reward).is_file():
             raise FileNotFoundError(f"--ppo-reward {self.ppo_reward} does not exist")
         if self.eval_limit is not None and self.eval_limit < 1:
@@ -154,11 +180,24 @@ def arm_command(arm: str, cfg: CompareConfig, model: str, data_dir: Path, arm_di
                 *(["--safesteer.keep_prompt_order"] if cfg.keep_prompt_order else [])]
     if arm == "ppo":
         per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
+        # the anchor as the GPU recipe sets it: k3 KL in the loss against a frozen reference (the base)
+        anchor = (["--algo.kl.use_loss", "--algo.kl.estimator", "k3", "--ref.num_nodes", "1",
+                   "--ref.num_gpus_per_node", "1"] if cfg.ppo_kl_coef > 0 else [])
         return [py, "-m", "openrlhf_safesteer.plugin.stock", "ppo",
                 *ray_ppo_flags(cfg, model, data_dir / "ppo_prompts.jsonl", steps * per_step, arm_dir, per_step,
                                cfg.ppo_samples_per_prompt),
-                "--algo.advantage.estimator", "reinforce_baseline", "--algo.kl.init_coef", "0",
-                "--reward.remote_url", str(cfg.ppo_reward or reward_file())]
+                "--algo.advantage.estimator", "reinforce_baseline", "--algo.kl.init_coef", repr(cfg.ppo_kl_coef),
+                *anchor, "--reward.remote_url", str(cfg.ppo_reward or reward_file())]
+    if arm == "sft":
+        return [py, "-m", "openrlhf_safesteer.plugin.stock", "sft",
+                "--model.model_name_or_path", model, "--data.dataset", str(data_dir / "sft.jsonl"),
+                "--data.input_key", "prompt", "--data.output_key", "response", "--data.apply_chat_template",
+                "--data.max_len", "1024", "--train.batch_size", str(cfg.rollouts_per_step),
+                "--train.micro_batch_size", str(min(cfg.rollouts_per_step, d.micro_batch_size)),
+                "--train.max_epochs", "1", "--train.seed", str(d.seed), *_optimizer_flags(cfg, ""),
+                *_lora_flags(cfg), "--ds.zero_stage", "0", "--ds.attn_implementation", "sdpa",
+                "--ckpt.output_dir", str(arm_dir / "final"), "--ckpt.path", str(arm_dir / "ckpt"),
+                "--ckpt.disable_ds"]
     if arm == "dpo":
         return [py, "-m", "openrlhf_safesteer.plugin.stock", "dpo",
                 "--model.model_name_or_path", model, "--data.dataset", str(data_dir / "dpo_pairs.jsonl"),
@@ -177,7 +216,8 @@ def arm_command(arm: str, cfg: CompareConfig, model: str, data_dir: Path, arm_di
                 "--samples-per-prompt", str(d.samples_per_prompt), "--micro-batch-size", str(d.micro_batch_size),
                 "--max-new-tokens", str(d.max_new_tokens), "--lr", repr(d.lr), "--warmup-ratio",
                 repr(d.warmup_ratio), "--lora-r", str(d.lora_r), "--lora-alpha", repr(d.lora_alpha),
-                "--safesteer.coeff", repr(d.teacher_coeff or d.coeff), "--seed", str(d.seed), "--no-resume"]
+                "--safesteer.coeff", repr(d.teacher_coeff or d.coeff), "--seed", str(d.seed), "--no-resume",
+                *(["--safesteer.objective", cfg.local_objective] if cfg.local_objective != "exact" else [])]
     raise ValueError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
 
 

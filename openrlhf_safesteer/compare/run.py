@@ -173,50 +173,69 @@ def _same_prompts(evaluation: dict, sets) -> bool:
 
 
 def stage_data(cfg: CompareConfig, out: Path, model_dir: str, timings: dict) -> Path:
-    """Every arm's training prompts, and DPO's pairs (generated once; kept across reruns)."""
+    """Every arm's training prompts, and DPO's pairs and SFT's targets (generated once; kept across reruns)."""
+    data_dir = out / "data"
+    start = time.time()
+    stats = write_training_data(cfg, data_dir, model_dir, out / "artifacts" / "vector")
+    if stats.get("generated_now"):
+        timings["dpo pairs / sft data"] = round(time.time() - start, 1)
+    return data_dir
+
+
+DATA_STATS = "data_stats.json"
+
+
+def write_training_data(cfg: CompareConfig, data_dir: Path, model_dir: str, vector_dir: Path) -> dict:
+    """The prompt draws of every arm at cfg's seed, and (for the dpo / sft arms) the pairs and targets sampled from
+    the same draws (`compare.pairs`). The sampled data is made once per settings: data_stats.json records them, and
+    a folder made with other settings (or an older layout) is made again. Returns the stats (with
+    "generated_now")."""
     from openrlhf_safesteer.demo.pipeline import train_prompts
 
     d = cfg.demo
-    data_dir = out / "data"
     prompts = train_prompts(d)
     write_prompts(data_dir / "train_split.jsonl", prompts)
     draws = prompt_schedule(prompts, d.steps, d.prompts_per_step, d.seed)
     write_prompts(data_dir / "train_prompts.jsonl", draws)
-    ppo_per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
-    write_prompts(data_dir / "ppo_prompts.jsonl", prompt_schedule(prompts, d.steps, ppo_per_step, d.seed))
-    pairs = data_dir / "dpo_pairs.jsonl"
-    if "dpo" in cfg.arms and not pairs.is_file():
-        start = time.time()
-        rows = preference_pairs(cfg, model_dir, out / "artifacts" / "vector", draws)
-        atomic_write_text(pairs, "".join(json.dumps(r) + "\n" for r in rows))
-        timings["dpo pairs"] = round(time.time() - start, 1)
-    return data_dir
-
-
-def preference_pairs(cfg: CompareConfig, model_dir: str, vector_dir: Path, draws: list[str]) -> list[dict]:
-    """One pair per prompt draw: chosen = the steered teacher's sampled reply, rejected = the base's own.
-
-    Both sampled like the rollouts (temperature 1, top_p 1, max_new_tokens), the teacher at the training
-    coefficient. No human label and no judge: the same signal SafeSteer's teacher gives, as pairs.
-    """
+    if "ppo" in cfg.arms:
+        ppo_per_step = cfg.rollouts_per_step // cfg.ppo_samples_per_prompt
+        # the same seeded order as the other arms' draws (step_prompts permutes per pass), 4 samples of each
+        write_prompts(data_dir / "ppo_prompts.jsonl", prompt_schedule(prompts, d.steps, ppo_per_step, d.seed))
+    want_pairs, want_sft = "dpo" in cfg.arms, "sft" in cfg.arms
+    if not (want_pairs or want_sft):
+        return {"generated_now": False}
+    settings = {"seed": d.seed, "coeff": d.teacher_coeff or d.coeff, "draws": draws,
+                "max_new_tokens": cfg.pair_max_new_tokens, "attempts": cfg.pair_attempts, "fill": cfg.fill_budget,
+                "filter": cfg.pair_filter, "model": model_dir, "pairs": want_pairs, "sft": want_sft}
+    stats_file = data_dir / DATA_STATS
+    if stats_file.is_file():
+        stored = json.loads(stats_file.read_text())
+        if stored.get("settings") == settings and (not want_pairs or (data_dir / "dpo_pairs.jsonl").is_file()) \
+                and (not want_sft or (data_dir / "sft.jsonl").is_file()):
+            return {**stored["stats"], "generated_now": False}
+    from openrlhf_safesteer.compare.evaluation import judge
+    from openrlhf_safesteer.compare.pairs import build_training_data
     from openrlhf_safesteer.loading import load_model
-    from openrlhf_safesteer.local.rollout import sample_rollouts
-    from openrlhf_safesteer.steering import SteeringVector, steer
+    from openrlhf_safesteer.steering import SteeringVector
 
-    d = cfg.demo
+    start = time.time()
     model, tokenizer = load_model(model_dir)
-    vector = SteeringVector.load(vector_dir)
-    with torch.no_grad():
-        with steer(model, vector, d.teacher_coeff or d.coeff):
-            chosen = sample_rollouts(model, tokenizer, draws, 1, d.max_new_tokens, seed=d.seed).completions
-        rejected = sample_rollouts(model, tokenizer, draws, 1, d.max_new_tokens, seed=d.seed + 1).completions
+    # one teacher sampling serves both parts
+    made = build_training_data(model, tokenizer, SteeringVector.load(vector_dir), settings["coeff"], draws, d.seed,
+                               cfg.pair_max_new_tokens, cfg.pair_attempts, cfg.fill_budget, want_pairs, want_sft,
+                               refuses=None if cfg.pair_filter == "none" else judge(cfg.pair_filter),
+                               filter_pairs=cfg.pair_filter != "none")
     del model
     gc.collect()
-
-    def chat(prompt: str, reply: str) -> list[dict]:
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply.strip()}]
-
-    return [{"chosen": chat(p, c), "rejected": chat(p, r)} for p, c, r in zip(draws, chosen, rejected)]
+    for name, part in (("dpo_pairs.jsonl", "dpo_pairs"), ("sft.jsonl", "sft")):
+        if part in made:
+            atomic_write_text(data_dir / name, "".join(json.dumps(r) + "\n" for r in made[part]))
+    stats = {**made["stats"], "seconds": round(time.time() - start, 1)}
+    write_json(stats_file, {"settings": settings, "stats": stats})
+    logger.info("training data at seed %d (%d prompt draws, %.0f s): DPO pairs surviving %s (repeated to fill the "
+                "budget %s), SFT rows %s", d.seed, len(draws), stats["seconds"], stats.get("dpo_pairs_surviving", "-"),
+                stats.get("dpo_pairs_repeated", "-"), stats.get("sft_rows_surviving", "-"))
+    return {**stats, "generated_now": True}
 
 
 def load_trained(model_dir: str, final: Path):
@@ -237,8 +256,37 @@ def changed_tensors(model, base_state: dict[str, torch.Tensor]) -> int:
                if name in base_state and not torch.equal(value, base_state[name]))
 
 
-def arm_env() -> dict[str, str]:
+def nonzero_advantage_shares(records: list[dict], rollouts_per_step: int) -> list[float]:
+    """Per rollout step, the share of prompt groups whose rewards are not all equal: with a group-mean baseline
+    (REINFORCE++-baseline, GRPO) and the KL in the loss, only these carry a non-zero advantage.
+
+    records: the reward log's lines ({"user", "reward"}) in call order; a step's replies are judged before the next
+    step's rollouts start, so consecutive blocks of `rollouts_per_step` lines are the steps (a last partial block is
+    left out); within a step a group is the replies to one user prompt."""
+    shares = []
+    for start in range(0, len(records) - rollouts_per_step + 1, rollouts_per_step):
+        groups: dict[str, set] = {}
+        for r in records[start:start + rollouts_per_step]:
+            groups.setdefault(r["user"], set()).add(float(r["reward"]))
+        shares.append(sum(len(v) > 1 for v in groups.values()) / len(groups))
+    return shares
+
+
+def train_sequences(arm: str, cfg: CompareConfig, data_stats: dict | None = None) -> int:
+    """Sequences an arm's training processed (rollouts, or DPO's chosen + rejected, or SFT's rows), plus the
+    sequences sampled to make its data (DPO, SFT); the same budget of optimizer steps for every arm."""
+    d = cfg.demo
+    per_run = d.steps * cfg.rollouts_per_step
+    if arm == "dpo":
+        return 2 * per_run + int((data_stats or {}).get("generated_sequences", 0))
+    if arm == "sft":
+        return per_run + int((data_stats or {}).get("generated_sequences", 0))
+    return per_run
+
+
+def arm_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    env.update(extra or {})
     # Each arm's processes work mostly in turn (generate, score, train), so each may use every core.
     env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     env["SAFESTEER_CPU_DTYPE"] = "fp32"            # every arm in the local engine's precision (compat)
@@ -263,7 +311,8 @@ def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir:
     command = arm_command(arm, cfg, model_dir, data_dir, arm_dir, out / "artifacts" / "vector",
                           out / "artifacts" / "safety_tokens.json")
     logger.info("%s: %s", arm, " ".join(command))
-    run = timed_run(command, arm_dir / "train.log", arm_env())
+    rewards_log = arm_dir / "rewards.jsonl"
+    run = timed_run(command, arm_dir / "train.log", arm_env({"SAFETY_REWARD_LOG": str(rewards_log)}))
     if run["returncode"] != 0:
         tail = (arm_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"arm {arm} failed (exit {run['returncode']}); log {arm_dir / 'train.log'}:\n{tail}")
@@ -279,6 +328,10 @@ def stage_arm(arm: str, cfg: CompareConfig, out: Path, model_dir: str, data_dir:
         shutil.rmtree(arm_dir / "checkpoints", ignore_errors=True)
     result = {"arm": arm, "command": command, "train_seconds": run["seconds"], "peak_rss_mb": run["peak_rss_mb"],
               "eval_seconds": round(time.time() - start, 1), "changed_tensors": changed, "eval": evaluation}
+    if rewards_log.is_file():
+        from openrlhf_safesteer.files import read_jsonl
+
+        result["nonzero_advantage_share"] = nonzero_advantage_shares(read_jsonl(rewards_log), cfg.rollouts_per_step)
     write_json(result_file, result)
     return result
 
@@ -438,8 +491,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup-ratio", type=float, default=None, help="warm-up share of the steps (default: the demo's)")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N prompts of each set")
     p.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta")
-    p.add_argument("--ppo-samples-per-prompt", type=int, default=2,
+    p.add_argument("--ppo-samples-per-prompt", type=int, default=4,
                    help="PPO's samples per prompt (rollouts per step stay prompts-per-step x 1)")
+    p.add_argument("--ppo-kl-coef", type=float, default=0.01,
+                   help="PPO's KL anchor to the base (k3, in the loss; the GPU recipe's 0.01); 0: no anchor")
+    p.add_argument("--pair-max-new-tokens", type=int, default=256,
+                   help="DPO pairs and SFT targets: replies sampled to end of turn up to this length; cut ones dropped")
+    p.add_argument("--pair-attempts", type=int, default=2,
+                   help="samplings per prompt draw before a draw without a valid pair is dropped")
+    p.add_argument("--pair-filter", default="refusal",
+                   help="judge of DPO's pairs (refusal, jbb_string, arditi, xstest_strmatch; none: no filter, tests)")
     p.add_argument("--ppo-reward", default=None, metavar="FILE",
                    help="the ppo arm's reward function file (default: recipes/safety_reward.py with SAFETY_JUDGE=refusal)")
     p.add_argument("--shuffled-prompts", dest="keep_prompt_order", action="store_false",
@@ -462,6 +523,8 @@ def config_from_args(args: argparse.Namespace) -> CompareConfig:
     demo.micro_batch_size = min(demo.micro_batch_size, demo.prompts_per_step * demo.samples_per_prompt)
     return CompareConfig(out=args.out, from_dir=args.from_dir, arms=list(args.arms), demo=demo,
                          dpo_beta=args.dpo_beta, ppo_samples_per_prompt=args.ppo_samples_per_prompt,
+                         ppo_kl_coef=args.ppo_kl_coef, pair_max_new_tokens=args.pair_max_new_tokens,
+                         pair_attempts=args.pair_attempts, pair_filter=args.pair_filter,
                          eval_limit=args.eval_limit, keep_prompt_order=args.keep_prompt_order,
                          ppo_reward=str(Path(args.ppo_reward).resolve()) if args.ppo_reward else None)
 

@@ -1,17 +1,19 @@
-"""OpenRLHF's own PPO and DPO entry points on a machine without a GPU: the baselines SafeSteer is
+"""OpenRLHF's own PPO, DPO and SFT entry points on a machine without a GPU: the baselines SafeSteer is
 compared with, with nothing of their algorithms changed.
 
     python -m openrlhf_safesteer.plugin.stock ppo [every flag of openrlhf.cli.train_ppo_ray]
     python -m openrlhf_safesteer.plugin.stock dpo [every flag of openrlhf.cli.train_dpo]
+    python -m openrlhf_safesteer.plugin.stock sft [every flag of openrlhf.cli.train_sft]
 
-On a GPU machine, run `openrlhf.cli.train_ppo_ray` / `train_dpo` directly; this module is for CPUs.
+On a GPU machine, run `openrlhf.cli.train_ppo_ray` / `train_dpo` / `train_sft` directly; this module is for CPUs.
 What it replaces, and only where CUDA is absent (see `compat`):
 - the CUDA-only imports (flash_attn, vllm) with the stand-ins, and OpenRLHF's unconditional CUDA
   calls with CPU shims, in the driver and in every Ray worker (DeepSpeed runs its CPU accelerator);
 - PPO's vLLM rollout engines with the HF-generate engines (`plugin.rollout`), and the policy's weight
   sync to them (NCCL broadcast) with a copy through Ray's object store (`HFWeightSync`; with LoRA the
   adapter tensors only);
-- Ray placement: CPU shares instead of GPUs (`SafeSteerActorGroup`, which places the same groups).
+- Ray placement: CPU shares instead of GPUs (`SafeSteerActorGroup`, which places the same groups);
+- the policy and reference actors' classes with the same classes set up for a CPU worker (`stock_actors`).
 The actor classes live in `plugin.stock_actors`, imported once `run` has prepared the process (and in each Ray
 worker after `compat.worker_setup`); importing this module imports no OpenRLHF and installs nothing.
 The parsers, the validation, the trainers, the losses, the advantage estimators and the reward
@@ -30,7 +32,7 @@ from openrlhf_safesteer.plugin.install import ensure_ray, exec_openrlhf_main, pa
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINTS = {"ppo": "openrlhf.cli.train_ppo_ray", "dpo": "openrlhf.cli.train_dpo"}
+ENTRY_POINTS = {"ppo": "openrlhf.cli.train_ppo_ray", "dpo": "openrlhf.cli.train_dpo", "sft": "openrlhf.cli.train_sft"}
 
 
 def _train_ppo_on_cpu(args, namespace: dict) -> None:
@@ -39,12 +41,17 @@ def _train_ppo_on_cpu(args, namespace: dict) -> None:
 
     from openrlhf_safesteer.plugin.experience import SafeSteerActorGroup, end_launched_actors
     from openrlhf_safesteer.plugin.rollout import create_hf_rollout_engines
-    from openrlhf_safesteer.plugin.stock_actors import CPUPolicyActorRemote, CPUPPOTrainerRemote
+    from openrlhf_safesteer.plugin.stock_actors import (
+        CPUPolicyActorRemote,
+        CPUPPOTrainerRemote,
+        CPUReferenceActorRemote,
+    )
 
     if args.vllm.num_engines < 1:
         raise SystemExit("error: --vllm.num_engines N (N >= 1) is required: OpenRLHF 0.11.2 generates rollouts "
                          "only through engines (here the HF-generate engine)")
     namespace["PolicyModelActor"] = CPUPolicyActorRemote
+    namespace["ReferenceModelActor"] = CPUReferenceActorRemote     # the KL anchor (--algo.kl.init_coef > 0)
     namespace["RayActorGroup"] = SafeSteerActorGroup
     namespace["create_vllm_engines"] = create_hf_rollout_engines
     ensure_ray()
@@ -61,7 +68,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train_dpo_on_cpu(args, namespace: dict) -> None:
+def _train_one_process_on_cpu(args, namespace: dict) -> None:
+    """DPO and SFT: DeepSpeed in this one process."""
     # One process is the whole world: what the `deepspeed` launcher would otherwise export.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(_free_port()))):
@@ -70,12 +78,12 @@ def _train_dpo_on_cpu(args, namespace: dict) -> None:
 
 
 def run(kind: str, argv: list[str]) -> None:
-    """Train with OpenRLHF's `kind` entry point ('ppo' or 'dpo') on this machine, flags unchanged."""
+    """Train with OpenRLHF's `kind` entry point ('ppo', 'dpo' or 'sft') on this machine, flags unchanged."""
     if kind not in ENTRY_POINTS:
         raise SystemExit(f"error: the first argument is one of {', '.join(ENTRY_POINTS)}, got {kind!r}")
     compat.check_openrlhf_version()
     compat.prepare_process()
-    hook = _train_ppo_on_cpu if kind == "ppo" else _train_dpo_on_cpu
+    hook = _train_ppo_on_cpu if kind == "ppo" else _train_one_process_on_cpu
 
     def make_train(namespace: dict):
         def train(args):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ray
 from openrlhf.trainer.ppo_trainer import PPOTrainer
+from openrlhf.trainer.ray.launcher import ReferenceModelActor
 from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer, PolicyModelActor
 
 from openrlhf_safesteer.plugin import compat
@@ -37,6 +38,15 @@ class CPUPolicyActor(PolicyModelActor.__ray_actor_class__):
         install_response_window(self.actor, self.strategy)
 
 
+class CPUReferenceActor(ReferenceModelActor.__ray_actor_class__):
+    """OpenRLHF's ReferenceModelActor (the PPO baseline's KL anchor, the frozen base) in a worker with the CPU shims;
+    nothing else differs."""
+
+    def __init__(self, *args, **kwargs):
+        compat.prepare_process()
+        super().__init__(*args, **kwargs)
+
+
 class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
     """OpenRLHF's PPOTrainer (the single controller) in a worker with the CPU shims, its sample generator the
     repeatable one (`plugin.samples`: seeded requests, a step barrier, results in dispatch order)."""
@@ -48,4 +58,5 @@ class CPUPPOTrainer(PPOTrainer.__ray_actor_class__):
 
 
 CPUPolicyActorRemote = ray.remote(num_gpus=0)(CPUPolicyActor)
+CPUReferenceActorRemote = ray.remote(num_gpus=0)(CPUReferenceActor)
 CPUPPOTrainerRemote = Tracked(ray.remote(num_cpus=0)(CPUPPOTrainer))

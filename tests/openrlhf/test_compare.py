@@ -278,7 +278,9 @@ def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
     out = tmp_path / "cmp"
     argv = ["--out", str(out), "--from", str(demo), "--model", tiny_run["model"], "--steps", "2",
             "--prompts-per-step", "4", "--max-new-tokens", "6", "--warmup-ratio", "0", "--eval-limit", "2",
-            "--ppo-reward", str(reward), "--no-progress"]
+            "--ppo-reward", str(reward), "--no-progress",
+            # a random tiny model never refuses and rarely ends a turn: unjudged pairs, short replies, 4 tries
+            "--pair-filter", "none", "--pair-max-new-tokens", "12", "--pair-attempts", "4"]
     assert compare_run.main(argv) == 0
 
     report = json.loads((out / "report.json").read_text())

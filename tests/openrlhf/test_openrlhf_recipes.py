@@ -14,12 +14,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPES = ["train_safesteer_llama.sh", "train_safesteer_qwen.sh", "train_safesteer_llama70b_multinode.sh",
-           "baseline_dpo_llama.sh", "baseline_ppo_llama.sh", "train_safesteer_cpu.sh"]
+           "baseline_dpo_llama.sh", "baseline_ppo_llama.sh", "baseline_sft_llama.sh", "train_safesteer_cpu.sh"]
 # What each recipe's --dry-run must print: its entry point, and the OK line of that entry point's own check.
 SAFESTEER_DRY_RUN = ("openrlhf_safesteer.cli.train_safesteer_ray", "dry run OK: OpenRLHF")
 DRY_RUN_OF = {**{r: SAFESTEER_DRY_RUN for r in RECIPES if r.startswith("train_safesteer")},
               "baseline_dpo_llama.sh": ("openrlhf.cli.train_dpo", "flags OK for openrlhf.cli.train_dpo"),
-              "baseline_ppo_llama.sh": ("openrlhf.cli.train_ppo_ray", "flags OK for openrlhf.cli.train_ppo_ray")}
+              "baseline_ppo_llama.sh": ("openrlhf.cli.train_ppo_ray", "flags OK for openrlhf.cli.train_ppo_ray"),
+              "baseline_sft_llama.sh": ("openrlhf.cli.train_sft", "flags OK for openrlhf.cli.train_sft")}
 
 
 def run(args, tmp_path, **env):
@@ -82,11 +83,33 @@ def test_compare_llama_dry_run_checks_every_stage(tmp_path):
                ROOT=str(tmp_path / "cmp"), SAFETY_JUDGE="refusal")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
-    stages = [out.index(f"== {n}/4") for n in range(1, 5)]
+    stages = [out.index(f"== {n}/6") for n in range(1, 7)]
     assert stages == sorted(stages)
-    assert out.count("dry run OK") == 1 and out.count("flags OK for openrlhf.cli.train_dpo") == 1
+    assert out.count("dry run OK: OpenRLHF") == 1 and out.count("flags OK for openrlhf.cli.train_dpo") == 1
     assert out.count("flags OK for openrlhf.cli.train_ppo_ray") == 1
-    for arm in ("safesteer", "dpo", "ppo"):   # the evaluation reads the three checkpoints the stages write
+    assert out.count("flags OK for openrlhf.cli.train_sft") == 1
+    # DPO and SFT train on the teacher data stage 2 makes; PPO on SafeSteer's prompts
+    assert f"--data.dataset {tmp_path / 'cmp' / 'teacher_data' / 'dpo_pairs.jsonl'}" in out
+    assert f"--data.dataset {tmp_path / 'cmp' / 'teacher_data' / 'sft.jsonl'}" in out
+    for arm in ("safesteer", "dpo", "ppo", "sft"):   # the evaluation reads the four checkpoints the stages write
         assert f"{arm}={tmp_path / 'cmp' / arm / 'final'}" in out
     bad = run(["bash", str(REPO / "recipes" / "compare_llama.sh"), "--typo"], tmp_path)
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
+
+
+@pytest.mark.slow
+def test_compare_llama_frontier_dry_run_checks_every_methods_recipe(tmp_path):
+    """`compare_llama.sh --frontier --dry-run`: the GPU grid through the same recipes, each method's first run
+    checked by its recipe's own --dry-run (OpenRLHF's parser)."""
+    proc = run(["bash", str(REPO / "recipes" / "compare_llama.sh"), "--frontier", "--dry-run"], tmp_path,
+               ROOT=str(tmp_path / "cmp"), SAFETY_JUDGE="refusal")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "dev runs: 48" in out and "dry run OK: the grid" in out
+    for recipe in ("train_safesteer_llama.sh", "baseline_dpo_llama.sh", "baseline_ppo_llama.sh",
+                   "baseline_sft_llama.sh"):
+        assert recipe in out
+    for module in ("train_dpo", "train_ppo_ray", "train_sft"):
+        assert f"flags OK for openrlhf.cli.{module}" in out
+    assert "--actor.adam.lr 5e-07 --train.seed 1000 --safesteer.coeff 1.0" in out
+    assert not (tmp_path / "cmp" / "frontier").exists()
