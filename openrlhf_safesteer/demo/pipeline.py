@@ -102,6 +102,7 @@ class DemoConfig:
     retain_margin: float = training("retain_margin")
     retain_grad_ratio: float | None = training("retain_grad_ratio")
     refusal_surgery: bool = training("refusal_surgery")
+    surgery_target: str = training("surgery_target")
     false_refusal_ablation: bool = knob(
         False, "evaluate each trained model with its false-refusal direction ablated (docs/METHOD.md section 8: "
         "borderline-safe minus harmless mean activations at the teacher's layer, orthogonal to the refusal "

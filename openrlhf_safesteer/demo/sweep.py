@@ -97,7 +97,7 @@ SWEEP_KEYS = {
         "lr", "steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "lora_r", "lora_alpha",
         "lora_targets", "lora_layers", "freeze_embeddings", "train_splits", "warmup_ratio", "seed",
         "retain_prompts_per_step", "retain_divergence", "retain_splits", "retain_weight", "retain_margin",
-        "retain_grad_ratio", "refusal_surgery", "false_refusal_ablation")},
+        "retain_grad_ratio", "refusal_surgery", "surgery_target", "false_refusal_ablation")},
     "coeff": _parser(_DEMO_FIELDS["teacher_coeff"]), "tokens": _parser(_DEMO_FIELDS["tokens"]),
     **{name: _parser(_TRAIN_FIELDS[name]) for name in ("objective", "temperature")},
 }

@@ -136,6 +136,10 @@ class TrainConfig:
         "harmful rows' gradient norm (instead of --retain-weight's fixed weight; the hinge's own gradient is ~100x "
         "the harmful loss's on the demo model, and AdamW followed one such step for the rest of the run)",
         check=(lambda v, c: v is None or v > 0, "> 0 (or unset)"))
+    surgery_target: str = knob(
+        "gradient", "refusal_surgery: project the harmful gradient before AdamW (gradient, A-GEM), or AdamW's own "
+        "update after its step (update: AdamW's per-parameter scaling turns a projected gradient into a step that "
+        "still raises the retain prompts' refusal, to first order)", choices=("gradient", "update"))
     refusal_surgery: bool = knob(
         False, "retain_divergence refusal: A-GEM gradient surgery, the harmful gradient loses its component that "
         "would raise the retain prompts' mean first-token refusal log-odds (docs/METHOD.md section 8)")

@@ -250,6 +250,7 @@ class LocalRun:
     sampler: Any = None             # VLLMRollout, or None: HF generate
     refusal_ids: list[int] | None = None    # R, the refusal openers' first tokens (retain_divergence refusal)
     base_refusal: dict[str, float] = dataclasses.field(default_factory=dict)   # the base's s(x) per retain prompt
+    surgery_guard: list[Tensor | None] | None = None   # this step's retain refusal gradient (surgery_target update)
 
 
 def retain_rollouts(cfg: TrainConfig) -> bool:
@@ -358,10 +359,27 @@ def optimizer_step(run: LocalRun, step: int, rollouts: Rollouts) -> tuple[dict[s
     totals["lr"] = run.scheduler.get_last_lr()[0]      # this step's (the schedule moves on below)
     started = time.perf_counter()
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    guard, run.surgery_guard = run.surgery_guard, None
+    before = [p.detach().clone() for p in run.params] if guard is not None else None
     run.optimizer.step()
+    if guard is not None:
+        totals.update(project_update(run.params, before, guard))
     run.scheduler.step()
     totals["optimizer_seconds"] = time.perf_counter() - started
     return totals, grad_norm
+
+
+@torch.no_grad()
+def project_update(params: list[nn.Parameter], before: list[Tensor], guard: list[Tensor | None]) -> dict[str, float]:
+    """Surgery on AdamW's step (surgery_target update): the step d = after - before raises the retain prompts' mean
+    refusal log-odds by about <d, a> (a: their gradient, `guard`); when that is positive the step loses its
+    component along a (`project_conflict` on -d, whose rule is written for descent directions)."""
+    step = [p - b for p, b in zip(params, before)]
+    projected, cos, applied = project_conflict([-d for d in step], guard)
+    if applied:
+        for p, b, d in zip(params, before, projected):
+            p.copy_(b - d)
+    return {"surgery_cos": cos, "surgery_applied": float(applied)}
 
 
 def base_refusal_scores(run: LocalRun, prompts: list[str]) -> Tensor:
@@ -396,11 +414,14 @@ def refusal_retain(run: LocalRun, step: int) -> dict[str, float]:
     if cfg.refusal_surgery:
         guard = torch.autograd.grad(scores.mean(), run.params, allow_unused=True,
                                     retain_graph=cfg.retain_weight > 0 or cfg.retain_grad_ratio is not None)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
-        projected, cos, applied = project_conflict(grads, guard)
-        for p, g in zip(run.params, projected):
-            p.grad = g
-        metrics.update(surgery_cos=cos, surgery_applied=float(applied))
+        if cfg.surgery_target == "update":
+            run.surgery_guard = guard       # optimizer_step projects AdamW's step against it
+        else:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run.params]
+            projected, cos, applied = project_conflict(grads, guard)
+            for p, g in zip(run.params, projected):
+                p.grad = g
+            metrics.update(surgery_cos=cos, surgery_applied=float(applied))
     if cfg.retain_grad_ratio is not None and float(hinge) > 0:
         harmful_norm = grad_norm([p.grad for p in run.params])
         hinge_grads = torch.autograd.grad(hinge, run.params, allow_unused=True)

@@ -264,3 +264,36 @@ def test_weight_orthogonalisation_is_the_ablation_hooks_baked_in(tok, architectu
         torch.testing.assert_close(edited.lm_head.weight, model.lm_head.weight)
     with pytest.raises(ValueError, match="hidden size"):
         orthogonalize_weights(copy.deepcopy(model), torch.ones(16))
+
+
+def test_update_surgery_projects_adamw_step_off_the_refusal_gradient(tok, tmp_path):
+    """surgery_target update: the parameter change of a step has no positive component along the gradient of the
+    retain prompts' mean refusal log-odds taken before it (and equals AdamW's own step when that is negative)."""
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    cfg = _cfg(tmp_path, "u", retain_prompts_per_step=4, retain_divergence="refusal", retain_weight=0.0,
+               refusal_surgery=True, surgery_target="update", max_grad_norm=1e9)
+    run = engine.build_run(model, tok, _vector(model), torch.tensor([5, 6]), HARMFUL, cfg, RETAIN, 3)
+    run.scheduler.step()                      # past the warm-up's zero learning rate
+    prompts = engine.step_prompts(RETAIN, 1, 4, engine.retain_seed(cfg.seed))
+    guard = torch.autograd.grad(first_token_refusal_scores(run.student, tok, prompts, refusal_token_ids(tok)).mean(),
+                                run.params, allow_unused=True)
+    guard = [torch.zeros_like(p) if g is None else g for p, g in zip(run.params, guard)]
+    real_train_step = engine.train_step
+
+    def planted(student, teacher, rollouts, safety_ids, cfg):    # a harmful gradient whose step raises the score
+        for p, g in zip(run.params, guard):
+            p.grad = -g.clone()
+        return {"loss": 0.0}
+
+    before = [p.detach().clone() for p in run.params]
+    engine.train_step = planted
+    try:
+        totals, _ = engine.optimizer_step(run, 1, rollouts=None)
+    finally:
+        engine.train_step = real_train_step
+    step = [p.detach() - b for p, b in zip(run.params, before)]
+    rise = sum(float((d.double() * g.double()).sum()) for d, g in zip(step, guard))
+    assert totals["surgery_applied"] == 1.0
+    assert abs(rise) < 1e-9 + 1e-6 * sum(float(d.abs().sum()) for d in step)
+    assert sum(float(d.abs().sum()) for d in step) > 0                        # the step is not simply undone
+    assert run.surgery_guard is None
