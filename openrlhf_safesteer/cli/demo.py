@@ -21,7 +21,7 @@ FLAGS = ["out", "model", "seed", "layers", "positions", "kl_threshold", "coeff",
          "min_prob", "token_samples", "token_prompts", "k", "objectives", "ablation", "train_splits", "steps", "prompts_per_step",
          "samples_per_prompt", "max_new_tokens", "lr", "lora_r", "lora_alpha", "lora_targets", "lora_layers",
          "freeze_embeddings", "warmup_ratio", "micro_batch_size", "retain_prompts_per_step", "retain_divergence",
-         "retain_splits", "retain_weight", "retain_margin", "retain_grad_ratio", "refusal_surgery", "surgery_target", "false_refusal_ablation", "eval_limit", "refusal_tokens", "teacher_check_prompts", "threads", "vector", "tokens",
+         "retain_splits", "retain_weight", "retain_margin", "retain_grad_ratio", "refusal_surgery", "surgery_target", "selective", "false_refusal_ablation", "eval_limit", "refusal_tokens", "teacher_check_prompts", "threads", "vector", "tokens",
          "cache", "progress"]
 
 

@@ -56,6 +56,14 @@ def training(name: str, help: str | None = None):
     return knob(default, help, train=name)
 
 
+# `safesteer demo --selective`: the selectivity mechanism chosen on the dev splits by the rule of docs/METHOD.md
+# section 8.1 (the largest dev excess over the paper-and-retain line, 3 seeds; docs/demo.md, "Selectivity, second
+# attempt"). Not the default: the paper's method stays it unless this is at least as good on every column over 8
+# test seeds.
+SELECTIVE_SETTINGS = {"retain_prompts_per_step": 8, "retain_divergence": "refusal", "retain_weight": 0.0,
+                      "refusal_surgery": True, "surgery_target": "update"}
+
+
 @dataclass
 class DemoConfig:
     """Everything the demo does, sized for 2 CPU cores (about 15-17 minutes there: docs/demo.md, which also says
@@ -103,6 +111,10 @@ class DemoConfig:
     retain_grad_ratio: float | None = training("retain_grad_ratio")
     refusal_surgery: bool = training("refusal_surgery")
     surgery_target: str = training("surgery_target")
+    selective: bool = knob(
+        False, "train the project's selectivity mechanism with its dev-chosen settings instead of the paper's method "
+        "(SELECTIVE_SETTINGS: gradient surgery on AdamW's update against 8 borderline-safe prompts' first-token "
+        "refusal per step; docs/METHOD.md section 8.1); it overrides those fields")
     false_refusal_ablation: bool = knob(
         False, "evaluate each trained model with its false-refusal direction ablated (docs/METHOD.md section 8: "
         "borderline-safe minus harmless mean activations at the teacher's layer, orthogonal to the refusal "
@@ -119,6 +131,10 @@ class DemoConfig:
     cache: bool = knob(True, "compute the base evaluation and stage 1 (direction, teacher check, S) again instead "
                        "of reusing what an earlier run stored for the same model, prompts, settings, code and "
                        "threads (demo/cache.py)")
+
+    def resolved(self) -> DemoConfig:
+        """The settings the run uses: with --selective, SELECTIVE_SETTINGS in place of those fields."""
+        return dataclasses.replace(self, selective=False, **SELECTIVE_SETTINGS) if self.selective else self
 
     def trained_objectives(self) -> list[str]:
         """The objectives trained, in order: --objectives, then full_vocab with --ablation."""
@@ -283,6 +299,7 @@ def clear_checkpoints(train_dir: Path) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole pipeline; returns the report dict (also written to out/report.json)."""
+    cfg = cfg.resolved()
     cfg.validate()      # before the out folder, the model load and the stages before training
     with onednn_linear(cfg.onednn) as active:
         logger.info("inference matrix products: %s", "oneDNN" if active else "PyTorch's default (MKL)")

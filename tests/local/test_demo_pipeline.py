@@ -550,6 +550,26 @@ def test_every_demo_setting_is_a_flag():
     assert len(FLAGS) == len(set(FLAGS))
 
 
+def test_selective_is_one_flag_with_the_dev_chosen_settings():
+    """`safesteer demo --selective` trains the dev-chosen mechanism: its settings replace those fields, and a
+    train config built from them validates (the retain prompts come from the train split)."""
+    import argparse
+
+    from openrlhf_safesteer.cli import config_values
+    from openrlhf_safesteer.cli.demo import FLAGS, add_parser
+    from openrlhf_safesteer.demo.pipeline import SELECTIVE_SETTINGS, DemoConfig, retain_prompts, train_config
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["demo", "--selective"])
+    cfg = DemoConfig(**config_values(args, DemoConfig, FLAGS)).resolved()
+    assert not cfg.selective and all(getattr(cfg, k) == v for k, v in SELECTIVE_SETTINGS.items())
+    tcfg = train_config(cfg, "exact", "unused")
+    tcfg.validate()
+    assert (tcfg.refusal_surgery, tcfg.surgery_target, tcfg.retain_divergence) == (True, "update", "refusal")
+    assert retain_prompts(cfg) and DemoConfig().resolved() == DemoConfig()
+
+
 def test_the_ablation_is_one_flag_away():
     """The default demo trains the method; --ablation adds the full-vocabulary ablation (once, after it)."""
     import argparse
