@@ -395,7 +395,7 @@ def base_refusal_scores(run: LocalRun, prompts: list[str]) -> Tensor:
 
 def grad_norm(grads) -> float:
     """The 2-norm of a list of gradients (None entries count as zero)."""
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None) or torch.tensor(0.0)))
+    return float(torch.nn.utils.get_total_norm([g for g in grads if g is not None]))
 
 
 def refusal_retain(run: LocalRun, step: int) -> dict[str, float]:

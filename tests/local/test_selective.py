@@ -148,15 +148,14 @@ def test_refusal_retain_samples_no_retain_rows_and_starts_at_zero(tok, monkeypat
     assert all("retain_seconds" in r for r in result.history)
 
 
-def test_refusal_retain_adds_the_weighted_hinge_gradient(tok, tmp_path):
-    """After the harmful backward, refusal_retain adds retain_weight * d(hinge) to .grad: checked against the
-    hinge's gradient computed on its own (base scores from the adapter-disabled model)."""
+def _binding_hinge(tok, tmp_path, name, **overrides):
+    """A refusal-retain run (4 retain prompts, margin 0) whose adapter was moved off zero so the student
+    out-refuses the base on some prompts; returns it and its step-0 hinge (with grad), computed on its own from
+    the adapter-disabled model's scores."""
     model = tiny_model("llama", tok, layers=2, hidden=32)
-    cfg = _cfg(tmp_path, "w", retain_prompts_per_step=4, retain_divergence="refusal", retain_weight=3.0,
-               retain_margin=0.0)
+    cfg = _cfg(tmp_path, name, retain_prompts_per_step=4, retain_divergence="refusal", retain_margin=0.0, **overrides)
     run = engine.build_run(model, tok, _vector(model), torch.tensor([5, 6]), HARMFUL, cfg, RETAIN, 3)
     ids = refusal_token_ids(tok)
-    # move the adapter off zero so the student out-refuses the base on some prompts
     with torch.no_grad():
         for p in run.params:
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
@@ -165,6 +164,13 @@ def test_refusal_retain_adds_the_weighted_hinge_gradient(tok, tmp_path):
         base = first_token_refusal_scores(base_model, tok, prompts, ids)
     hinge = refusal_hinge(first_token_refusal_scores(run.student, tok, prompts, ids), base)
     assert float(hinge) > 0
+    return run, hinge
+
+
+def test_refusal_retain_adds_the_weighted_hinge_gradient(tok, tmp_path):
+    """After the harmful backward, refusal_retain adds retain_weight * d(hinge) to .grad: checked against the
+    hinge's gradient computed on its own (base scores from the adapter-disabled model)."""
+    run, hinge = _binding_hinge(tok, tmp_path, "w", retain_weight=3.0)
     expected = torch.autograd.grad(3.0 * hinge, run.params, allow_unused=True)
     for p in run.params:
         p.grad = torch.ones_like(p)                   # stands in for the harmful rows' gradient
@@ -177,19 +183,7 @@ def test_refusal_retain_adds_the_weighted_hinge_gradient(tok, tmp_path):
 def test_retain_grad_ratio_rescales_the_hinge_gradient_to_the_harmful_norm(tok, tmp_path):
     """With retain_grad_ratio r, a binding hinge adds its gradient's direction at r times the harmful gradient's
     norm (the harmful part is left as it was)."""
-    model = tiny_model("llama", tok, layers=2, hidden=32)
-    cfg = _cfg(tmp_path, "r", retain_prompts_per_step=4, retain_divergence="refusal", retain_grad_ratio=0.5,
-               retain_margin=0.0)
-    run = engine.build_run(model, tok, _vector(model), torch.tensor([5, 6]), HARMFUL, cfg, RETAIN, 3)
-    ids = refusal_token_ids(tok)
-    with torch.no_grad():
-        for p in run.params:
-            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.3)
-    prompts = engine.step_prompts(RETAIN, 0, 4, engine.retain_seed(cfg.seed))
-    with torch.no_grad(), run.teacher.as_base() as base_model:
-        base = first_token_refusal_scores(base_model, tok, prompts, ids)
-    hinge = refusal_hinge(first_token_refusal_scores(run.student, tok, prompts, ids), base)
-    assert float(hinge) > 0
+    run, hinge = _binding_hinge(tok, tmp_path, "r", retain_grad_ratio=0.5)
     direction = [torch.zeros_like(p) if g is None else g
                  for p, g in zip(run.params, torch.autograd.grad(hinge, run.params, allow_unused=True))]
     harmful = [torch.full_like(p, 0.01) for p in run.params]
