@@ -1,9 +1,75 @@
-"""Session-wide test settings: the demo's stage cache (demo/cache.py) goes to a folder of this session, so tests
-neither read a developer's stored results nor leave entries in the user cache."""
+"""Session-wide test settings.
+
+- The demo's stage cache (demo/cache.py) goes to a folder of this session, so tests neither read a developer's stored
+  results nor leave entries in the user cache.
+- One CPU thread per process (SAFESTEER_TEST_THREADS overrides): pytest.ini runs 2 xdist workers on the 2 cores, and
+  every subprocess and Ray worker inherits OMP_NUM_THREADS. With 2 threads a process, the workers' thread pools wait
+  on each other at every op (a 2-layer model ran 40x slower with 2 threads than with 1 under load).
+- The slow tests start first, the longest first (their measured seconds below), so the two workers end together
+  instead of one running the last long test alone. Modules whose module-scoped fixtures cost a minute or more are
+  one xdist group each (`pytest.mark.xdist_group`, pytest.ini's --dist loadgroup): one worker builds them once.
+- `warm_python`: a `python` for the recipes' $PYTHON that forks a warm interpreter (tests/forkserver.py).
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
+import time
+from pathlib import Path
+
+import pytest
 
 os.environ["SAFESTEER_DEMO_CACHE"] = tempfile.mkdtemp(prefix="safesteer-demo-cache-")
+THREADS = os.environ.get("SAFESTEER_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", THREADS)
+os.environ.setdefault("MKL_NUM_THREADS", THREADS)
+
+HERE = Path(__file__).resolve().parent
+
+# Seconds a module's slow tests took (2 workers, 2026-12-07); a slow test not listed counts as 20 s.
+SLOW_SECONDS = {
+    "openrlhf/test_compare.py": 390, "compare/test_frontier_e2e.py": 310, "openrlhf/test_openrlhf_repeat.py": 230,
+    "local/test_demo_run.py": 170, "openrlhf/test_openrlhf_release_matrix.py": 150,
+    "openrlhf/test_openrlhf_ray.py": 100, "core/test_core_real_model.py": 100, "test_layering.py": 60,
+}
+
+
+def _expected_seconds(item: pytest.Item) -> float:
+    if item.get_closest_marker("slow") is None:
+        return 0.0
+    module = Path(str(item.path)).resolve().relative_to(HERE).as_posix()
+    return SLOW_SECONDS.get(module, 20.0)
+
+
+def pytest_collection_modifyitems(config, items):
+    # stable: a module's tests stay together and in order (module-scoped fixtures are built once per worker)
+    items.sort(key=lambda item: -_expected_seconds(item))
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory) -> str:
+    """A path to use as $PYTHON: each `python ...` it runs is a fork of one interpreter that has imported torch,
+    transformers, DeepSpeed, peft and Ray (tests/forkserver.py), started once per test session (about 15 s)."""
+    folder = tmp_path_factory.mktemp("warm_python")
+    socket_path = str(folder / "socket")
+    server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", socket_path],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spec = {"__name__": "forkserver"}
+    exec((HERE / "forkserver.py").read_text(), spec)   # client_source, without importing the file as a module
+    client = folder / "python"
+    client.write_text(spec["client_source"](sys.executable, socket_path))
+    client.chmod(0o755)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(socket_path):
+        if server.poll() is not None:
+            raise RuntimeError(f"the fork server exited: {server.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError("the fork server did not start in 300 s")
+        time.sleep(0.2)
+    yield str(client)
+    server.kill()
+    server.wait()

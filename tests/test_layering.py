@@ -107,6 +107,11 @@ def _probe(mode: str, names: list[str]) -> dict[str, dict]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# one xdist worker runs this module: its module-scoped probes (an interpreter importing the heavy libraries, then a
+# fork per module: about 50 s) run once, not on each worker
+pytestmark = pytest.mark.xdist_group("layering")
+
+
 @pytest.fixture(scope="module")
 def imports() -> dict[str, dict]:
     """Each module imported in a plain fresh process."""

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -107,7 +106,7 @@ def test_readme_has_the_commands_this_file_checks():
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
-def test_readme_command_parses(command, monkeypatch, tmp_path, capsys):
+def test_readme_command_parses(command, monkeypatch, tmp_path, capsys, warm_python):
     argv, complete = words(command), COMMANDS[command]
     if argv[0] == "safesteer":
         from openrlhf_safesteer.cli.main import main
@@ -123,7 +122,7 @@ def test_readme_command_parses(command, monkeypatch, tmp_path, capsys):
     else:
         script = REPO / argv[1]
         assert script.is_file(), f"{command}: no {script}"
-        env = dict(os.environ, PYTHON=sys.executable, WORK=str(tmp_path / "work"),
+        env = dict(os.environ, PYTHON=warm_python, WORK=str(tmp_path / "work"),
                    PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         proc = subprocess.run(["bash", str(script), "--dry-run", *argv[2:]], cwd=tmp_path, env=env, capture_output=True,
                               text=True, timeout=300)

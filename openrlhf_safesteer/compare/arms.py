@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from openrlhf_safesteer.demo.pipeline import DemoConfig
 from openrlhf_safesteer.local.engine import step_prompts
+
+
+def default_python() -> str:
+    """The interpreter the arms (and the frontier grid's runs) start: $PYTHON, the recipes' variable (compare_cpu.sh
+    and compare_llama.sh pass it on; the tests set it to a warm interpreter), else this one."""
+    return os.environ.get("PYTHON") or sys.executable
 
 ARMS = ("safesteer", "safesteer_sampled", "dpo", "ppo", "sft", "safesteer_local")
 
@@ -66,7 +73,7 @@ class CompareConfig:
     # leaves OpenRLHF's shuffle, which repeats prompts within a step (measured weaker over 3 seeds: docs/openrlhf.md,
     # "Parity over seeds").
     keep_prompt_order: bool = True
-    python: str = sys.executable
+    python: str = field(default_factory=lambda: default_python())
 
     def validate(self) -> None:
         """ValueError/FileNotFoundError on a bad setting, before any model is loaded."""

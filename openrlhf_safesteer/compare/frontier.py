@@ -32,13 +32,14 @@ import gc
 import itertools
 import json
 import logging
+import os
 import shlex
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from openrlhf_safesteer.compare.arms import CompareConfig, arm_command
+from openrlhf_safesteer.compare.arms import CompareConfig, arm_command, default_python
 from openrlhf_safesteer.compare.evaluation import JUDGES, REWARD_JUDGE, eval_sets, set_prompts, sets_digest
 from openrlhf_safesteer.compare.frontier_stats import SELECTION_RULE
 from openrlhf_safesteer.files import atomic_write_json, atomic_write_text, read_jsonl
@@ -268,7 +269,7 @@ def compare_config(spec: dict, run: Run, out: Path, model: str) -> CompareConfig
     cfg = CompareConfig(out=str(out), arms=[run.arm] if run.arm else ["safesteer_local"], demo=demo,
                         ppo_samples_per_prompt=spec["ppo_samples_per_prompt"],
                         pair_max_new_tokens=spec["pair_max_new_tokens"], pair_attempts=spec["pair_attempts"],
-                        pair_filter=spec["pair_filter"], eval_limit=spec["eval_limit"], python=sys.executable,
+                        pair_filter=spec["pair_filter"], eval_limit=spec["eval_limit"], python=default_python(),
                         ppo_reward=spec.get("ppo_reward"),
                         local_objective="full_vocab" if run.method == ABLATION else "exact")
     if "lr" in run.config:
@@ -475,7 +476,7 @@ def llama_training_data(spec: dict, seed: int, data_dir: Path, model_dir: str, v
     if stats_file.is_file():
         return {**json.loads(stats_file.read_text()), "generated_now": False}
     data_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "openrlhf_safesteer.compare.pairs", *pairs_flags(spec, seed, data_dir,
+    command = [default_python(), "-m", "openrlhf_safesteer.compare.pairs", *pairs_flags(spec, seed, data_dir,
                                                                                        model_dir, vector)]
     result = timed_run(command, data_dir / "pairs.log", _python_env())
     if result["returncode"] != 0 or not stats_file.is_file():
@@ -490,7 +491,6 @@ def pairs_flags(spec: dict, seed: int, data_dir: Path, model: str, vector: Path)
 
 
 def _python_env() -> dict[str, str]:
-    import os
 
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -503,7 +503,7 @@ def llama_command(run: Run, spec: dict, model: str, data_dir: Path, folder: Path
     (OpenRLHF's parser keeps the last value of a repeated flag), WORK = the run's folder."""
     cfg = run.config
     seed = str(run.seed)
-    env = {"WORK": str(folder.resolve()), "MODEL": model, "PYTHON": sys.executable}
+    env = {"WORK": str(folder.resolve()), "MODEL": model, "PYTHON": default_python()}
     if run.arm == "safesteer":
         # the recipe skips its stage 1 when the vector, S and prompts are in WORK: the grid's own
         folder.mkdir(parents=True, exist_ok=True)
@@ -709,7 +709,7 @@ def llama_dry_run(run: Run, spec: dict, out: Path, model: str) -> str:
     text = f"# {run.key}\nWORK=<run folder> {' '.join(f'{k}={v}' for k, v in env.items() if k in ('DATASET', 'PROMPTS'))} " \
            f"{shlex.join(argv)}\n# {checked}"
     if run.arm == "dpo":     # the DPO pairs and SFT targets are made together
-        pairs = [sys.executable, "-m", "openrlhf_safesteer.compare.pairs",
+        pairs = [default_python(), "-m", "openrlhf_safesteer.compare.pairs",
                  *pairs_flags(spec, run.seed, out / "data" / f"seed{run.seed}", model, out / "artifacts" / "vector")]
         from openrlhf_safesteer.compare.pairs import main as pairs_main
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,9 @@ def rate(row: dict, name: str, judge: str) -> float:
 
 
 @pytest.mark.slow
-def test_frontier_grid_end_to_end_on_a_tiny_model(tiny_demo, tmp_path, capsys):
+def test_frontier_grid_end_to_end_on_a_tiny_model(tiny_demo, tmp_path, capsys, warm_python):
+    # the runs start a fresh interpreter each (not the warm fork of tests/conftest.py): a run's peak RSS is
+    # measured over its process tree, where a fork of the warm server is not
     grid = tmp_path / "grid.json"
     grid.write_text(json.dumps(tiny_grid(tiny_demo["model"])))
     out = tmp_path / "frontier"
@@ -123,7 +124,7 @@ def test_frontier_grid_end_to_end_on_a_tiny_model(tiny_demo, tmp_path, capsys):
     # --summarise through the recipe; another grid in the same folder is refused
     proc = subprocess.run(["bash", str(REPO / "recipes" / "compare_cpu.sh"), "--frontier", "--out", str(out),
                            "--summarise"], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHON": sys.executable,
+                          env={**__import__("os").environ, "PYTHON": warm_python,
                                "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "# SafeSteer, DPO, PPO and SFT on their frontiers" in proc.stdout

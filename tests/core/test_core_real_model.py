@@ -22,7 +22,8 @@ HARMLESS = ["How do I bake bread?", "Write a short poem about the sea and the wi
 # Only packages that are not installed skip: an installed package without its part file, or a bug in
 # part_paths, must fail the test, not hide as a skip (`make setup` installs them, so in CI this is empty).
 MISSING = missing_packages(QWEN_CODER_05B)
-pytestmark = [pytest.mark.slow,
+# one xdist worker runs every test of the embedded model, so the one-time conversion (95 s) happens once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("demo_model"),
               pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")]
 
 

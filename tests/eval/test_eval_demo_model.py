@@ -15,7 +15,9 @@ from openrlhf_safesteer.refusal import is_refusal
 # part_paths, must fail the test, not hide as a skip (`make setup` installs them, so in CI this is empty).
 MISSING = missing_packages(QWEN_CODER_05B)
 
+# One xdist worker runs every test of the embedded model, so the one-time conversion (95 s) happens once
 @pytest.mark.slow
+@pytest.mark.xdist_group("demo_model")
 @pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")
 def test_demo_model_end_to_end(tmp_path):
     from openrlhf_safesteer.loading import QWEN_CODER_05B, part_paths

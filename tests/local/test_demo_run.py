@@ -16,7 +16,8 @@ from openrlhf_safesteer import loading
 
 # Only packages that are not installed skip; an installed but broken one (part_paths' ModelFileError) fails.
 MISSING = loading.missing_packages(loading.QWEN_CODER_05B)
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800),
+# one xdist worker runs every test of the embedded model, so the one-time conversion (95 s) happens once
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800), pytest.mark.xdist_group("demo_model"),
               pytest.mark.skipif(bool(MISSING), reason=f"demo model packages not installed: {', '.join(MISSING)}")]
 
 

@@ -347,3 +347,15 @@ def test_keep_prompt_order_builds_the_prompt_loader_without_shuffling():
 
     config, rest = split_argv(["--safesteer.keep_prompt_order", "--data.max_samples", "8"])
     assert config.keep_prompt_order and rest == ["--data.max_samples", "8"]
+
+
+def test_arms_start_the_python_the_recipes_were_given(monkeypatch):
+    """compare_cpu.sh / compare_llama.sh pass $PYTHON on: the arms (and the frontier's stage recipes) run it."""
+    import sys
+
+    from openrlhf_safesteer.compare.arms import default_python
+
+    monkeypatch.delenv("PYTHON", raising=False)
+    assert CompareConfig(out="o").python == default_python() == sys.executable
+    monkeypatch.setenv("PYTHON", "/opt/venv/bin/python")
+    assert CompareConfig(out="o").python == default_python() == "/opt/venv/bin/python"

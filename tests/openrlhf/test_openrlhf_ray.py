@@ -13,7 +13,6 @@ import math
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,13 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def test_cpu_recipe_two_steps_exact_loss_equals_core(tiny_run, tmp_path):
+def test_cpu_recipe_two_steps_exact_loss_equals_core(tiny_run, tmp_path, warm_python):
     from safetensors.torch import load_file
 
     from openrlhf_safesteer.objectives import gather_logprobs, localized_reverse_kl
 
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHON=sys.executable, MODEL=tiny_run["model"], VECTOR=tiny_run["vector"],
+    env = dict(os.environ, PYTHON=warm_python, MODEL=tiny_run["model"], VECTOR=tiny_run["vector"],
                TOKENS=tiny_run["tokens"], PROMPTS=tiny_run["prompts"],
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(["bash", str(REPO / "recipes" / "train_safesteer_cpu.sh"), "--out", str(out)], cwd=REPO,
