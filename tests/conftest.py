@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -57,10 +58,9 @@ def warm_python(tmp_path_factory) -> str:
     socket_path = str(folder / "socket")
     server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", socket_path],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    spec = {"__name__": "forkserver"}
-    exec((HERE / "forkserver.py").read_text(), spec)   # client_source, without importing the file as a module
+    forkserver = runpy.run_path(str(HERE / "forkserver.py"))   # a test folder is no package to import from
     client = folder / "python"
-    client.write_text(spec["client_source"](sys.executable, socket_path))
+    client.write_text(forkserver["client_source"](sys.executable, socket_path))
     client.chmod(0o755)
     deadline = time.monotonic() + 300
     while not os.path.exists(socket_path):

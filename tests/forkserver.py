@@ -124,6 +124,7 @@ def _run(request: dict, parsed: tuple, base_path: list[str], base_pythonpath: li
     head = {"module": os.getcwd(), "code": "", "script": os.path.dirname(os.path.abspath(target))}[kind]
     sys.path[:] = [head, *(os.path.abspath(p) for p in pythonpath),
                    *(p for p in base_path if p not in base_pythonpath)]
+    sys.dont_write_bytecode = "-B" in flags
     if "-u" in flags:
         sys.stdout.reconfigure(write_through=True)
         sys.stderr.reconfigure(write_through=True)
@@ -190,15 +191,11 @@ def serve(socket_path: str) -> None:
             conn.close()
             continue
         parsed = parse_argv(request["argv"])
-        if parsed is None or any(request["env"].get(key) != value for key, value in base_env.items()):
-            conn.sendall(struct.pack("!i", FRESH))
-            for fd in fds:
-                os.close(fd)
-            conn.close()
-            continue
         sys.stdout.flush()
         sys.stderr.flush()
-        if os.fork() == 0:
+        if parsed is None or any(request["env"].get(key) != value for key, value in base_env.items()):
+            conn.sendall(struct.pack("!i", FRESH))
+        elif os.fork() == 0:
             server.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.setpgid(0, 0)

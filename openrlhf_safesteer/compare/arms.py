@@ -24,6 +24,7 @@ def default_python() -> str:
     and compare_llama.sh pass it on; the tests set it to a warm interpreter), else this one."""
     return os.environ.get("PYTHON") or sys.executable
 
+
 ARMS = ("safesteer", "safesteer_sampled", "dpo", "ppo", "sft", "safesteer_local")
 
 # What each method consumes, for the report: the data and signals the method itself needs.
@@ -73,7 +74,7 @@ class CompareConfig:
     # leaves OpenRLHF's shuffle, which repeats prompts within a step (measured weaker over 3 seeds: docs/openrlhf.md,
     # "Parity over seeds").
     keep_prompt_order: bool = True
-    python: str = field(default_factory=lambda: default_python())
+    python: str = field(default_factory=default_python)
 
     def validate(self) -> None:
         """ValueError/FileNotFoundError on a bad setting, before any model is loaded."""

@@ -269,7 +269,7 @@ def compare_config(spec: dict, run: Run, out: Path, model: str) -> CompareConfig
     cfg = CompareConfig(out=str(out), arms=[run.arm] if run.arm else ["safesteer_local"], demo=demo,
                         ppo_samples_per_prompt=spec["ppo_samples_per_prompt"],
                         pair_max_new_tokens=spec["pair_max_new_tokens"], pair_attempts=spec["pair_attempts"],
-                        pair_filter=spec["pair_filter"], eval_limit=spec["eval_limit"], python=default_python(),
+                        pair_filter=spec["pair_filter"], eval_limit=spec["eval_limit"],
                         ppo_reward=spec.get("ppo_reward"),
                         local_objective="full_vocab" if run.method == ABLATION else "exact")
     if "lr" in run.config:
@@ -491,7 +491,6 @@ def pairs_flags(spec: dict, seed: int, data_dir: Path, model: str, vector: Path)
 
 
 def _python_env() -> dict[str, str]:
-
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
