@@ -37,16 +37,18 @@ Tensor = torch.Tensor
 
 
 def first_token_refusal_scores(model: nn.Module, tokenizer, prompts: Sequence[str],
-                               refusal_ids: Sequence[int]) -> Tensor:
+                               refusal_ids: Sequence[int], share_header: bool = True) -> Tensor:
     """Refusal log-odds log p(R) - log(1 - p(R)) of the first reply token of each prompt: (N,) float32.
 
     Differentiable (the caller picks torch.no_grad or not); one forward over the rendered prompts, the shared chat
-    header encoded once, only the last position projected onto the vocabulary. Hooks on the model apply."""
+    header encoded once (share_header=False: in the same forward, for a model whose KV cache is off, e.g. under
+    gradient checkpointing), only the last position projected onto the vocabulary. Hooks on the model apply."""
     if not prompts:
         raise ValueError("no prompts to score")
     texts = render_prompts(tokenizer, prompts)
     input_ids, attention_mask, shared = encode_shared_prefix(tokenizer, texts, model_device(model))
-    past = prefill_shared_prefix(model, input_ids, shared)
+    shared = shared if share_header else 0     # the layout stays valid for one plain forward: positions come
+    past = prefill_shared_prefix(model, input_ids, shared)     # from the attention mask
     logits = forward_after_prefix(model, input_ids, attention_mask, shared, past, logits_to_keep=1).logits[:, -1]
     return refusal_scores_from_logprobs(F.log_softmax(logits.float(), dim=-1), refusal_ids)
 

@@ -314,6 +314,48 @@ def row_from(run: Run, judged: dict, digest: str, **extra) -> dict:
             **extra}
 
 
+# What a published grid keeps (`--publish`): every row, the grid, the selection, the report, stage 1's artifacts and
+# each seed's sampled training data; not the runs' replies or adapters. A published folder is a valid --out to resume.
+PUBLISHED = ("spec.json", ROWS, "selection.json", "eval_sets_dev.json", "eval_sets_test.json", "frontier.md",
+             "frontier.json", "frontier.png", "artifacts/safety_tokens.json", "artifacts/vector/*",
+             "data/seed*/*.json", "data/seed*/*.jsonl")
+
+
+def published_files(folder: Path) -> list[Path]:
+    """The files of `folder` that `--publish` mirrors, relative to it, sorted."""
+    return sorted({f.relative_to(folder) for pattern in PUBLISHED for f in folder.glob(pattern) if f.is_file()})
+
+
+def mirror_files(source: Path, dest: Path, only_missing: bool = False) -> int:
+    """Copy `published_files(source)` to `dest` (each file atomically, so a stopped copy leaves whole files); with
+    only_missing, files `dest` already has are kept. Returns how many were copied."""
+    copied = 0
+    for rel in published_files(source):
+        target = dest / rel
+        if only_missing and target.exists():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".partial")
+        shutil.copy2(source / rel, partial)
+        os.replace(partial, target)
+        copied += 1
+    return copied
+
+
+def seed_from_published(published: Path, out: Path) -> int:
+    """Start or extend --out from a published grid (another session's, committed): its files that --out lacks, and
+    its rows when it holds more of them. Returns how many files were copied."""
+    if not (published / "spec.json").is_file():
+        return 0
+    copied = mirror_files(published, out, only_missing=True)
+    if len(load_rows(published)) > len(load_rows(out)):
+        if not set(load_rows(out)) <= set(load_rows(published)):
+            raise ValueError(f"{out / ROWS} and {published / ROWS} hold different runs: merge them by hand")
+        atomic_write_text(out / ROWS, (published / ROWS).read_text())
+        copied += 1
+    return copied
+
+
 # ------------------------------------------------------------------------------------------ stages
 
 
@@ -597,8 +639,9 @@ def phase_sets(spec: dict, out: Path, phase: str):
 
 
 def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str = "all",
-                 max_runs: int | None = None) -> dict:
-    """Run the grid (dev, selection, test) as far as `phase` and `max_runs` allow; returns the status."""
+                 max_runs: int | None = None, publish: Path | None = None) -> dict:
+    """Run the grid (dev, selection, test) as far as `phase` and `max_runs` allow; returns the status. With
+    `publish`, its small files (`PUBLISHED`) are mirrored there after every finished run."""
     from openrlhf_safesteer.cpu_kernels import onednn_linear
     from openrlhf_safesteer.loading import DEFAULT_MODEL, resolve_model
 
@@ -643,6 +686,8 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
                     trained += 1
                 append_row(out, row)
                 rows[run.key] = row
+                if publish is not None:
+                    mirror_files(out, publish)
                 status["done"] += 1
                 logger.info("%s done in %.0f s", run.key, time.time() - start)
             if ph == "dev" and status["left"] == 0:
@@ -652,6 +697,8 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
         from openrlhf_safesteer.compare.frontier_report import write_report
 
         write_report(out)
+        if publish is not None:
+            mirror_files(out, publish)
     return status
 
 
@@ -732,6 +779,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("dev", "test", "all"), default="all",
                    help="dev: the dev grid and the selection; test: the test frontier (needs the selection)")
     p.add_argument("--max-runs", type=int, default=None, help="train at most N runs in this call, then stop")
+    p.add_argument("--publish", default=None, metavar="PUB",
+                   help="mirror the grid's small files (rows, spec, selection, report, artifacts, sampled data) to "
+                        "PUB after every run, and start or extend --out from PUB: a grid spread over machines or "
+                        "sessions whose --out is not kept, with PUB committed (docs/results/)")
     p.add_argument("--summarise", action="store_true", help="rebuild DIR/frontier.md, .png, .json from finished runs")
     p.add_argument("--dry-run", action="store_true", help="check the grid and print its size and commands")
     p.add_argument("--launcher", choices=("cpu", "llama"), default="cpu",
@@ -752,7 +803,12 @@ def main(argv: list[str] | None = None) -> int:
             if not (out / ROWS).is_file():
                 raise FileNotFoundError(f"no {out / ROWS}: nothing has finished there")
             print(write_report(out))
+            if args.publish:
+                mirror_files(out, Path(args.publish))
             return 0
+        publish = Path(args.publish) if args.publish else None
+        if publish is not None and not args.dry_run:
+            logger.info("%d files taken from the published grid %s", seed_from_published(publish, out), publish)
         overrides = {k: v for k, v in (("train_prompts", args.train_prompts), ("model", args.model)) if v}
         spec = load_spec(args.spec, overrides, args.launcher)
         if (out / "spec.json").is_file() and not args.spec:     # resume with the stored grid
@@ -764,7 +820,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.from_dir and not (Path(args.from_dir) / "vector" / "steering_vector.json").is_file():
             raise FileNotFoundError(f"--from {args.from_dir}: no vector/ there (a `safesteer demo --out` folder)")
-        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs)
+        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs, publish)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -78,6 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "KL to the unsteered base over the whole vocabulary, estimated on the sampled tokens "
                              "(gradient (log p_s - log p_base) grad log p_s, no full-vocabulary teacher tensor); "
                              "subset, the method's loss on S")
+    parser.add_argument("--safesteer.refusal_surgery", action="store_true",
+                        help="the project's selectivity mechanism (docs/METHOD.md section 8.1, `safesteer demo "
+                             "--selective`): each optimizer step's update loses its component that raises the "
+                             "first-reply-token refusal log-odds of borderline-safe prompts (A-GEM on the update); "
+                             "the paper's loss is unchanged. Exact objective, ZeRO 0-2")
+    parser.add_argument("--safesteer.surgery_prompts", default=None, metavar="FILE",
+                        help="with --safesteer.refusal_surgery, the prompts whose refusal the update must not raise "
+                             "(a JSON/JSONL list of strings or {'prompt': ...}, or one a line); default: the "
+                             "project's borderline-safe training split")
+    parser.add_argument("--safesteer.surgery_prompts_per_step", type=int, default=8, metavar="N",
+                        help="with --safesteer.refusal_surgery, prompts per optimizer step (a seeded slice of the "
+                             "file per step, the local engine's order for the same --train.seed)")
     parser.add_argument("--safesteer.rollout", default="auto", choices=ROLLOUTS,
                         help="rollout engine: vllm (OpenRLHF's), hf (HF generate in Ray actors: CPU machines, small "
                              "models, no vLLM), auto = vllm when it is installed, else hf")
@@ -104,6 +116,9 @@ class SafeSteerConfig:
     coeff: float | None = None
     coeff_key: str | None = None
     retain_divergence: str = "full_vocab"
+    refusal_surgery: bool = False
+    surgery_prompts: str | None = None
+    surgery_prompts_per_step: int = 8
     rollout: str = "auto"
     dump_dir: str | None = None
     keep_prompt_order: bool = False
@@ -112,6 +127,9 @@ class SafeSteerConfig:
     # multi-node run needs no shared file system for them.
     steering_vector: Any = None
     safety_ids: list[int] = field(default_factory=list)
+    # With refusal_surgery, also filled by load_artifacts(): the prompts and R (the refusal openers' first tokens).
+    surgery_prompt_list: list[str] = field(default_factory=list)
+    refusal_ids: list[int] = field(default_factory=list)
 
     def namespace(self) -> SimpleNamespace:
         return SimpleNamespace(**self.__dict__)
@@ -126,7 +144,8 @@ def split_argv(argv: list[str]) -> tuple[SafeSteerConfig, list[str]]:
         if arg.startswith(PREFIX):
             ours.append(arg)
             takes_value = "=" not in arg and arg.split("=")[0] not in ("--safesteer.dry_run", "--safesteer.help",
-                                                                        "--safesteer.keep_prompt_order")
+                                                                        "--safesteer.keep_prompt_order",
+                                                                        "--safesteer.refusal_surgery")
             if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 ours.append(argv[i + 1])
                 i += 1
@@ -254,6 +273,7 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
     problems += prompt_refusals(args, config.dry_run)
     if config.coeff_key:
         problems += coeff_key_problems(args, config)
+    problems += surgery_problems(args, config)
     rollout = resolve_rollout(config)
     if this_machine and rollout == "vllm" and not compat.vllm_available():
         problems.append("--safesteer.rollout vllm: vLLM is not installed here; use --safesteer.rollout hf")
@@ -282,6 +302,40 @@ def refusals(args: SimpleNamespace, argv: list[str], config: SafeSteerConfig, th
                             "there are no GPUs here")
         if args.ds.adam_offload:
             problems.append("--ds.adam_offload on CPU would JIT-compile DeepSpeed's cpu_adam for nothing; remove it")
+    return problems
+
+
+def surgery_prompts(config: SafeSteerConfig) -> list[str]:
+    """The prompts --safesteer.refusal_surgery guards: --safesteer.surgery_prompts, or the project's borderline-safe
+    training split (the local engine's default retain prompts)."""
+    from openrlhf_safesteer import data
+
+    return data.load_prompt_file(config.surgery_prompts) if config.surgery_prompts else data.borderline("train")
+
+
+def surgery_problems(args: SimpleNamespace, config: SafeSteerConfig) -> list[str]:
+    """--safesteer.refusal_surgery and its flags against OpenRLHF's args (the prompt file read here, not the model)."""
+    if not config.refusal_surgery:
+        given = [flag for flag, default in (("surgery_prompts", None), ("surgery_prompts_per_step", 8))
+                 if getattr(config, flag) != default]
+        return [f"--safesteer.{flag} needs --safesteer.refusal_surgery" for flag in given]
+    problems = []
+    if config.objective != "exact":
+        problems.append("--safesteer.refusal_surgery projects the exact objective's optimizer step; with "
+                        "--safesteer.objective sampled OpenRLHF's own policy step runs: use the exact objective")
+    if getattr(args.ds, "zero_stage", 0) == 3:
+        problems.append("--safesteer.refusal_surgery with --ds.zero_stage 3: the guard is a whole-parameter gradient "
+                        "of the borderline prompts' refusal, and ZeRO-3 partitions the parameters; use ZeRO 0-2")
+    if config.surgery_prompts_per_step < 1:
+        problems.append(f"--safesteer.surgery_prompts_per_step must be >= 1, got {config.surgery_prompts_per_step}")
+        return problems
+    try:
+        prompts = surgery_prompts(config)
+    except (OSError, ValueError) as error:
+        return problems + [f"--safesteer.surgery_prompts: {error}"]
+    if len(prompts) < config.surgery_prompts_per_step:
+        problems.append(f"--safesteer.surgery_prompts holds {len(prompts)} prompts, fewer than "
+                        f"--safesteer.surgery_prompts_per_step {config.surgery_prompts_per_step}")
     return problems
 
 
@@ -498,6 +552,11 @@ def load_artifacts(config: SafeSteerConfig, model_path: str) -> None:
         raise IncompatibleArtifactError(f"--safesteer.tokens {config.tokens}: {error}") from None
     config.steering_vector = vector
     config.safety_ids = list(tokens.ids)
+    if config.refusal_surgery:
+        from openrlhf_safesteer.directions import refusal_token_ids
+
+        config.surgery_prompt_list = surgery_prompts(config)
+        config.refusal_ids = refusal_token_ids(tokenizer)
     if config.coeff is None:
         config.coeff = vector.coeff
     logger.info("teacher: layer %d, coeff %.3g, |d| = %.3g; |S| = %d", vector.layer, config.coeff, vector.norm,

@@ -43,12 +43,14 @@ from openrlhf_safesteer.plugin.dump import save_dump
 from openrlhf_safesteer.plugin.logits import (
     action_logprobs,
     can_share_header,
+    hf_model_inside,
     padded_logits,
     plain_hf_forward,
     response_window,
     window_logits,
 )
 from openrlhf_safesteer.plugin.rollout import HFWeightSync
+from openrlhf_safesteer.plugin.surgery import UpdateSurgery, guard_dot
 from openrlhf_safesteer.plugin.vllm_sync import VLLMWeightSync
 
 logger = logging.getLogger(__name__)
@@ -118,6 +120,9 @@ class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
         self.safety_ids = torch.tensor(config.safety_ids, dtype=torch.long)
         self.divergence = SUBSET_OBJECTIVES[config.divergence]
         self._ppo_calls = 0
+        self.surgery = (UpdateSurgery(list(config.surgery_prompt_list), int(config.surgery_prompts_per_step),
+                                      int(strategy.args.train.seed), list(config.refusal_ids))
+                        if getattr(config, "refusal_surgery", False) else None)
         super().__init__(strategy, *args, **kwargs)
         if config.objective == "sampled" and not versions.has_loss_agg_mode(self.args):
             # Before 0.11.2 no flag selects seq-mean-token-mean (docs/METHOD.md section 4); set it on the loss.
@@ -178,6 +183,26 @@ class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
         grads = [p.grad for p in self.actor.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
+    def _at_optimizer_boundary(self) -> bool:
+        """Whether this micro-batch's optimizer_step steps the optimizer (DeepSpeed's gradient accumulation)."""
+        check = getattr(self.actor.model, "is_gradient_accumulation_boundary", None)
+        return bool(check()) if callable(check) else True
+
+    def _surgery_guard(self) -> tuple[list, list, float, float] | None:
+        """Before an optimizer step that steps: (trainable parameters, the guard a over them, <theta, a>, the guarded
+        prompts' mean refusal log-odds) for `UpdateSurgery.apply` after it; None without the surgery or off the
+        boundary. The step index is the scheduler's count of optimizer steps taken (checkpointed with it)."""
+        if self.surgery is None or not self._at_optimizer_boundary():
+            return None
+        model = hf_model_inside(self.actor.model)
+        if model is None:
+            raise RuntimeError("--safesteer.refusal_surgery: no transformers model inside the actor to score with")
+        params = [p for p in self.actor.model.parameters() if p.requires_grad]
+        step = int(self.actor_scheduler.last_epoch)
+        guard, score = self.surgery.guard(model, self.tokenizer, params, step,
+                                          share_header=can_share_header(model, training=True))
+        return params, guard, guard_dot(params, guard), score
+
     def ppo_train(self, kl_ctl: float):
         self._ppo_calls += 1
         return super().ppo_train(kl_ctl)
@@ -217,7 +242,12 @@ class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
         lr = float(self.actor_scheduler.get_last_lr()[0])     # this step's, before the scheduler moves on
         self.strategy.backward(loss, self.actor, self.actor_optim)
         own_norm = self._unsharded_grad_norm()
+        surgery = self._surgery_guard()     # after the loss's graph is freed, before the weights move
         self.strategy.optimizer_step(self.actor_optim, self.actor, self.actor_scheduler, name="actor")
+        surgery_metrics = {}
+        if surgery is not None:
+            params, guard, before, score = surgery
+            surgery_metrics = {**UpdateSurgery.apply(params, guard, before), "surgery_refusal_logodds": score}
         # before clipping, as the local engine logs it; DeepSpeed keeps none in plain fp32 without ZeRO (CPU runs)
         grad_norm = self.strategy.get_grad_norm(self.actor) or own_norm
         if self.safesteer.dump_dir and step == 0 and self.strategy.is_rank_0():
@@ -226,7 +256,7 @@ class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
                 "action_mask": action_mask, "teacher_on_s": getattr(experience, TEACHER_ON_S),
                 "per_token": per_token.detach(),
             }, {"loss": float(loss.detach()), "core_loss": float(core_loss.detach()), "ppo_call": self._ppo_calls,
-                "grad_norm": float(grad_norm), "lr": lr,
+                "grad_norm": float(grad_norm), "lr": lr, "surgery": surgery_metrics,
                 "loss_batch_info": {k: float(v) for k, v in loss_batch_info.items()}})
         if self.ema_model:
             self.strategy.moving_average(self.actor, self.ema_model, self.ema_beta,
@@ -241,6 +271,7 @@ class SafeSteerActorTrainer(VLLMWeightSync, HFWeightSync, ActorPPOTrainer):
             "safesteer/kl_on_S": torch.tensor([watch["kl_on_S"]]),
             "safesteer/student_mass_on_S": torch.tensor([watch["student_mass_on_S"]]),
             "safesteer/teacher_mass_on_S": torch.tensor([watch["teacher_mass_on_S"]]),
+            **{f"safesteer/{key}": torch.tensor([value]) for key, value in surgery_metrics.items()},
         }
         weights = {key: "sample" for key in metrics}
         weights["policy_loss"] = "token"

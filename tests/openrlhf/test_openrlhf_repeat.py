@@ -40,14 +40,20 @@ def _train(tiny_run, out: Path, cpu_flags, *extra: str) -> Path:
     return out
 
 
+SURGERY = ["--safesteer.refusal_surgery", "--safesteer.surgery_prompts_per_step", "2"]
+
+
 @pytest.fixture(scope="module")
 def runs(tiny_run, tmp_path_factory, ray_session, cpu_flags):
-    """Two runs at seed 42 (2 steps of 2 prompts x 2 samples) and one step at seed 7, in float32."""
+    """Two runs at seed 42 (2 steps of 2 prompts x 2 samples) and one step at seed 7, in float32. The seed-7 run
+    also runs the selectivity surgery (`--safesteer.refusal_surgery`; it moves no rollout of step 1, which is all
+    that run is compared on), so the surgery's real Ray path costs no training of its own."""
     root = tmp_path_factory.mktemp("repeat")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SAFESTEER_CPU_DTYPE", "fp32")
         return {"a": _train(tiny_run, root / "a", cpu_flags), "b": _train(tiny_run, root / "b", cpu_flags),
-                "c": _train(tiny_run, root / "c", cpu_flags, "--train.seed", "7", "--data.max_samples", "2")}
+                "c": _train(tiny_run, root / "c", cpu_flags, "--train.seed", "7", "--data.max_samples", "2",
+                            *SURGERY)}
 
 
 def _responses(dump: dict) -> list[list[int]]:
@@ -140,6 +146,36 @@ def test_local_engine_replaying_the_plugins_rollouts_takes_the_same_steps(runs, 
         assert gap <= 1e-2 * float((weight - start).norm()), f"{name}: updates {gap:.3g} apart"
         moved += not torch.equal(initial[name], weight)
     assert moved >= len(plugin) // 2    # the steps moved the weights: the equality above is not initial == initial
+
+
+def test_surgery_through_ray_scores_its_steps_borderline_prompts_on_the_policy(runs, tiny_run):
+    """The seed-7 run's policy step ran the surgery (OpenRLHF's trainer in a Ray actor, DeepSpeed's engine): the
+    refusal log-odds it guarded is the mean the core computes on the initial weights for the prompts the local
+    engine would pick at step 0 (the project's borderline-safe training split, seed 7), and the update's component
+    along the guard was measured (projected or not by its sign)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from openrlhf_safesteer import data
+    from openrlhf_safesteer.directions import refusal_token_ids
+    from openrlhf_safesteer.local.engine import retain_seed, step_prompts
+    from openrlhf_safesteer.selective import first_token_refusal_scores
+
+    _, logged = load_dump(runs["c"] / "dump" / "policy_step1")
+    surgery = logged["surgery"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run["model"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_run["model"], dtype=torch.float32)
+    prompts = step_prompts(data.borderline("train"), 0, 2, retain_seed(7))
+    with torch.no_grad():
+        expected = float(first_token_refusal_scores(model, tokenizer, prompts, refusal_token_ids(tokenizer)).mean())
+    assert surgery["surgery_refusal_logodds"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    other = step_prompts(data.borderline("train"), 1, 2, retain_seed(7))       # the next step's: other numbers
+    with torch.no_grad():
+        assert abs(float(first_token_refusal_scores(model, tokenizer, other, refusal_token_ids(tokenizer)).mean())
+                   - expected) > 1e-4
+    assert surgery["surgery_applied"] == float(surgery["surgery_update_along_guard"] > 0)
+    assert surgery["surgery_update_along_guard"] != 0.0
+    _, plain = load_dump(runs["a"] / "dump" / "policy_step1")
+    assert plain["surgery"] == {}     # without the flag, no surgery
 
 
 def test_stock_ppo_on_the_hf_engine_repeats_at_a_fixed_seed(tiny_run, tmp_path, warm_python):
