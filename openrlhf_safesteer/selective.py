@@ -85,6 +85,37 @@ def project_conflict(grads: Sequence[Tensor], guard: Sequence[Tensor | None]) ->
     return [(g.double() - scale * a.double()).to(g.dtype) for g, a in zip(grads, guard)], cos, True
 
 
+def refusal_gradient(model: nn.Module, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int],
+                     params: Sequence[nn.Parameter], batch_size: int = 16) -> list[Tensor]:
+    """d/dparams of the mean first-reply-token refusal log-odds over `prompts`, one float32 tensor per parameter
+    (zeros where it does not depend on one); scored `batch_size` prompts at a time, each batch weighted by its size."""
+    total = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    for start in range(0, len(prompts), batch_size):
+        part = list(prompts[start:start + batch_size])
+        scores = first_token_refusal_scores(model, tokenizer, part, refusal_ids)                      # (n,)
+        grads = torch.autograd.grad(scores.sum() / len(prompts), list(params), allow_unused=True)
+        for t, g in zip(total, grads):
+            if g is not None:
+                t += g.float()
+    return total
+
+
+def gradient_cosine(first: Sequence[Tensor], second: Sequence[Tensor]) -> float:
+    """cos of two gradients given as lists of per-parameter tensors, in float64."""
+    dot = sum((a.double() * b.double()).sum() for a, b in zip(first, second))
+    norms = (sum((a.double() ** 2).sum() for a in first) * sum((b.double() ** 2).sum() for b in second)).sqrt()
+    return float(dot / norms) if norms > 0 else 0.0
+
+
+def kept_after_projection(target: Sequence[Tensor], guard: Sequence[Tensor]) -> float:
+    """sqrt(1 - cos^2): the share of `target`'s length orthogonal to `guard`. To first order, the most a step of a
+    given length that leaves the guarded quantity unchanged can raise the target's quantity, relative to the best
+    unconstrained step of that length (the surgery's ceiling when target is the harmful prompts' refusal gradient
+    and guard the borderline-safe prompts')."""
+    cos = gradient_cosine(target, guard)
+    return max(0.0, 1.0 - cos * cos) ** 0.5
+
+
 def false_refusal_direction(model: nn.Module, tokenizer, borderline: Sequence[str], harmless: Sequence[str],
                             refusal_direction: Tensor, layer: int) -> Tensor:
     """The false-refusal direction (H,) float32 at decoder layer `layer`'s input, last prompt token: mean

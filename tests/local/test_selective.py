@@ -291,3 +291,67 @@ def test_update_surgery_projects_adamw_step_off_the_refusal_gradient(tok, tmp_pa
     assert abs(rise) < 1e-9 + 1e-6 * sum(float(d.abs().sum()) for d in step)
     assert sum(float(d.abs().sum()) for d in step) > 0                        # the step is not simply undone
     assert run.surgery_guard is None
+
+
+def test_refusal_gradient_is_the_mean_scores_gradient_whatever_the_batching(tok):
+    """Scored 3 prompts at a time, the gradient equals autograd of the mean over all 7 in one batch; the share
+    scored with share_header=False (one plain forward) equals the shared-header one."""
+    from openrlhf_safesteer.selective import refusal_gradient
+
+    model = tiny_model("llama", tok, layers=2, hidden=32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = refusal_token_ids(tok)
+    prompts = RETAIN + HARMLESS
+    batched = refusal_gradient(model, tok, prompts, ids, params, batch_size=3)
+    whole = torch.autograd.grad(first_token_refusal_scores(model, tok, prompts, ids).mean(), params,
+                                allow_unused=True)
+    for got, want in zip(batched, whole):
+        want = torch.zeros_like(got) if want is None else want
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+    assert sum(float(g.abs().sum()) for g in batched) > 0
+    plain = first_token_refusal_scores(model, tok, prompts, ids, share_header=False)
+    torch.testing.assert_close(plain.detach(), first_token_refusal_scores(model, tok, prompts, ids).detach(),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_cosine_and_the_share_left_after_the_projection():
+    """cos against torch's on the concatenated vectors; kept = the orthogonal part's share of the target's length,
+    planted; and it is the first-order rise a unit step orthogonal to the guard can still make (project_conflict's
+    projection of the target, normalised)."""
+    from openrlhf_safesteer.selective import gradient_cosine, kept_after_projection
+
+    gen = torch.Generator().manual_seed(3)
+    guard = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    first = [torch.randn(4, 3, generator=gen), torch.randn(5, generator=gen)]
+    flat = lambda xs: torch.cat([x.reshape(-1) for x in xs]).double()   # noqa: E731
+    assert gradient_cosine(first, guard) == pytest.approx(
+        float(torch.nn.functional.cosine_similarity(flat(first), flat(guard), dim=0)), rel=1e-9)
+    # target = 2 guard + a part orthogonal to it of length 3 |guard|: kept = 3 / sqrt(4 + 9)
+    unit = flat(guard) / flat(guard).norm()
+    other = flat(first) - (flat(first) @ unit) * unit
+    other = other / other.norm() * 3 * flat(guard).norm()
+    target_flat = 2 * flat(guard) + other
+    target = [target_flat[:12].reshape(4, 3).float(), target_flat[12:].float()]
+    assert kept_after_projection(target, guard) == pytest.approx(3 / 13 ** 0.5, rel=1e-5)
+    # the best unit step with <d, guard> = 0 is the target's orthogonal part: it raises <d, target> by |target| kept
+    projected, _, applied = project_conflict([-t for t in target], guard)     # -target raises along +target
+    assert applied
+    step = -flat(projected) / flat(projected).norm()
+    assert float(step @ flat(guard)) == pytest.approx(0.0, abs=1e-6)
+    assert float(step @ target_flat) == pytest.approx(float(target_flat.norm()) * kept_after_projection(target, guard),
+                                                      rel=1e-5)
+    assert kept_after_projection(guard, guard) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_refusal_geometry_table_is_symmetric_with_ones_on_the_diagonal():
+    from openrlhf_safesteer.demo.refusal_geometry import GUARD, geometry, table
+
+    gen = torch.Generator().manual_seed(4)
+    grads = {name: [torch.randn(6, generator=gen)] for name in ("harmful train", GUARD, "harmless validation")}
+    result = geometry(grads)
+    for a in grads:
+        assert result["cosine"][a][a] == pytest.approx(1.0)
+        for b in grads:
+            assert result["cosine"][a][b] == pytest.approx(result["cosine"][b][a])
+    assert result["kept_vs_guard"][GUARD] == pytest.approx(0.0, abs=1e-6)
+    assert table(result).count("\n") == len(grads) + 1
