@@ -326,6 +326,11 @@ def surgery_problems(args: SimpleNamespace, config: SafeSteerConfig) -> list[str
     if getattr(args.ds, "zero_stage", 0) == 3:
         problems.append("--safesteer.refusal_surgery with --ds.zero_stage 3: the guard is a whole-parameter gradient "
                         "of the borderline prompts' refusal, and ZeRO-3 partitions the parameters; use ZeRO 0-2")
+    checkpointing = getattr(args.actor, "gradient_checkpointing_enable", False)
+    if checkpointing and getattr(args.actor, "gradient_checkpointing_reentrant", False):
+        problems.append("--safesteer.refusal_surgery with --actor.gradient_checkpointing_reentrant: the guard is taken "
+                        "with torch.autograd.grad, which reentrant checkpointing does not support; drop the flag "
+                        "(non-reentrant checkpointing is the default)")
     if config.surgery_prompts_per_step < 1:
         problems.append(f"--safesteer.surgery_prompts_per_step must be >= 1, got {config.surgery_prompts_per_step}")
         return problems

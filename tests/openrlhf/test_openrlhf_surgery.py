@@ -266,11 +266,15 @@ def test_surgery_writes_deepspeeds_zero2_master_copies(tiny_run):
 def test_bad_surgery_flags_are_refused_before_any_actor(tmp_path):
     from openrlhf_safesteer.plugin.config import surgery_problems
 
-    args = SimpleNamespace(ds=SimpleNamespace(zero_stage=2))
+    args = SimpleNamespace(ds=SimpleNamespace(zero_stage=2), actor=SimpleNamespace(gradient_checkpointing_enable=True))
     assert surgery_problems(args, SafeSteerConfig(refusal_surgery=True)) == []     # the project's borderline split
     assert surgery_problems(args, SafeSteerConfig(surgery_prompts_per_step=4)) == [
         "--safesteer.surgery_prompts_per_step needs --safesteer.refusal_surgery"]
-    zero3 = surgery_problems(SimpleNamespace(ds=SimpleNamespace(zero_stage=3)), SafeSteerConfig(refusal_surgery=True))
+    reentrant = surgery_problems(SimpleNamespace(ds=args.ds, actor=SimpleNamespace(
+        gradient_checkpointing_enable=True, gradient_checkpointing_reentrant=True)), SafeSteerConfig(refusal_surgery=True))
+    assert len(reentrant) == 1 and "reentrant checkpointing does not support" in reentrant[0]
+    zero3 = surgery_problems(SimpleNamespace(ds=SimpleNamespace(zero_stage=3), actor=args.actor),
+                             SafeSteerConfig(refusal_surgery=True))
     assert len(zero3) == 1 and "ZeRO-3 partitions" in zero3[0]
     sampled = surgery_problems(args, SafeSteerConfig(refusal_surgery=True, objective="sampled"))
     assert len(sampled) == 1 and "use the exact objective" in sampled[0]
