@@ -325,7 +325,8 @@ def surgery_problems(args: SimpleNamespace, config: SafeSteerConfig) -> list[str
                         "--safesteer.objective sampled OpenRLHF's own policy step runs: use the exact objective")
     if getattr(args.ds, "zero_stage", 0) == 3:
         problems.append("--safesteer.refusal_surgery with --ds.zero_stage 3: the guard is a whole-parameter gradient "
-                        "of the borderline prompts' refusal, and ZeRO-3 partitions the parameters; use ZeRO 0-2")
+                        "of the borderline prompts' refusal, and ZeRO-3 partitions the parameters; use ZeRO 0-2 (the "
+                        "8B recipe runs ZeRO-3: add --ds.zero_stage 2 after its other flags)")
     checkpointing = getattr(args.actor, "gradient_checkpointing_enable", False)
     if checkpointing and getattr(args.actor, "gradient_checkpointing_reentrant", False):
         problems.append("--safesteer.refusal_surgery with --actor.gradient_checkpointing_reentrant: the guard is taken "
