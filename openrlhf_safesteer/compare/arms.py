@@ -63,6 +63,11 @@ class CompareConfig:
     # to one per prompt draw so every arm takes the same optimizer steps.
     pair_max_new_tokens: int = 256
     pair_attempts: int = 2
+    # DPO's micro-batch: its rows are whole replies (up to pair_max_new_tokens), a chosen and a rejected one per pair,
+    # each with the policy's and the reference's full-vocabulary logits; OpenRLHF accumulates gradients up to the
+    # optimizer batch (the rollouts per step), and DPO's loss is a mean over pairs, so the update is the same.
+    # Measured: the demo's micro-batch of 8 pairs at 256 tokens passed 17 GB and was OOM-killed on a 24 GB machine.
+    dpo_micro_batch_size: int = 2
     fill_budget: bool = True
     # the judge that filters DPO's pairs (a refusing chosen, a complying rejected): one of compare.evaluation.JUDGES,
     # or "none" (complete replies, no filter: only for tests on random tiny models, which never refuse)
@@ -97,6 +102,10 @@ class CompareConfig:
 
         if self.pair_filter not in (*JUDGES, "none"):
             raise ValueError(f"pair_filter must be one of {', '.join(JUDGES)} or none, got {self.pair_filter!r}")
+        if self.dpo_micro_batch_size < 1 or self.rollouts_per_step % min(self.rollouts_per_step,
+                                                                          self.dpo_micro_batch_size):
+            raise ValueError(f"dpo_micro_batch_size must be >= 1 and divide the rollouts per step "
+                             f"({self.rollouts_per_step}), got {self.dpo_micro_batch_size}")
         if self.pair_max_new_tokens < 1 or self.pair_attempts < 1:
             raise ValueError(f"pair_max_new_tokens and pair_attempts must be >= 1, got {self.pair_max_new_tokens}, "
                              f"{self.pair_attempts}")
@@ -212,7 +221,7 @@ def arm_command(arm: str, cfg: CompareConfig, model: str, data_dir: Path, arm_di
                 "--data.chosen_key", "chosen", "--data.rejected_key", "rejected", "--data.apply_chat_template",
                 "--data.max_len", "1024", "--model.beta", repr(cfg.dpo_beta),
                 "--train.batch_size", str(cfg.rollouts_per_step),
-                "--train.micro_batch_size", str(min(cfg.rollouts_per_step, d.micro_batch_size)),
+                "--train.micro_batch_size", str(min(cfg.rollouts_per_step, cfg.dpo_micro_batch_size)),
                 "--train.max_epochs", "1", "--train.seed", str(d.seed), *_optimizer_flags(cfg, ""),
                 *_lora_flags(cfg), "--ds.zero_stage", "0", "--ds.attn_implementation", "sdpa",
                 "--ckpt.output_dir", str(arm_dir / "final"), "--ckpt.path", str(arm_dir / "ckpt"),

@@ -359,3 +359,16 @@ def test_arms_start_the_python_the_recipes_were_given(monkeypatch):
     assert CompareConfig(out="o").python == default_python() == sys.executable
     monkeypatch.setenv("PYTHON", "/opt/venv/bin/python")
     assert CompareConfig(out="o").python == default_python() == "/opt/venv/bin/python"
+
+
+def test_dpo_accumulates_small_micro_batches_up_to_the_same_optimizer_batch(tiny_run, tmp_path):
+    """DPO's rows are whole replies: its micro-batch is dpo_micro_batch_size (2), its optimizer batch the rollouts
+    per step like every arm's; a micro-batch that does not divide that batch is refused before anything runs."""
+    cfg = tiny_config(tiny_run, tmp_path, prompts_per_step=8, micro_batch_size=8)
+    flags = flags_of(arm_command("dpo", cfg, tiny_run["model"], tmp_path, tmp_path / "arm", Path(tiny_run["vector"]),
+                                 Path(tiny_run["tokens"])), "openrlhf_safesteer.plugin.stock")
+    assert flags[flags.index("--train.batch_size") + 1] == "8"
+    assert flags[flags.index("--train.micro_batch_size") + 1] == "2"
+    cfg.dpo_micro_batch_size = 3
+    with pytest.raises(ValueError, match="dpo_micro_batch_size must be >= 1 and divide the rollouts per step"):
+        cfg.validate()
