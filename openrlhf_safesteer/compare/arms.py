@@ -66,7 +66,8 @@ class CompareConfig:
     # DPO's micro-batch: its rows are whole replies (up to pair_max_new_tokens), a chosen and a rejected one per pair,
     # each with the policy's and the reference's full-vocabulary logits; OpenRLHF accumulates gradients up to the
     # optimizer batch (the rollouts per step), and DPO's loss is a mean over pairs, so the update is the same.
-    # Measured: the demo's micro-batch of 8 pairs at 256 tokens passed 17 GB and was OOM-killed on a 24 GB machine.
+    # Measured: at the demo's micro-batch of 8 pairs of up to 256 tokens the main process passed 17 GB and was
+    # OOM-killed on a 24 GB machine; at 2 it stays near 14 GB (docs/openrlhf.md, "The frontier protocol").
     dpo_micro_batch_size: int = 2
     fill_budget: bool = True
     # the judge that filters DPO's pairs (a refusing chosen, a complying rejected): one of compare.evaluation.JUDGES,
