@@ -193,6 +193,15 @@ if __name__ == "__main__":  # python -m openrlhf_safesteer.testing DIR [ARCH]
     print(save_tiny_checkpoint(sys.argv[1], *(sys.argv[2:3] or ["llama"])))
 
 
+def light_trainer_init(self, strategy, actor, ema_model, actor_optim, actor_scheduler, **kwargs) -> None:
+    """Stands in for OpenRLHF's ActorPPOTrainer.__init__ in the plugin's policy-step tests (monkeypatched onto it):
+    the attributes the policy step reads, without the torch.distributed setup the stock one needs."""
+    self.strategy, self.args = strategy, strategy.args
+    self.actor, self.ema_model = actor, ema_model
+    self.actor_optim, self.actor_scheduler = actor_optim, actor_scheduler
+    self.replay_buffer = None
+
+
 class RecordingStrategy:
     """Stands in for OpenRLHF's DeepspeedStrategy in the plugin's policy-step tests: backward() runs autograd
     and keeps the loss; no optimizer, one rank. (Plain Python: the core never imports OpenRLHF.)"""

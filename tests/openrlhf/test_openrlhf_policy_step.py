@@ -31,7 +31,7 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer  # noqa: E402
 from openrlhf_safesteer.plugin.config import SafeSteerConfig  # noqa: E402
 from openrlhf_safesteer.plugin.experience import TEACHER_SAMPLED, SafeSteerExperienceMaker  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer  # noqa: E402
-from openrlhf_safesteer.testing import RecordingStrategy  # noqa: E402
+from openrlhf_safesteer.testing import RecordingStrategy, light_trainer_init  # noqa: E402
 
 VOCAB = 12
 SAFETY_IDS = [2, 5, 9]
@@ -82,13 +82,7 @@ class FixedLogitsActor:
 def make_trainer(monkeypatch, logits, divergence="reverse"):
     """A real SafeSteerActorTrainer (its own __init__ runs) over the stock base class minus its distributed setup."""
 
-    def light_stock_init(self, strategy, actor, ema_model, actor_optim, actor_scheduler, **kwargs):
-        self.strategy, self.args = strategy, strategy.args
-        self.actor, self.ema_model = actor, ema_model
-        self.actor_optim, self.actor_scheduler = actor_optim, actor_scheduler
-        self.replay_buffer = None
-
-    monkeypatch.setattr(ActorPPOTrainer, "__init__", light_stock_init)
+    monkeypatch.setattr(ActorPPOTrainer, "__init__", light_trainer_init)
     config = SafeSteerConfig(objective="exact", divergence=divergence, rollout="hf", safety_ids=SAFETY_IDS).namespace()
     strategy = RecordingStrategy(config)
     actor = FixedLogitsActor(logits)

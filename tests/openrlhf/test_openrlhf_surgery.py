@@ -37,7 +37,7 @@ from openrlhf.trainer.ray.ppo_actor import ActorPPOTrainer  # noqa: E402
 
 from openrlhf_safesteer.plugin.config import SafeSteerConfig  # noqa: E402
 from openrlhf_safesteer.plugin.policy import TEACHER_ON_S, SafeSteerActorTrainer  # noqa: E402
-from openrlhf_safesteer.testing import RecordingStrategy  # noqa: E402
+from openrlhf_safesteer.testing import RecordingStrategy, light_trainer_init  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 5
@@ -100,13 +100,7 @@ def plugin_trainer(monkeypatch, tiny_run, tmp_path, surgery: bool):
     (built for that copy), so the optimizer cannot be where the two engines differ."""
     from openrlhf_safesteer.directions import refusal_token_ids
 
-    def light_stock_init(self, strategy, actor, ema_model, actor_optim, actor_scheduler, **kwargs):
-        self.strategy, self.args = strategy, strategy.args
-        self.actor, self.ema_model = actor, ema_model
-        self.actor_optim, self.actor_scheduler = actor_optim, actor_scheduler
-        self.replay_buffer = None
-
-    monkeypatch.setattr(ActorPPOTrainer, "__init__", light_stock_init)
+    monkeypatch.setattr(ActorPPOTrainer, "__init__", light_trainer_init)
     shell = local_run(tiny_run, tmp_path / "plugin_shell", surgery=False)   # its model, optimizer, schedule
     config = SafeSteerConfig(objective="exact", rollout="hf", safety_ids=list(tiny_run["safety_ids"]),
                              refusal_surgery=surgery, surgery_prompts_per_step=2, surgery_prompt_list=BORDERLINE,
