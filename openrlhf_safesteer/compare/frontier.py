@@ -639,13 +639,17 @@ def phase_sets(spec: dict, out: Path, phase: str):
 
 
 def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str = "all",
-                 max_runs: int | None = None, publish: Path | None = None) -> dict:
+                 max_runs: int | None = None, publish: Path | None = None,
+                 methods: list[str] | None = None) -> dict:
     """Run the grid (dev, selection, test) as far as `phase` and `max_runs` allow; returns the status. With
-    `publish`, its small files (`PUBLISHED`) are mirrored there after every finished run."""
+    `publish`, its small files (`PUBLISHED`) are mirrored there after every finished run. With `methods`, only
+    those methods' training runs are trained in this call (the untrained references always are): a grid whose
+    runs are spread over calls or machines by memory or time (a DPO run needs 17 GB where the others need 5)."""
     from openrlhf_safesteer.cpu_kernels import onednn_linear
     from openrlhf_safesteer.loading import DEFAULT_MODEL, resolve_model
 
     validate_spec(spec)
+    check_methods(spec, methods)
     model_dir = resolve_model(spec["model"] or DEFAULT_MODEL)
     prepare_out(spec, out)
     if spec["threads"]:
@@ -675,7 +679,8 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
                         raise ValueError(f"{run.key} in {out / ROWS} was evaluated on other prompts")
                     status["done"] += 1
                     continue
-                if max_runs is not None and trained >= max_runs:
+                if (max_runs is not None and trained >= max_runs) or (
+                        methods and run.arm is not None and run.method not in methods):
                     status["left"] += 1
                     continue
                 start = time.time()
@@ -700,6 +705,14 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
         if publish is not None:
             mirror_files(out, publish)
     return status
+
+
+def check_methods(spec: dict, methods: list[str] | None) -> None:
+    """`--methods` names the grid's methods or its test-phase rows that follow SafeSteer's choice."""
+    known = [*spec["methods"], PLUGIN, ABLATION]
+    unknown = [m for m in methods or [] if m not in known]
+    if unknown:
+        raise ValueError(f"--methods {' '.join(unknown)}: not in this grid (its methods: {', '.join(known)})")
 
 
 def dry_run(spec: dict, out: Path) -> str:
@@ -779,6 +792,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase", choices=("dev", "test", "all"), default="all",
                    help="dev: the dev grid and the selection; test: the test frontier (needs the selection)")
     p.add_argument("--max-runs", type=int, default=None, help="train at most N runs in this call, then stop")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help="train only these methods' runs in this call (the grid's method names, %s, %s); the "
+                        "selection waits for every dev run" % (PLUGIN, ABLATION))
     p.add_argument("--publish", default=None, metavar="PUB",
                    help="mirror the grid's small files (rows, spec, selection, report, artifacts, sampled data) to "
                         "PUB after every run, and start or extend --out from PUB: a grid spread over machines or "
@@ -820,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.from_dir and not (Path(args.from_dir) / "vector" / "steering_vector.json").is_file():
             raise FileNotFoundError(f"--from {args.from_dir}: no vector/ there (a `safesteer demo --out` folder)")
-        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs, publish)
+        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs, publish, args.methods)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -70,10 +70,37 @@ def test_main_resumes_with_the_published_spec(tmp_path, monkeypatch):
     (pub / frontier.ROWS).write_text(json.dumps({"key": "a"}) + "\n")
     seen = {}
 
-    def fake_run(spec, out, from_dir, phase, max_runs, publish):
-        seen.update(spec=spec, out=out, publish=publish, rows=list(frontier.load_rows(out)))
+    def fake_run(spec, out, from_dir, phase, max_runs, publish, methods):
+        seen.update(spec=spec, out=out, publish=publish, rows=list(frontier.load_rows(out)), methods=methods)
         return {"done": 1, "left": 0, "stopped": None}
 
     monkeypatch.setattr(frontier, "run_frontier", fake_run)
     assert frontier.main(["--out", str(tmp_path / "out"), "--publish", str(pub)]) == 0
     assert seen["spec"]["threads"] == 1 and seen["rows"] == ["a"] and seen["publish"] == pub
+    assert seen["methods"] is None
+
+
+def test_methods_trains_only_the_named_methods_and_holds_the_selection(tmp_path, monkeypatch):
+    """`--methods sft ppo`: the references and those methods' dev runs are done, the rest is left for another call,
+    and the selection (which needs every dev run) is not written; an unknown name is refused before any work."""
+    spec = {**frontier.DEFAULT_SPEC, "threads": None, "references": {"teacher": True}}
+    monkeypatch.setattr("openrlhf_safesteer.loading.resolve_model", lambda name: "model")
+    monkeypatch.setattr(frontier, "stage_artifacts", lambda *a: (tmp_path / "v", tmp_path / "t"))
+    monkeypatch.setattr(frontier, "phase_sets", lambda spec, out, ph: ([], "digest"))
+    monkeypatch.setattr("openrlhf_safesteer.compare.frontier_report.write_report", lambda out: "")
+    trained = []
+
+    def row(run, *rest):
+        trained.append(run.key)
+        return {"key": run.key, "sets_digest": "digest"}
+
+    monkeypatch.setattr(frontier, "execute_run", row)
+    monkeypatch.setattr(frontier, "evaluate_reference", row)
+    status = frontier.run_frontier(spec, tmp_path / "out", phase="dev", methods=["sft", "ppo"])
+    expected = [r.key for r in frontier.reference_runs(spec, "dev")]
+    expected += [r.key for r in frontier.dev_runs(spec) if r.method in ("sft", "ppo")]
+    assert trained == expected and len(expected) > 2
+    assert status["left"] == len(frontier.dev_runs(spec)) - len(expected) + 2 > 0
+    assert not (tmp_path / "out" / "selection.json").exists()
+    with pytest.raises(ValueError, match="--methods grpo: not in this grid"):
+        frontier.run_frontier(spec, tmp_path / "out", phase="dev", methods=["grpo"])
