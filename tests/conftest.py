@@ -9,6 +9,7 @@
   instead of one running the last long test alone. Modules whose module-scoped fixtures cost a minute or more are
   one xdist group each (`pytest.mark.xdist_group`, pytest.ini's --dist loadgroup): one worker builds them once.
 - `warm_python`: a `python` for the recipes' $PYTHON that forks a warm interpreter (tests/forkserver.py).
+- `warm_ray_workers`: Ray's workers, in every Ray test, are forks of another warm interpreter.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", THREADS)
 os.environ.setdefault("MKL_NUM_THREADS", THREADS)
 
 HERE = Path(__file__).resolve().parent
+WARM_PYTHON_ENV = "SAFESTEER_TEST_WARM_PYTHON"   # the warm_python client, for a pytest run inside the suite
 
 # Seconds a module's slow tests took (2 workers, 2026-12-07); a slow test not listed counts as 20 s.
 SLOW_SECONDS = {
@@ -50,26 +52,73 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: -_expected_seconds(item))
 
 
-@pytest.fixture(scope="session")
-def warm_python(tmp_path_factory) -> str:
-    """A path to use as $PYTHON: each `python ...` it runs is a fork of one interpreter that has imported torch,
-    transformers, DeepSpeed, peft and Ray (tests/forkserver.py), started once per test session (about 15 s)."""
-    folder = tmp_path_factory.mktemp("warm_python")
+def _start_fork_server(folder: Path, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """Start tests/forkserver.py serving at folder/socket; returns the server and the client to use as `python`
+    (which runs a fresh interpreter itself until the server has loaded its libraries and opened the socket)."""
     socket_path = str(folder / "socket")
-    server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", socket_path],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen([sys.executable, str(HERE / "forkserver.py"), "serve", socket_path, *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     forkserver = runpy.run_path(str(HERE / "forkserver.py"))   # a test folder is no package to import from
     client = folder / "python"
     client.write_text(forkserver["client_source"](sys.executable, socket_path))
     client.chmod(0o755)
+    return server, client
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory) -> str:
+    """A path to use as $PYTHON: each `python ...` it runs is a fork of one interpreter that has imported torch,
+    transformers, DeepSpeed, peft and Ray (tests/forkserver.py), started once per test session (about 15 s). A pytest
+    that the suite runs inside itself (the older OpenRLHF releases' runs) uses its caller's, named in the environment."""
+    inherited = os.environ.get(WARM_PYTHON_ENV)
+    if inherited and os.path.exists(inherited):
+        yield inherited
+        return
+    folder = tmp_path_factory.mktemp("warm_python")
+    server, client = _start_fork_server(folder)
     deadline = time.monotonic() + 300
-    while not os.path.exists(socket_path):
+    while not (folder / "socket").exists():
         if server.poll() is not None:
             raise RuntimeError(f"the fork server exited: {server.stderr.read().decode()[-2000:]}")
         if time.monotonic() > deadline:
             server.kill()
             raise RuntimeError("the fork server did not start in 300 s")
         time.sleep(0.2)
+    os.environ[WARM_PYTHON_ENV] = str(client)
     yield str(client)
+    os.environ.pop(WARM_PYTHON_ENV, None)
+    server.kill()
+    server.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def warm_ray_workers(request, tmp_path_factory):
+    """Every Ray worker of the session's Ray jobs (started here or by a recipe or CLI this session runs) is a fork of
+    a warm interpreter that has imported torch, transformers, DeepSpeed and peft: Ray's `py_executable`, set by the
+    RAY_RUNTIME_ENV_HOOK `openrlhf_safesteer.testing.warm_ray_workers`. A fresh worker spends about 10 s of CPU on
+    those imports, and a CPU recipe's run starts four (a 2-step run on the tiny model: 71 s fresh, 30 s warm). Only
+    where a Ray test was collected (not in tests/vllm, whose engines keep their own workers); the server is not
+    waited for: until it is up, the client starts a fresh interpreter, as Ray would."""
+    wanted = [item for item in request.session.items if item.get_closest_marker("ray") is not None
+              and "vllm" not in Path(str(item.path)).parts]
+    if not wanted or os.environ.get("SAFESTEER_TEST_WARM_RAY", "1") == "0":
+        yield None
+        return
+    inherited = os.environ.get("SAFESTEER_TEST_RAY_WORKER_PYTHON")
+    if inherited and os.path.exists(inherited):   # a pytest run inside the suite: its caller's server
+        yield inherited
+        return
+    folder = tmp_path_factory.mktemp("warm_ray_workers")
+    # the environment the workers get: the session's, with what the Ray jobs' runtime_env sets at import time
+    server, client = _start_fork_server(folder, "--without", "ray", env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    saved = {key: os.environ.get(key) for key in ("RAY_RUNTIME_ENV_HOOK", "SAFESTEER_TEST_RAY_WORKER_PYTHON")}
+    os.environ["RAY_RUNTIME_ENV_HOOK"] = "openrlhf_safesteer.testing.warm_ray_workers"
+    os.environ["SAFESTEER_TEST_RAY_WORKER_PYTHON"] = str(client)
+    yield str(client)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     server.kill()
     server.wait()

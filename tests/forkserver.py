@@ -14,7 +14,8 @@ The client passes its stdin, stdout and stderr (as file descriptors), argv, envi
 fork takes them as its own and sends its exit status back. A request the fork cannot reproduce exactly (an option
 other than -u and -B, reading a program from stdin, an environment that differs in a variable read at
 import time) runs in a fresh interpreter instead. If the client dies (a test's timeout), the fork's process group is
-killed.
+killed. A fork whose environment names a folder in SAFESTEER_RUN_PIDS writes its pid there: a timed run
+(compare.run.timed_run) then counts its memory, as it counts its own descendants'.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import struct
 import sys
 
 # Read when a preloaded library is imported: a request that sets them differently gets a fresh interpreter.
-IMPORT_TIME_ENV = ("DS_ACCELERATOR", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+# (TOKENIZERS_PARALLELISM is not: the tokenizers library reads it each time it may go parallel.)
+IMPORT_TIME_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
                    "CUDA_VISIBLE_DEVICES", "TRANSFORMERS_OFFLINE", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_HOME",
                    "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE", "PYTHONWARNINGS")
 PRELOAD = ("torch", "transformers", "deepspeed", "peft", "ray", "safetensors", "numpy")
@@ -116,6 +118,9 @@ def _run(request: dict, parsed: tuple, base_path: list[str], base_pythonpath: li
     import traceback
 
     flags, kind, target, args = parsed
+    registry = request["env"].get("SAFESTEER_RUN_PIDS")
+    if registry and os.path.isdir(registry):   # a timed run counts this fork's memory (compare.run.timed_run)
+        open(os.path.join(registry, str(os.getpid())), "w").close()
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
@@ -161,13 +166,13 @@ def _run(request: dict, parsed: tuple, base_path: list[str], base_pythonpath: li
     return code
 
 
-def serve(socket_path: str) -> None:
+def serve(socket_path: str, preload: tuple[str, ...] = PRELOAD) -> None:
     import signal
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for name in PRELOAD:
+        for name in preload:
             try:
                 __import__(name)
             except ImportError:
@@ -215,6 +220,9 @@ def serve(socket_path: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3 or sys.argv[1] != "serve":
-        sys.exit("usage: python tests/forkserver.py serve SOCKET")
-    serve(sys.argv[2])
+    # --without ray: a server for Ray's workers. Ray's C++ core reads its settings, the worker's job id among them,
+    # from the environment once per process, when `ray` is imported: a fork of a process that imported it would
+    # start every worker with the server's (empty) job id.
+    if len(sys.argv) < 3 or sys.argv[1] != "serve" or (sys.argv[3:] and sys.argv[3] != "--without"):
+        sys.exit("usage: python tests/forkserver.py serve SOCKET [--without MODULE ...]")
+    serve(sys.argv[2], tuple(name for name in PRELOAD if name not in sys.argv[4:]))

@@ -80,3 +80,25 @@ def test_a_fork_dies_with_its_client(warm_python, tmp_path):
     while os.path.exists(f"/proc/{fork}") and open(f"/proc/{fork}/stat").read().split()[2] != "Z":
         assert time.monotonic() < deadline, "the fork outlived its client"
         time.sleep(0.1)
+
+
+def test_a_timed_run_counts_the_memory_of_a_fork_and_of_its_children(warm_python, tmp_path):
+    """compare.run.timed_run measures a run's peak RSS over its process tree; a fork of the warm server is not in
+    that tree, so it registers itself (SAFESTEER_RUN_PIDS) and is counted, with a child it starts, each once."""
+    from openrlhf_safesteer.compare.run import registered_processes, timed_run, tree_rss
+
+    child = "import time; block = bytearray(300 * 2 ** 20); time.sleep(4)"
+    code = ("import subprocess, sys, time; block = bytearray(300 * 2 ** 20); "
+            f"subprocess.run([sys.executable, '-c', {child!r}])")
+    run = timed_run([warm_python, "-c", code], tmp_path / "log", dict(os.environ), poll_seconds=0.1)
+    assert run["returncode"] == 0, (tmp_path / "log").read_text()
+    assert run["peak_rss_mb"] > 600          # the fork's 300 MB and its child's (the client alone is ~10 MB)
+
+    import psutil
+
+    me = psutil.Process()
+    assert tree_rss([me, me]) == tree_rss([me]) > 0
+    (tmp_path / "pids").mkdir()
+    for name in (str(os.getpid()), "not-a-pid", "999999999"):
+        (tmp_path / "pids" / name).write_text("")
+    assert [p.pid for p in registered_processes(tmp_path / "pids")] == [os.getpid()]

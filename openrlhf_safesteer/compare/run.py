@@ -97,33 +97,68 @@ def check_vector_fits(vector_dir: Path, model_dir: str) -> None:
 # --------------------------------------------------------------------------------------------- stages
 
 
+RUN_PIDS_ENV = "SAFESTEER_RUN_PIDS"
+
+
 def timed_run(command: list[str], log_path: Path, env: dict[str, str], poll_seconds: float = 0.5) -> dict:
     """Run `command`, logging to `log_path`; returns {returncode, seconds, peak_rss_mb}.
 
     peak_rss_mb is the largest sum of RSS over the process and all its descendants (Ray's GCS, raylet
-    and actor workers are children of the driver that started them), sampled every poll_seconds.
+    and actor workers are children of the driver that started them), sampled every poll_seconds (more often
+    in the first second). A process
+    of the run that is no descendant of it (the test suite's interpreters are forks of a warm server,
+    tests/forkserver.py) counts, with its descendants, once it has written its pid into the folder that
+    $SAFESTEER_RUN_PIDS names in the run's environment.
     """
+    import tempfile
+
     import psutil
 
     start = time.time()
     peak = 0
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    with open(log_path, "w", encoding="utf-8") as log, tempfile.TemporaryDirectory(prefix="run-pids-") as pids:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**env, RUN_PIDS_ENV: pids},
+                                cwd=REPO)
         root = psutil.Process(proc.pid)
+        wait = 0.02
         while proc.poll() is None:
-            total = 0
-            try:
-                for p in [root, *root.children(recursive=True)]:
-                    try:
-                        total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
-            except psutil.Error:
-                pass
-            peak = max(peak, total)
-            time.sleep(poll_seconds)
+            peak = max(peak, tree_rss([root, *registered_processes(Path(pids))]))
+            time.sleep(wait)
+            wait = min(poll_seconds, 2 * wait)    # a run of a second (a tiny model's) is sampled too
     return {"returncode": proc.returncode, "seconds": round(time.time() - start, 1),
             "peak_rss_mb": round(peak / 2 ** 20)}
+
+
+def registered_processes(folder: Path) -> list:
+    """The live processes whose pids are file names in `folder`."""
+    import psutil
+
+    found = []
+    for entry in folder.iterdir():
+        try:
+            found.append(psutil.Process(int(entry.name)))
+        except (ValueError, psutil.Error):
+            pass
+    return found
+
+
+def tree_rss(roots: list) -> int:
+    """Bytes of RSS summed over `roots` and all their descendants, each process once."""
+    import psutil
+
+    seen: dict[int, int] = {}
+    for root in roots:
+        try:
+            family = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in family:
+            if p.pid not in seen:
+                try:
+                    seen[p.pid] = p.memory_info().rss
+                except psutil.Error:
+                    pass
+    return sum(seen.values())
 
 
 def stage_artifacts(cfg: CompareConfig, out: Path, model_dir: str, sets, timings: dict) -> dict:

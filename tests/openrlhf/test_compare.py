@@ -260,8 +260,12 @@ def test_report_figures_are_each_evaluations_own(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path):
+def test_compare_end_to_end_on_a_tiny_model(tiny_run, tmp_path, warm_python, monkeypatch):
     from transformers import AutoTokenizer
+
+    # each arm's `python` is a fork of the warm interpreter (tests/conftest.py); it registers with the arm's memory
+    # measurement (compare.run.timed_run), so peak_rss_mb stays the arm's own
+    monkeypatch.setenv("PYTHON", warm_python)
 
     from openrlhf_safesteer.safety_tokens import SafetyTokenSet
 

@@ -97,3 +97,32 @@ def test_sampled_objective_advantages_of_a_real_experience_equal_core(tiny_run, 
     torch.testing.assert_close(batch["advantages"], expected, atol=1e-4, rtol=1e-4)
     assert (batch["advantages"] != 0).sum() > 0
     assert torch.all(batch["advantages"][~torch.isin(sampled, ids) | ~mask.bool()] == 0)
+
+
+def test_the_suites_ray_workers_are_forks_of_a_warm_interpreter(ray_session, warm_ray_workers):
+    """tests/conftest.py's warm_ray_workers: a new worker of this session's Ray job is a fork of the warm server (it
+    starts with DeepSpeed loaded, which nothing here imports), with the job's own id and environment."""
+    import time
+    import uuid
+
+    assert warm_ray_workers is not None
+    socket_path = Path(warm_ray_workers).parent / "socket"
+    deadline = time.monotonic() + 300
+    while not socket_path.exists():      # the server loads its libraries in the background
+        assert time.monotonic() < deadline, "the warm Ray worker server did not start"
+        time.sleep(0.2)
+
+    @ray_session.remote(num_cpus=0)
+    class Probe:
+        def seen(self):
+            import sys
+
+            return "deepspeed" in sys.modules, os.environ.get("RAY_JOB_ID"), os.environ.get("PROBE"), os.getpid()
+
+    # a runtime env of its own: a new worker process, not an idle one started before the server was up
+    marker = uuid.uuid4().hex
+    probe = Probe.options(runtime_env={"env_vars": {"PROBE": marker}}).remote()
+    preloaded, job_id, seen_marker, pid = ray_session.get(probe.seen.remote(), timeout=120)
+    assert preloaded and seen_marker == marker and pid != os.getpid()
+    assert job_id == ray_session.get_runtime_context().get_job_id()
+    ray_session.kill(probe)

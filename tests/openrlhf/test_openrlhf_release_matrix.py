@@ -54,10 +54,13 @@ def release_env(version: str) -> dict:
     return releases.overlay_env(version, prepend=[str(REPO)])
 
 
-def run_pytest(version: str, args: list[str], tmp_path: Path, timeout: int) -> subprocess.CompletedProcess:
+def run_pytest(version: str, args: list[str], tmp_path: Path, timeout: int,
+               python: str = sys.executable) -> subprocess.CompletedProcess:
     env = release_env(version)
-    # -n 0: the inner run in one process (pytest.ini asks for 2 xdist workers; this test already runs on one)
-    command = [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+    # -n 0: the inner run in one process (pytest.ini asks for 2 xdist workers; this test already runs on one).
+    # `python` the warm interpreter: the inner pytest is a fork of it with the release first on sys.path (no
+    # OpenRLHF is preloaded there), and it reuses this session's warm servers, which the environment names
+    command = [python, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
                f"--basetemp={tmp_path / 'inner'}", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -80,11 +83,14 @@ def test_a_flat_flag_release_is_refused_and_the_contract_says_why():
     assert {"hierarchize", "--actor.model_name_or_path", "--vllm.num_engines"} <= missing
 
 
-def test_the_overlay_resolves_import_and_metadata_to_the_release(tmp_path):
+@pytest.mark.parametrize("interpreter", ["fresh", "warm"])
+def test_the_overlay_resolves_import_and_metadata_to_the_release(tmp_path, interpreter, request):
+    """In a fresh `python`, and in a fork of the warm one (which runs the releases' inner pytest below)."""
     version = OLDER[0]
+    python = sys.executable if interpreter == "fresh" else request.getfixturevalue("warm_python")
     probe = ("import importlib.metadata, openrlhf; from openrlhf_safesteer.plugin import versions; "
              "print(importlib.metadata.version('openrlhf'), openrlhf.__file__, versions.installed_version())")
-    proc = subprocess.run([sys.executable, "-c", probe], env=release_env(version), capture_output=True, text=True,
+    proc = subprocess.run([python, "-c", probe], env=release_env(version), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     reported, path, seen = proc.stdout.split()
@@ -93,8 +99,9 @@ def test_the_overlay_resolves_import_and_metadata_to_the_release(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", OLDER)
-def test_fast_openrlhf_tests_and_recipe_dry_runs_on_release(version, tmp_path):
-    proc = run_pytest(version, ["-m", "not ray", *(str(HERE / name) for name in SUBSET)], tmp_path, timeout=900)
+def test_fast_openrlhf_tests_and_recipe_dry_runs_on_release(version, tmp_path, warm_python):
+    proc = run_pytest(version, ["-m", "not ray", *(str(HERE / name) for name in SUBSET)], tmp_path, timeout=900,
+                      python=warm_python)
     summary = proc.stdout.strip().splitlines()[-1:] or [""]
     assert proc.returncode == 0, f"OpenRLHF {version}:\n" + proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in summary[0] and "failed" not in summary[0], summary
@@ -102,11 +109,11 @@ def test_fast_openrlhf_tests_and_recipe_dry_runs_on_release(version, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_real_ray_training_on_0_10_4(tmp_path):
+def test_real_ray_training_on_0_10_4(tmp_path, warm_python):
     """tests/openrlhf/test_openrlhf_ray.py (the CPU recipe's 2 exact steps, whose loss equals the core's, and a
     sampled-objective experience whose advantages equal the core's) on OpenRLHF 0.10.4's own trainer."""
     if INSTALLED == "0.10.4":
         pytest.skip("0.10.4 is the installed release: the suite's own Ray tests train on it")
-    proc = run_pytest("0.10.4", [str(HERE / "test_openrlhf_ray.py")], tmp_path, timeout=1200)
+    proc = run_pytest("0.10.4", [str(HERE / "test_openrlhf_ray.py")], tmp_path, timeout=1200, python=warm_python)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "2 passed" in proc.stdout.strip().splitlines()[-1]
+    assert "3 passed" in proc.stdout.strip().splitlines()[-1]
