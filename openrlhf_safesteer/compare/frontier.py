@@ -640,22 +640,28 @@ def phase_sets(spec: dict, out: Path, phase: str):
 
 def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str = "all",
                  max_runs: int | None = None, publish: Path | None = None,
-                 methods: list[str] | None = None) -> dict:
+                 methods: list[str] | None = None, threads: int | None = None) -> dict:
     """Run the grid (dev, selection, test) as far as `phase` and `max_runs` allow; returns the status. With
     `publish`, its small files (`PUBLISHED`) are mirrored there after every finished run. With `methods`, only
     those methods' training runs are trained in this call (the untrained references always are): a grid whose
-    runs are spread over calls or machines by memory or time (a DPO run needs 17 GB where the others need 5)."""
+    runs are spread over calls or machines by memory or time (a DPO run needs 17 GB where the others need 5). `threads`
+    replaces the spec's for this call, training subprocesses included (OMP_NUM_THREADS): how fast, not what, the grid
+    computes; every row records the threads it ran with."""
     from openrlhf_safesteer.cpu_kernels import onednn_linear
     from openrlhf_safesteer.loading import DEFAULT_MODEL, resolve_model
 
     validate_spec(spec)
     check_methods(spec, methods)
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     model_dir = resolve_model(spec["model"] or DEFAULT_MODEL)
     prepare_out(spec, out)
-    if spec["threads"]:
-        import torch
+    import torch
 
-        torch.set_num_threads(int(spec["threads"]))
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    if threads or spec["threads"]:
+        torch.set_num_threads(int(threads or spec["threads"]))
     rows = load_rows(out)
     trained = 0
     status: dict = {"done": 0, "left": 0, "stopped": None}
@@ -689,6 +695,8 @@ def run_frontier(spec: dict, out: Path, from_dir: str | None = None, phase: str 
                 else:
                     row = execute_run(run, spec, out, model_dir, vector, tokens, sets, digest)
                     trained += 1
+                row["threads"] = {"evaluation": torch.get_num_threads(),
+                                  "training": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}
                 append_row(out, row)
                 rows[run.key] = row
                 if publish is not None:
@@ -795,6 +803,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                    help="train only these methods' runs in this call (the grid's method names, %s, %s); the "
                         "selection waits for every dev run" % (PLUGIN, ABLATION))
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of this call, its training subprocesses included (default: the grid's "
+                        "'threads' for the evaluation, OMP_NUM_THREADS for training); recorded in each row")
     p.add_argument("--publish", default=None, metavar="PUB",
                    help="mirror the grid's small files (rows, spec, selection, report, artifacts, sampled data) to "
                         "PUB after every run, and start or extend --out from PUB: a grid spread over machines or "
@@ -836,7 +847,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.from_dir and not (Path(args.from_dir) / "vector" / "steering_vector.json").is_file():
             raise FileNotFoundError(f"--from {args.from_dir}: no vector/ there (a `safesteer demo --out` folder)")
-        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs, publish, args.methods)
+        status = run_frontier(spec, out, args.from_dir, args.phase, args.max_runs, publish, args.methods,
+                              args.threads)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

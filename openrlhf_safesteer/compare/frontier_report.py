@@ -224,6 +224,9 @@ def _compute(groups) -> dict:
                  "data_minutes_total": float(np.sum([r.get("data_seconds", 0.0) for r in rs])) / 60,
                  "sequences": float(np.mean([r["sequences"] for r in rs])),
                  "peak_rss_gb": float(np.max([r["peak_rss_mb"] for r in rs])) / 1024}
+        threads = sorted({r["threads"]["training"] for r in rs if r.get("threads")})
+        if threads:      # rows from before threads were recorded ran on the grid's own setting
+            entry["training_threads"] = threads
         shares = [np.mean(r["nonzero_advantage_share"]) for r in rs if r.get("nonzero_advantage_share")]
         if shares:
             entry["nonzero_advantage_share"] = float(np.mean(shares))
@@ -400,6 +403,8 @@ def markdown(report: dict, spec: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for m, c in report["compute"].items():
             notes = []
+            if len(c.get("training_threads", [])) > 1:
+                notes.append(f"trained on {' or '.join(map(str, c['training_threads']))} threads (minutes mix them)")
             if "nonzero_advantage_share" in c:
                 notes.append(f"prompt groups with a non-zero advantage {100 * c['nonzero_advantage_share']:.0f}% "
                              "(mean over steps and runs)")

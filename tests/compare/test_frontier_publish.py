@@ -70,14 +70,15 @@ def test_main_resumes_with_the_published_spec(tmp_path, monkeypatch):
     (pub / frontier.ROWS).write_text(json.dumps({"key": "a"}) + "\n")
     seen = {}
 
-    def fake_run(spec, out, from_dir, phase, max_runs, publish, methods):
-        seen.update(spec=spec, out=out, publish=publish, rows=list(frontier.load_rows(out)), methods=methods)
+    def fake_run(spec, out, from_dir, phase, max_runs, publish, methods, threads):
+        seen.update(spec=spec, out=out, publish=publish, rows=list(frontier.load_rows(out)), methods=methods,
+                    threads=threads)
         return {"done": 1, "left": 0, "stopped": None}
 
     monkeypatch.setattr(frontier, "run_frontier", fake_run)
     assert frontier.main(["--out", str(tmp_path / "out"), "--publish", str(pub)]) == 0
     assert seen["spec"]["threads"] == 1 and seen["rows"] == ["a"] and seen["publish"] == pub
-    assert seen["methods"] is None
+    assert seen["methods"] is None and seen["threads"] is None
 
 
 def test_methods_trains_only_the_named_methods_and_holds_the_selection(tmp_path, monkeypatch):
@@ -96,11 +97,28 @@ def test_methods_trains_only_the_named_methods_and_holds_the_selection(tmp_path,
 
     monkeypatch.setattr(frontier, "execute_run", row)
     monkeypatch.setattr(frontier, "evaluate_reference", row)
-    status = frontier.run_frontier(spec, tmp_path / "out", phase="dev", methods=["sft", "ppo"])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen_threads.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: seen_threads[-1])
+    seen_threads = []
+    status = frontier.run_frontier(spec, tmp_path / "out", phase="dev", methods=["sft", "ppo"], threads=2)
     expected = [r.key for r in frontier.reference_runs(spec, "dev")]
     expected += [r.key for r in frontier.dev_runs(spec) if r.method in ("sft", "ppo")]
     assert trained == expected and len(expected) > 2
     assert status["left"] == len(frontier.dev_runs(spec)) - len(expected) + 2 > 0
     assert not (tmp_path / "out" / "selection.json").exists()
+    # --threads: the evaluation's and the training subprocesses' threads (their environment), in every row
+    import os
+
+    assert seen_threads == [2] and os.environ["OMP_NUM_THREADS"] == os.environ["MKL_NUM_THREADS"] == "2"
+    rows = frontier.load_rows(tmp_path / "out")
+    assert len(rows) == len(expected)
+    assert {json.dumps(r["threads"]) for r in rows.values()} == {'{"evaluation": 2, "training": 2}'}
     with pytest.raises(ValueError, match="--methods grpo: not in this grid"):
         frontier.run_frontier(spec, tmp_path / "out", phase="dev", methods=["grpo"])
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        frontier.run_frontier(spec, tmp_path / "other", phase="dev", threads=0)
+    assert not (tmp_path / "other").exists()

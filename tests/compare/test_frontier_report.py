@@ -45,7 +45,9 @@ def planted_row(run: fr.Run, ks: dict[str, int], salt: int, xstest_extra: int = 
     judged = {"verdicts": verdicts, "general": bits(ks["general"], SIZES["general"], salt + 3),
               "empty": dict.fromkeys(verdicts, 0), "scores": dict.fromkeys(verdicts, 0.0), "seconds": 1.0}
     extra = {} if run.arm is None else {"train_seconds": 60.0, "peak_rss_mb": 2048, "data_seconds": 0.0,
-                                        "sequences": 80, "changed_lora_b": 4, "wall_seconds": 61.0}
+                                        "sequences": 80, "changed_lora_b": 4, "wall_seconds": 61.0,
+                                        # test seed 2 trained on 2 threads, the rest on 1
+                                        "threads": {"evaluation": 1, "training": 2 if run.seed == 2 else 1}}
     return fr.row_from(run, judged, "digest", **extra)
 
 
@@ -108,6 +110,7 @@ def test_report_cells_and_matched_frontier_equal_an_independent_computation(grid
         fr.append_row(out, row)
         rows[run.key] = row
     text = write_report(out)
+    assert text.count("trained on 1 or 2 threads (minutes mix them)") == 2        # safesteer's and dpo's rows
     report = json.loads((out / "frontier.json").read_text())
     assert report["phase"] == "test" and report["common_seeds"] == [0, 1, 2]
     assert (out / "frontier.png").stat().st_size > 10_000
