@@ -98,22 +98,25 @@ def warm_ray_workers(request, tmp_path_factory):
     RAY_RUNTIME_ENV_HOOK `openrlhf_safesteer.testing.warm_ray_workers`. A fresh worker spends about 10 s of CPU on
     those imports, and a CPU recipe's run starts four (a 2-step run on the tiny model: 71 s fresh, 30 s warm). Only
     where a Ray test was collected (not in tests/vllm, whose engines keep their own workers); the server is not
-    waited for: until it is up, the client starts a fresh interpreter, as Ray would."""
+    waited for: until it is up, the client starts a fresh interpreter, as Ray would. SAFESTEER_TEST_WARM_RAY=0 turns it
+    off (fresh workers, as outside the suite)."""
     wanted = [item for item in request.session.items if item.get_closest_marker("ray") is not None
               and "vllm" not in Path(str(item.path)).parts]
     if not wanted or os.environ.get("SAFESTEER_TEST_WARM_RAY", "1") == "0":
         yield None
         return
-    inherited = os.environ.get("SAFESTEER_TEST_RAY_WORKER_PYTHON")
+    from openrlhf_safesteer import testing
+
+    inherited = os.environ.get(testing.WARM_RAY_WORKER_ENV)
     if inherited and os.path.exists(inherited):   # a pytest run inside the suite: its caller's server
         yield inherited
         return
     folder = tmp_path_factory.mktemp("warm_ray_workers")
     # the environment the workers get: the session's, with what the Ray jobs' runtime_env sets at import time
     server, client = _start_fork_server(folder, "--without", "ray", env={**os.environ, "DS_ACCELERATOR": "cpu"})
-    saved = {key: os.environ.get(key) for key in ("RAY_RUNTIME_ENV_HOOK", "SAFESTEER_TEST_RAY_WORKER_PYTHON")}
-    os.environ["RAY_RUNTIME_ENV_HOOK"] = "openrlhf_safesteer.testing.warm_ray_workers"
-    os.environ["SAFESTEER_TEST_RAY_WORKER_PYTHON"] = str(client)
+    saved = {key: os.environ.get(key) for key in ("RAY_RUNTIME_ENV_HOOK", testing.WARM_RAY_WORKER_ENV)}
+    os.environ["RAY_RUNTIME_ENV_HOOK"] = f"{testing.__name__}.{testing.warm_ray_workers.__name__}"
+    os.environ[testing.WARM_RAY_WORKER_ENV] = str(client)
     yield str(client)
     for key, value in saved.items():
         if value is None:
