@@ -105,10 +105,9 @@ def timed_run(command: list[str], log_path: Path, env: dict[str, str], poll_seco
 
     peak_rss_mb is the largest sum of RSS over the process and all its descendants (Ray's GCS, raylet
     and actor workers are children of the driver that started them), sampled every poll_seconds (more often
-    in the first second). A process
-    of the run that is no descendant of it (the test suite's interpreters are forks of a warm server,
-    tests/forkserver.py) counts, with its descendants, once it has written its pid into the folder that
-    $SAFESTEER_RUN_PIDS names in the run's environment.
+    in the first second). A process of the run that is no descendant of it (the test suite's interpreters
+    are forks of a warm server, tests/forkserver.py) counts, with its descendants, once it has written its
+    pid into the folder that $SAFESTEER_RUN_PIDS names in the run's environment.
     """
     import tempfile
 

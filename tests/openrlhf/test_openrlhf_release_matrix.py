@@ -111,7 +111,8 @@ def test_fast_openrlhf_tests_and_recipe_dry_runs_on_release(version, tmp_path, w
 @pytest.mark.ray
 def test_real_ray_training_on_0_10_4(tmp_path, warm_python):
     """tests/openrlhf/test_openrlhf_ray.py (the CPU recipe's 2 exact steps, whose loss equals the core's, and a
-    sampled-objective experience whose advantages equal the core's) on OpenRLHF 0.10.4's own trainer."""
+    sampled-objective experience whose advantages equal the core's, and the warm-worker probe) on OpenRLHF 0.10.4's
+    own trainer."""
     if INSTALLED == "0.10.4":
         pytest.skip("0.10.4 is the installed release: the suite's own Ray tests train on it")
     proc = run_pytest("0.10.4", [str(HERE / "test_openrlhf_ray.py")], tmp_path, timeout=1200, python=warm_python)
